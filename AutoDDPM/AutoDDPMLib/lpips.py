@@ -9,8 +9,8 @@ linear layers) ship in ``Resources/LPIPS/lpips_alex.safetensors``, produced
 once by ``tools/convert_lpips_weights.py``.
 
 AutoDDPM uses the spatial LPIPS map as the perceptual part of its anomaly
-score, so :meth:`LPIPS.forward` returns the map; :meth:`LPIPS.distance` is its
-mean, the usual scalar LPIPS.
+score, so :meth:`LPIPS.forward` returns the map; :meth:`LPIPS.distance` is the
+usual scalar LPIPS (within ~1e-4 of the map's mean).
 """
 
 from __future__ import annotations
@@ -94,14 +94,8 @@ class LPIPS(nn.Module):
         # [0, 1] -> [-1, 1] once (lpips' convention), then the ScalingLayer.
         return ((2.0 * image - 1.0) - self.shift) / self.scale
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """Spatial LPIPS map, B x 1 x H x W, between images ``x`` and ``y`` in [0, 1].
-
-        Both are B x C x H x W with C = 1 (repeated to RGB) or 3, the same shape,
-        and H, W >= 31. As ``lpips.LPIPS(spatial=True)``: per layer, the squared
-        difference of channel-normalized features weighted by the linear layer,
-        bilinearly upsampled (align_corners=False) to H x W, summed over layers.
-        """
+    def _layer_maps(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        """Per layer, the linear-weighted squared difference of channel-normalized features."""
         if x.shape != y.shape:
             raise ValueError(f"LPIPS inputs differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
         height, width = x.shape[-2:]
@@ -113,17 +107,35 @@ class LPIPS(nn.Module):
         features_x = self.net(self._prepare(x))
         features_y = self.net(self._prepare(y))
         lins = (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
-        total: Tensor | None = None
-        for lin, fx, fy in zip(lins, features_x, features_y):
-            layer_map = lin((_unit_normalize(fx) - _unit_normalize(fy)) ** 2)
-            layer_map = F.interpolate(layer_map, size=(height, width), mode="bilinear", align_corners=False)
-            total = layer_map if total is None else total + layer_map
-        assert total is not None
+        return [
+            lin((_unit_normalize(fx) - _unit_normalize(fy)) ** 2)
+            for lin, fx, fy in zip(lins, features_x, features_y)
+        ]
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Spatial LPIPS map, B x 1 x H x W, between images ``x`` and ``y`` in [0, 1].
+
+        Both are B x C x H x W with C = 1 (repeated to RGB) or 3, the same shape,
+        and H, W >= 31. As ``lpips.LPIPS(spatial=True)``: per layer, the squared
+        difference of channel-normalized features weighted by the linear layer,
+        bilinearly upsampled (align_corners=False) to H x W, summed over layers.
+        """
+        size = tuple(x.shape[-2:])
+        layer_maps = self._layer_maps(x, y)
+        total = F.interpolate(layer_maps[0], size=size, mode="bilinear", align_corners=False)
+        for layer_map in layer_maps[1:]:
+            total = total + F.interpolate(layer_map, size=size, mode="bilinear", align_corners=False)
         return total
 
     def distance(self, x: Tensor, y: Tensor) -> Tensor:
-        """Scalar LPIPS per image (shape B): the mean of the spatial map :meth:`forward` returns."""
-        return self.forward(x, y).mean(dim=(1, 2, 3))
+        """Scalar LPIPS per image (shape B), exactly as ``lpips.LPIPS()`` (spatial=False) computes it.
+
+        Each layer's map is averaged at its own resolution and the averages are
+        summed. That is close to, but not exactly, the mean of :meth:`forward`'s
+        map: bilinear upsampling weights border cells of the coarse layers
+        differently (typically 1e-4 relative or less).
+        """
+        return sum(layer_map.mean(dim=(1, 2, 3)) for layer_map in self._layer_maps(x, y))
 
 
 def weights_path() -> Path:
