@@ -159,7 +159,7 @@ class UNet(nn.Module):
         return nn.ModuleList(layers)
 
     @staticmethod
-    def _apply(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run_block(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         for layer in block:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
@@ -171,13 +171,13 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for module in self.down:
-            h = self._apply(module, h, emb) if isinstance(module, nn.ModuleList) else module(h)
+            h = self._run_block(module, h, emb) if isinstance(module, nn.ModuleList) else module(h)
             skips.append(h)
         for layer in self.mid:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         for module in self.up:
             if isinstance(module, nn.ModuleList):
-                h = self._apply(module, torch.cat([h, skips.pop()], dim=1), emb)
+                h = self._run_block(module, torch.cat([h, skips.pop()], dim=1), emb)
             else:
                 h = module(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,173 @@
+"""Model bundles: a folder with ``model.safetensors`` (weights) and ``model.json`` (model card).
+
+The card carries everything needed to use the weights correctly: the network
+architecture, the noise schedule, the preprocessing, the calibrated thresholds,
+the default sampling schedules, what the model is valid for, the training data
+and its license, and validation metrics. Reading a card needs only the standard
+library, so the Slicer module can list models before PyTorch is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import AutoDDPMError
+from .resources import resources_dir
+
+if TYPE_CHECKING:
+    import torch
+
+    from .unet import UNet
+
+CARD_FORMAT = "autoddpm-model/1"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+DEFAULT_MODEL = "flair-lgg"
+
+# Keys every card must have, with the type each must be.
+_REQUIRED = {
+    "format": str,
+    "name": str,
+    "modality": str,
+    "unet": dict,
+    "scheduler": dict,
+    "preprocessing": dict,
+    "thresholds": dict,
+    "schedules": dict,
+}
+
+
+@dataclass
+class ModelCard:
+    """A validated ``model.json``; ``data`` is the whole card as written."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.data["unet"]["image_size"])
+
+    @property
+    def mask_threshold(self) -> float:
+        """tau: pixels of the likelihood map M above it are re-sampled."""
+        return float(self.data["thresholds"]["mask_tau"])
+
+    @property
+    def anomaly_threshold(self) -> float:
+        """The threshold on the final anomaly map A that makes the output mask."""
+        return float(self.data["thresholds"]["anomaly"])
+
+    @property
+    def max_timestep(self) -> int:
+        """The highest noise level the network was trained on."""
+        return int(self.data["scheduler"].get("max_timestep", self.data["scheduler"]["num_train_timesteps"] - 1))
+
+
+def bundled_models_dir() -> Path:
+    return resources_dir() / "Models"
+
+
+def list_bundled_models() -> list[ModelCard]:
+    """Cards of the models shipped under Resources/Models/, sorted by name."""
+    root = bundled_models_dir()
+    return [read_card(d) for d in sorted(root.iterdir()) if (d / CARD_FILE).is_file()]
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """A bundle folder from a bundled model's name or a folder path (None: the default model)."""
+    model = DEFAULT_MODEL if model is None else model
+    as_path = Path(model).expanduser()
+    if as_path.is_dir():
+        return as_path
+    candidate = bundled_models_dir() / str(model)
+    if (candidate / CARD_FILE).is_file():
+        return candidate
+    names = ", ".join(card.name for card in list_bundled_models()) or "none"
+    raise AutoDDPMError(
+        f"unknown model '{model}': give a bundled model name ({names}) or a folder with {CARD_FILE} and {WEIGHTS_FILE}"
+    )
+
+
+def read_card(folder: str | os.PathLike) -> ModelCard:
+    """Read and validate ``folder/model.json``."""
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        raise AutoDDPMError(f"{folder} is not a model bundle: it has no {CARD_FILE}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AutoDDPMError(f"model card {path} is not valid JSON ({exc}); restore it from the original bundle") from None
+    problems = [f"'{key}' missing" for key in _REQUIRED if key not in data]
+    problems += [
+        f"'{key}' should be a {kind.__name__}"
+        for key, kind in _REQUIRED.items()
+        if key in data and not isinstance(data[key], kind)
+    ]
+    if not problems and data["format"] != CARD_FORMAT:
+        problems.append(f"format is '{data['format']}', expected '{CARD_FORMAT}'")
+    if not problems:
+        for key in ("mask_tau", "anomaly"):
+            if not isinstance(data["thresholds"].get(key), (int, float)):
+                problems.append(f"thresholds.{key} missing or not a number")
+        if not isinstance(data["unet"].get("image_size"), int):
+            problems.append("unet.image_size missing or not an integer")
+    if problems:
+        raise AutoDDPMError(f"model card {path} is invalid: {'; '.join(problems)}; restore it from the original bundle")
+    return ModelCard(path=path, data=data)
+
+
+def write_card(folder: str | os.PathLike, data: dict[str, Any]) -> ModelCard:
+    """Validate and write a card (atomically: a reader never sees half a file)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CARD_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / CARD_FILE)
+    return read_card(folder)
+
+
+def load_unet(card: ModelCard, device: "str | torch.device" = "cpu") -> "UNet":
+    """Build the card's network and load ``model.safetensors`` into it (never unpickles)."""
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    from .unet import UNet, UNetConfig
+
+    try:
+        network = UNet(UNetConfig.from_dict(card.data["unet"]))
+    except (TypeError, ValueError) as exc:
+        raise AutoDDPMError(f"model card {card.path} has an invalid 'unet' section ({exc})") from None
+    weights = card.path.parent / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AutoDDPMError(f"model bundle {card.path.parent} has no {WEIGHTS_FILE}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorsError, OSError, ValueError) as exc:
+        raise AutoDDPMError(f"weights {weights} are corrupt ({exc}); restore the file from the original bundle") from None
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise AutoDDPMError(
+            f"weights {weights} do not fit the network of its card "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors); the card and weights belong to different models"
+        )
+    return network.to(device).eval().requires_grad_(False)
+
+
+def save_unet(network: "UNet", folder: str | os.PathLike) -> None:
+    """Write the network's weights as ``model.safetensors`` (atomically)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
