@@ -21,7 +21,7 @@ from .resources import resources_dir
 if TYPE_CHECKING:
     import torch
 
-    from .unet import UNet
+    from .unet import UNet, UNetConfig
 
 CARD_FORMAT = "autoddpm-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -125,6 +125,40 @@ def read_card(folder: str | os.PathLike) -> ModelCard:
     return ModelCard(path=path, data=data)
 
 
+def new_card(
+    name: str,
+    modality: str,
+    unet: "UNetConfig",
+    *,
+    max_timestep: int = 499,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    min_foreground_fraction: float = 0.05,
+    license: str = "see the training data's license",
+    description: str = "",
+    training: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A card for freshly trained weights; its thresholds are placeholders until calibration."""
+    from .pipeline import SCHEDULES
+
+    return {
+        "format": CARD_FORMAT,
+        "name": name,
+        "description": description,
+        "modality": modality,
+        "license": license,
+        "unet": unet.to_dict(),
+        "scheduler": {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 2e-2,
+                      "prediction": "epsilon", "max_timestep": max_timestep},
+        "preprocessing": {"orientation": "axial", "intensity_percentiles": list(percentiles),
+                          "min_foreground_fraction": min_foreground_fraction},
+        # The reference's tau and a provisional anomaly threshold until `autoddpm calibrate` measures both.
+        "thresholds": {"mask_tau": 0.13, "anomaly": 0.1, "calibrated": False},
+        "lpips_backbone": "alex",
+        "schedules": {name: schedule.to_dict() for name, schedule in SCHEDULES.items()},
+        "training": training or {},
+    }
+
+
 def write_card(folder: str | os.PathLike, data: dict[str, Any]) -> ModelCard:
     """Validate and write a card (atomically: a reader never sees half a file)."""
     folder = Path(folder)
@@ -137,7 +171,7 @@ def write_card(folder: str | os.PathLike, data: dict[str, Any]) -> ModelCard:
 
 def load_unet(card: ModelCard, device: "str | torch.device" = "cpu") -> "UNet":
     """Build the card's network and load ``model.safetensors`` into it (never unpickles)."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .unet import UNet, UNetConfig
@@ -151,7 +185,7 @@ def load_unet(card: ModelCard, device: "str | torch.device" = "cpu") -> "UNet":
         raise AutoDDPMError(f"model bundle {card.path.parent} has no {WEIGHTS_FILE}")
     try:
         state = load_file(str(weights))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise AutoDDPMError(f"weights {weights} are corrupt ({exc}); restore the file from the original bundle") from None
     missing, unexpected = network.load_state_dict(state, strict=False)
     if missing or unexpected:

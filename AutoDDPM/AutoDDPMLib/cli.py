@@ -9,10 +9,137 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .errors import AutoDDPMError
+from .progress import make_reporter
+
+OUTPUT_SUFFIXES = {"pseudohealthy": "_pseudohealthy.nii.gz", "anomaly": "_anomaly.nii.gz", "mask": "_mask.nii.gz"}
+DEMO_VOLUME = "TCGA_LGG_FLAIR.nii.gz"
+
+
+def _engine(args: argparse.Namespace):
+    from .inference import AutoDDPM
+
+    return AutoDDPM(args.model, schedule=args.schedule, device=args.device, seed=args.seed,
+                    batch_size=args.batch_size, threshold=args.threshold)
+
+
+def _process(engine, inputs: list[Path], output_dir: Path, reporter) -> tuple[dict[Path, dict], list[str]]:
+    """Run every input; one that fails is reported and skipped, the others still run."""
+    from .volume_io import input_stem, read_volume, write_outputs_atomically
+
+    stems = [input_stem(path) for path in inputs]
+    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if duplicates:
+        raise AutoDDPMError(f"several inputs share the name {', '.join(duplicates)}: their outputs would overwrite each other; rename them or run them separately")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    done, failures = {}, []
+    for path, stem in zip(inputs, stems):
+        try:
+            reporter.stage(path, "reading", 0.0)
+            image = read_volume(path)
+            reporter.start(path, engine, image)
+            result = engine.process_volume(image, lambda fraction, stage: reporter.stage(path, stage, 0.95 * fraction))
+            for warning in result.warnings:
+                reporter.warning(warning)
+            reporter.stage(path, "writing", 0.97)
+            outputs = {key: output_dir / f"{stem}{suffix}" for key, suffix in OUTPUT_SUFFIXES.items()}
+            write_outputs_atomically({outputs["pseudohealthy"]: result.pseudo_healthy,
+                                      outputs["anomaly"]: result.anomaly_map, outputs["mask"]: result.mask})
+            reporter.done(path, outputs, engine, result)
+            done[path] = {"outputs": outputs, "result": result, "image": image}
+        except AutoDDPMError as error:
+            if len(inputs) == 1:
+                raise
+            failures.append(f"{path}: {error}")
+            print(f"autoddpm: error: {path}: {error}", file=sys.stderr)
+    return done, failures
+
+
+def _run(args: argparse.Namespace) -> int:
+    reporter = make_reporter(args.progress)
+    engine = _engine(args)
+    _, failures = _process(engine, [Path(p) for p in args.inputs], Path(args.output_dir), reporter)
+    reporter.finished()
+    return 2 if failures else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .figures import FigureRow, save_overview
+    from .resources import resources_dir
+
+    volume = resources_dir() / "SampleData" / DEMO_VOLUME
+    truth_path = volume.with_name(volume.name.replace(".nii.gz", "_mask.nii.gz"))
+    if not volume.is_file():
+        raise AutoDDPMError(f"the demo volume {volume} is missing; reinstall AutoDDPM")
+    output_dir = Path(args.output_dir)
+    engine = _engine(args)
+    done, _ = _process(engine, [volume], output_dir, make_reporter(args.progress))
+    outputs = done[volume]["outputs"]
+    arrays = {key: sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for key, path in outputs.items()}
+    image = sitk.GetArrayFromImage(done[volume]["image"])
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) > 0
+    # The three slices with the most tumour, as the expert outlined it.
+    levels = sorted(np.argsort(truth.reshape(len(truth), -1).sum(1))[-3:])
+    rows = [FigureRow(f"slice {z}", image[z], arrays["pseudohealthy"][z], arrays["anomaly"][z], arrays["mask"][z], truth[z])
+            for z in levels]
+    figure = output_dir / "autoddpm-demo.png"
+    save_overview(rows, figure)
+    mask = arrays["mask"] > 0
+    dice = 2 * (mask & truth).sum() / max(mask.sum() + truth.sum(), 1)
+    print(f"\nAutoDDPM demo on {volume.name} (model {engine.card.name}, schedule {engine.schedule_name}):")
+    for key, path in outputs.items():
+        print(f"  {key:14s} {path.resolve()}")
+    print(f"  {'figure':14s} {figure.resolve()}")
+    print(f"Dice against the expert tumour mask: {dice:.3f} (threshold {engine.threshold:.4g} from the model card)")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .bundle import list_bundled_models
+
+    cards = list_bundled_models()
+    if args.json:
+        print(json.dumps([dict(card.data, path=str(card.path.parent)) for card in cards], indent=2))
+        return 0
+    if not cards:
+        print("no bundled models")
+        return 0
+    print(f"{'name':18s} {'modality':9s} {'grid':>7s} {'tau':>7s} {'threshold':>9s}  calibrated  license")
+    for card in cards:
+        t = card.data["thresholds"]
+        print(f"{card.name:18s} {card.data['modality']:9s} {card.image_size:>4d} px {card.mask_threshold:7.4f} "
+              f"{card.anomaly_threshold:9.4f}  {'yes' if t.get('calibrated') else 'NO':10s}  {card.data.get('license', '?')}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    thresholds = calibrate(args.model_dir, args.data, schedule=args.schedule, mask_fraction=args.mask_fraction,
+                           healthy_fpr=args.healthy_fpr, max_slices=args.max_slices, device=args.device, seed=args.seed)
+    info = thresholds["calibration"]
+    print(f"tau = {thresholds['mask_tau']:.5f} (flags {100 * info['flagged_by_tau']:.2f}% of healthy tissue), "
+          f"anomaly threshold = {thresholds['anomaly']:.5f} (flags {100 * info['flagged_by_anomaly_threshold']:.2f}%), "
+          f"from {info['healthy_slices']} healthy slices; written to {Path(args.model_dir) / 'model.json'}")
+    return 0
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="bundled model name or model folder (default: flair-lgg; see `autoddpm models`)")
+    parser.add_argument("--schedule", default="fast", choices=["fast", "reference"],
+                        help="fast: strided steps, 25 network evaluations per slice (default); reference: the paper's 451")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    parser.add_argument("--threshold", type=float, default=None, help="threshold on the anomaly map for the mask (default: the model card's calibrated value)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same result")
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default 16 on CPU, 64 on GPU; halved on out-of-memory)")
+    parser.add_argument("--progress", default="bar", choices=["bar", "json", "none"], help="a progress bar, JSON lines for programs, or nothing")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -61,6 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    run = commands.add_parser("run", help="find anomalies in volumes: pseudo-healthy volume, anomaly map and mask")
+    run.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI, NRRD, MHA, PNG file or DICOM series folder")
+    run.add_argument("--output-dir", required=True, help="folder for <name>_pseudohealthy/_anomaly/_mask.nii.gz")
+    _add_engine_options(run)
+    run.set_defaults(handler=_run)
+
+    demo = commands.add_parser("demo", help="run on the bundled sample FLAIR volume and draw a figure")
+    demo.add_argument("--output-dir", default="autoddpm-demo", help="where to write (default ./autoddpm-demo)")
+    _add_engine_options(demo)
+    demo.set_defaults(handler=_demo)
+
+    models = commands.add_parser("models", help="list the bundled models")
+    models.add_argument("--json", action="store_true", help="print the model cards as JSON")
+    models.set_defaults(handler=_models)
+
+    calibrate = commands.add_parser("calibrate", help="set a model's thresholds from healthy held-out data")
+    calibrate.add_argument("model_dir", metavar="MODEL_DIR")
+    calibrate.add_argument("--data", action="append", required=True, help="healthy images/volumes (lesion slices excluded by *_mask files); repeatable")
+    calibrate.add_argument("--schedule", default="fast", choices=["fast", "reference"])
+    calibrate.add_argument("--mask-fraction", type=float, default=0.05, help="share of healthy tissue tau marks for re-sampling (reference: 0.05)")
+    calibrate.add_argument("--healthy-fpr", type=float, default=0.01, help="share of healthy tissue the output mask may flag (default 0.01)")
+    calibrate.add_argument("--max-slices", type=int, default=256)
+    calibrate.add_argument("--device", default="auto")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.set_defaults(handler=_calibrate)
+
     train = commands.add_parser("train", help="train a healthy-brain model and write a model bundle")
     train.add_argument("--data", action="append", default=[], help="folder of healthy images/volumes (with optional *_mask lesion masks) or a text file listing them; repeatable")
     train.add_argument("--output", required=True, help="model bundle folder to write (checkpoints go in its checkpoint/ subfolder)")
@@ -100,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autoddpm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`): stop quietly, as Unix tools do.
+        sys.stdout = open(os.devnull, "w")
+        return 141
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""Calibrate a model's two thresholds on healthy slices it has not been trained on.
+
+- tau (on the likelihood map M) is the reference's rule: at most 5 % of
+  healthy tissue pixels are marked for re-sampling.
+- The anomaly threshold (on the final map A) makes the output mask: at most
+  ``healthy_fpr`` (1 % by default) of healthy tissue pixels are flagged.
+
+Both come from the schedule users run by default (``fast``), so what the card
+promises is what ``autoddpm run`` does. No lesion is ever looked at.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+
+from .bundle import read_card, write_card
+from .errors import AutoDDPMError
+from .inference import AutoDDPM
+from .slices import FOREGROUND_LEVEL
+from .training_data import load_healthy_slices
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    # torch.quantile refuses very large inputs; a sort is exact and cheap enough here.
+    ordered = values.flatten().sort().values
+    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+
+def calibrate(
+    model_dir: str | os.PathLike,
+    data: list[str | os.PathLike],
+    schedule: str = "fast",
+    mask_fraction: float = 0.05,
+    healthy_fpr: float = 0.01,
+    max_slices: int = 256,
+    device: str = "auto",
+    seed: int = 0,
+    progress: Callable[[float, str], None] | None = None,
+) -> dict:
+    """Measure tau and the anomaly threshold on healthy ``data`` and write them into the card."""
+    if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
+        raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
+    card = read_card(model_dir)
+    preprocessing = card.data["preprocessing"]
+    slices = load_healthy_slices(
+        list(data), card.image_size, tuple(preprocessing["intensity_percentiles"]), preprocessing["min_foreground_fraction"]
+    )
+    if len(slices) > max_slices:  # an even spread over all patients and levels
+        slices = slices[torch.linspace(0, len(slices) - 1, max_slices).round().long()]
+    engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed)
+    tissue = slices > FOREGROUND_LEVEL
+
+    # tau depends only on the coarse reconstruction, which does not depend on tau.
+    generator = torch.Generator().manual_seed(seed)
+    coarse = engine.pipeline.schedule
+    likelihood = torch.cat([
+        engine.pipeline.likelihood_map(
+            batch.to(engine.device),
+            engine.pipeline.reconstruct(batch.to(engine.device), coarse.coarse_start, coarse.coarse_steps, generator),
+        ).cpu()
+        for batch in slices.split(engine.batch_size)
+    ])
+    tau = _quantile(likelihood[tissue], 1 - mask_fraction)
+
+    engine.pipeline.mask_threshold = tau
+    anomaly = engine.process_slices(slices, progress).anomaly_map
+    threshold = _quantile(anomaly[tissue], 1 - healthy_fpr)
+
+    thresholds = {
+        "mask_tau": tau,
+        "anomaly": threshold,
+        "calibrated": True,
+        "calibration": {
+            "data": [str(d) for d in data],
+            "healthy_slices": len(slices),
+            "tissue_pixels": int(tissue.sum()),
+            "schedule": schedule,
+            "mask_fraction": mask_fraction,
+            "healthy_fpr": healthy_fpr,
+            "flagged_by_tau": float((likelihood[tissue] > tau).float().mean()),
+            "flagged_by_anomaly_threshold": float((anomaly[tissue] > threshold).float().mean()),
+            "seed": seed,
+            "date": time.strftime("%Y-%m-%d"),
+        },
+    }
+    updated = dict(card.data, thresholds=thresholds)
+    write_card(model_dir, updated)
+    return thresholds

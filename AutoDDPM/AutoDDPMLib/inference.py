@@ -1,0 +1,203 @@
+"""AutoDDPM on whole volumes: any size, spacing and orientation in, the same geometry out.
+
+A volume is cut into canonical axial slices, each normalised and resampled to
+the model grid exactly as during training, processed in batches by the
+pipeline, and mapped back. Outside the re-sampled region the pseudo-healthy
+volume is the input voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import ModelCard, load_unet, read_card, resolve_model
+from .devices import is_out_of_memory, select_device
+from .errors import AutoDDPMError
+from .lpips import load_lpips
+from .pipeline import SCHEDULES, AutoDDPMOutput, AutoDDPMPipeline, SamplingSchedule
+from .scheduler import DDPMScheduler
+from .slices import FOREGROUND_LEVEL, AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
+
+# Called with (fraction done in [0, 1], stage name).
+VolumeProgress = Callable[[float, str], None]
+
+# More flagged tissue than this almost always means the input does not fit the model.
+SUSPICIOUS_ANOMALY_FRACTION = 0.2
+
+
+@dataclass
+class VolumeResult:
+    """The three output volumes, in the input's geometry, and what it took to make them."""
+
+    pseudo_healthy: sitk.Image
+    anomaly_map: sitk.Image
+    mask: sitk.Image
+    slices: int
+    slices_with_signal: int
+    evaluations_per_slice: int
+    seconds: float
+    anomalous_voxels: int
+    anomalous_volume_ml: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def _schedule_from_card(card: ModelCard, name: str) -> SamplingSchedule:
+    if name not in SCHEDULES:
+        raise AutoDDPMError(f"unknown schedule '{name}': choose one of {', '.join(SCHEDULES)}")
+    saved = card.data["schedules"].get(name)
+    try:
+        schedule = SamplingSchedule(**saved) if saved else SCHEDULES[name]
+    except TypeError as exc:
+        raise AutoDDPMError(f"model card {card.path} has an invalid '{name}' schedule ({exc})") from None
+    if schedule.coarse_start > card.max_timestep:
+        raise AutoDDPMError(
+            f"the '{name}' schedule starts at noise level {schedule.coarse_start} but model {card.name} "
+            f"was trained up to {card.max_timestep} only"
+        )
+    return schedule
+
+
+class AutoDDPM:
+    """A loaded model bundle, ready to run AutoDDPM on slices or volumes.
+
+    ``threshold`` (on the anomaly map) and ``mask_threshold`` (tau, on the
+    likelihood map) default to the model card's calibrated values.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        schedule: str = "fast",
+        device: str = "auto",
+        seed: int = 0,
+        batch_size: int | None = None,
+        threshold: float | None = None,
+        mask_threshold: float | None = None,
+    ) -> None:
+        self.card = read_card(resolve_model(model))
+        self.schedule_name = schedule
+        self.device = select_device(device)
+        self.seed = seed
+        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
+        if self.batch_size < 1:
+            raise AutoDDPMError("--batch-size must be at least 1")
+        self.threshold = self.card.anomaly_threshold if threshold is None else threshold
+        scheduler_settings = {k: v for k, v in self.card.data["scheduler"].items()
+                              if k in ("num_train_timesteps", "beta_start", "beta_end")}
+        self.pipeline = AutoDDPMPipeline(
+            load_unet(self.card, self.device),
+            DDPMScheduler(**scheduler_settings),
+            load_lpips(self.device),
+            self.card.mask_threshold if mask_threshold is None else mask_threshold,
+            _schedule_from_card(self.card, schedule),
+        )
+
+    @property
+    def evaluations_per_slice(self) -> int:
+        return self.pipeline.schedule.evaluations
+
+    def _move_to(self, device: torch.device) -> None:
+        self.device = device
+        self.pipeline.unet = self.pipeline.unet.to(device)
+        self.pipeline.lpips = load_lpips(device)
+
+    def process_slices(self, x: torch.Tensor, progress: VolumeProgress | None = None) -> AutoDDPMOutput:
+        """AutoDDPM on model-grid slices [B, 1, N, N] in [0, 1], in batches.
+
+        Batch ``i`` draws its noise from seed ``seed + i``: the same seed and
+        batch size give the same result, bit for bit on the CPU. On running out
+        of GPU memory the batch is halved, and at one slice the run moves to the CPU.
+        """
+        schedule = self.pipeline.schedule
+        outputs: list[AutoDDPMOutput] = []
+        start = batch_index = 0
+        while start < len(x):
+            batch = x[start : start + self.batch_size]
+
+            def report(done: int, total: int, start: int = start, size: int = len(batch)) -> None:
+                if progress is not None:
+                    stage = "mask" if done <= schedule.coarse_steps else "resample"
+                    progress((start + size * done / total) / len(x), stage)
+
+            generator = torch.Generator().manual_seed(self.seed + batch_index)
+            try:
+                outputs.append(self.pipeline(batch.to(self.device), generator, report))
+            except RuntimeError as error:
+                if not is_out_of_memory(error) or self.device.type == "cpu":
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.batch_size > 1:
+                    self.batch_size //= 2
+                else:
+                    self._move_to(torch.device("cpu"))
+                continue
+            start += len(batch)
+            batch_index += 1
+        return AutoDDPMOutput(
+            **{name: torch.cat([getattr(o, name).cpu() for o in outputs])
+               for name in ("pseudo_healthy", "anomaly_map", "likelihood_map", "mask", "reconstruction")},
+            evaluations=schedule.evaluations,
+        )
+
+    def process_volume(self, image: sitk.Image, progress: VolumeProgress | None = None) -> VolumeResult:
+        """AutoDDPM on every axial slice with signal; outputs in the input's exact geometry."""
+        started = time.perf_counter()
+        preprocessing = self.card.data["preprocessing"]
+        stack = AxialStack.from_image(image)
+        rows, cols = stack.array.shape[1:]
+        size = self.card.image_size
+        if max(rows, cols) < size:
+            raise AutoDDPMError(
+                f"the slices are {rows} x {cols} pixels, smaller than the model grid of {size} x {size}; "
+                "this model needs larger images"
+            )
+        window = intensity_window(stack.array, tuple(preprocessing.get("intensity_percentiles", (0.5, 99.5))))
+        slices01 = normalize(stack.array, window)
+        min_fraction = preprocessing.get("min_foreground_fraction", 0.05)
+        with_signal = np.array([has_signal(s, min_fraction) for s in slices01], dtype=bool)
+        if not with_signal.any():
+            raise AutoDDPMError("no slice of the volume has enough signal to process; check that this is a brain MRI")
+        grid, transform = to_model_grid(slices01[with_signal], stack.pixel_spacing, size)
+
+        out = self.process_slices(grid, progress)
+
+        resampled = transform.from_model_grid(out.mask) > 0
+        pseudo_healthy = stack.array.copy()
+        reconstructed = denormalize(transform.from_model_grid(out.pseudo_healthy), window)
+        kept = pseudo_healthy[with_signal]
+        kept[resampled] = reconstructed[resampled]
+        pseudo_healthy[with_signal] = kept
+        anomaly = np.zeros_like(stack.array)
+        anomaly[with_signal] = np.clip(transform.from_model_grid(out.anomaly_map), 0, None)
+        mask = (anomaly > self.threshold).astype(np.uint8)
+
+        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+        flagged = int(mask.sum())
+        foreground = int((slices01[with_signal] > FOREGROUND_LEVEL).sum())
+        warnings = []
+        if foreground and flagged / foreground > SUSPICIOUS_ANOMALY_FRACTION:
+            warnings.append(
+                f"{100 * flagged / foreground:.0f}% of the tissue was flagged as anomalous; this usually means the "
+                f"input does not fit model {self.card.name} ({self.card.data['modality']}, "
+                f"{self.card.data.get('valid_for', {}).get('slices', 'axial slices')})"
+            )
+        return VolumeResult(
+            pseudo_healthy=stack.to_image(pseudo_healthy.astype(np.float32)),
+            anomaly_map=stack.to_image(anomaly.astype(np.float32)),
+            mask=stack.to_image(mask),
+            slices=len(slices01),
+            slices_with_signal=int(with_signal.sum()),
+            evaluations_per_slice=self.evaluations_per_slice,
+            seconds=time.perf_counter() - started,
+            anomalous_voxels=flagged,
+            anomalous_volume_ml=flagged * voxel_ml,
+            warnings=warnings,
+        )

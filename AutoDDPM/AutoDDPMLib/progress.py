@@ -1,0 +1,103 @@
+"""Progress of ``autoddpm run``: a bar for people, JSON lines for programs (the Slicer module).
+
+JSON events, one object per stdout line:
+``start`` (input, evaluations_per_slice, schedule, device, model, threshold),
+``progress`` (input, fraction 0..1 of that input, stage: reading | mask | resample | writing),
+``warning`` (message), ``done`` (input, outputs, threshold, anomalous_voxels, anomalous_volume_ml, seconds),
+``finished`` (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import AutoDDPMError
+
+
+class Reporter:
+    """Says nothing; the base of the other reporters (``--progress none``)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def start(self, path: Path, engine: Any, image: Any) -> None:
+        pass
+
+    def stage(self, path: Path, stage: str, fraction: float) -> None:
+        pass
+
+    def warning(self, message: str) -> None:
+        print(f"autoddpm: warning: {message}", file=sys.stderr)
+
+    def done(self, path: Path, outputs: dict[str, Path], engine: Any, result: Any) -> None:
+        pass
+
+    def finished(self) -> None:
+        pass
+
+
+class BarReporter(Reporter):
+    """A tqdm bar per input, and the evaluation count up front."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bar = None
+
+    def start(self, path: Path, engine: Any, image: Any) -> None:
+        from tqdm import tqdm
+
+        print(f"{path.name}: model {engine.card.name}, schedule {engine.schedule_name} "
+              f"({engine.evaluations_per_slice} network evaluations per slice), device {engine.device}", file=sys.stderr)
+        self._bar = tqdm(total=100, desc=path.name, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+
+    def stage(self, path: Path, stage: str, fraction: float) -> None:
+        if self._bar is not None:
+            self._bar.update(int(100 * fraction) - self._bar.n)
+            self._bar.set_postfix_str(stage, refresh=False)
+
+    def done(self, path: Path, outputs: dict[str, Path], engine: Any, result: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(100 - self._bar.n)
+            self._bar.close()
+            self._bar = None
+        print(f"{path.name}: {result.anomalous_volume_ml:.2f} mL flagged at threshold {engine.threshold:.4g} "
+              f"({result.slices_with_signal} of {result.slices} slices, {result.seconds:.1f} s); "
+              f"outputs in {outputs['mask'].parent}", file=sys.stderr)
+
+
+class JsonReporter(Reporter):
+    """One JSON object per line on stdout, flushed at once so a reader sees it live."""
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        print(json.dumps({"event": event, **fields}), flush=True)
+
+    def start(self, path: Path, engine: Any, image: Any) -> None:
+        self._emit("start", input=str(path), evaluations_per_slice=engine.evaluations_per_slice,
+                   schedule=engine.schedule_name, device=str(engine.device), model=engine.card.name,
+                   threshold=engine.threshold)
+
+    def stage(self, path: Path, stage: str, fraction: float) -> None:
+        self._emit("progress", input=str(path), fraction=round(fraction, 4), stage=stage)
+
+    def warning(self, message: str) -> None:
+        self._emit("warning", message=message)
+
+    def done(self, path: Path, outputs: dict[str, Path], engine: Any, result: Any) -> None:
+        self._emit("done", input=str(path), outputs={k: str(v) for k, v in outputs.items()}, threshold=engine.threshold,
+                   slices=result.slices, slices_with_signal=result.slices_with_signal,
+                   anomalous_voxels=result.anomalous_voxels, anomalous_volume_ml=result.anomalous_volume_ml,
+                   seconds=round(result.seconds, 3))
+
+    def finished(self) -> None:
+        self._emit("finished", seconds=round(time.perf_counter() - self.started, 3))
+
+
+def make_reporter(kind: str) -> Reporter:
+    reporters = {"bar": BarReporter, "json": JsonReporter, "none": Reporter}
+    if kind not in reporters:
+        raise AutoDDPMError(f"unknown --progress '{kind}': choose bar, json or none")
+    return reporters[kind]()
