@@ -1,0 +1,959 @@
+"""``autoddpm benchmark``: detection quality, pseudo-healthy fidelity and cost, AutoDDPM against baselines.
+
+Everything is evaluated on the model grid, with slices prepared exactly as
+inference prepares them (the card's intensity percentiles and signal test,
+``slices.to_model_grid``); ground-truth masks go through the same
+``to_model_grid`` and are thresholded at 0.5.
+
+Datasets (under the data root, ``../shared/data`` of the repository by default):
+
+* ``lgg``: LGG FLAIR validation patients (``lgg_flair/val``), whole volumes: every
+  slice with signal, with and without tumour; expert masks.
+* ``lgg-synth``: lesion-free LGG validation slices with synthetic lesions
+  (:mod:`lesions`), one per size bin per slice, plus the clean slices.
+* ``ixi``: IXI T1 validation slices (``ixi_t1_midaxial/val``) with synthetic
+  lesions, one per size bin per slice, plus the clean slices.
+
+By default the datasets follow the model card's modality (FLAIR: lgg and
+lgg-synth; T1: ixi; otherwise all three): a model is benchmarked on the
+contrast it was trained for.
+
+Methods: AutoDDPM with the ``fast`` and ``reference`` schedules (the final map
+A), fixed-noise DDPM reconstruction ("AnoDDPM", map |x - x_rec|) from t = 50,
+100, 200, 300, 500, and the plain residual |x - x_rec| of AutoDDPM's own coarse
+reconstruction (no extra network evaluations).
+
+Thresholds, each reported separately:
+
+* ``calibrated`` (honest): AutoDDPM uses the model card's anomaly threshold. A
+  baseline has no card threshold, so it gets the threshold that flags the same
+  fraction of healthy foreground pixels, on held-out healthy calibration slices
+  of the training split, as AutoDDPM-fast flags there at the card's threshold:
+  every method is compared at the same healthy false-positive budget, and no
+  test label is used.
+* ``oracle``: the best of 101 thresholds in [0, 1] chosen on the evaluated data
+  itself (the reference's protocol). An upper bound, labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import platform
+import resource
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+DATASETS = ("lgg", "lgg-synth", "ixi")
+ANODDPM_LEVELS = (50, 100, 200, 300, 500)
+BIN_ORDER = ("all", "small", "medium", "large")
+
+# Sizes of a --quick run (about 15 minutes for a 64x64 4.5M-parameter model on 2 CPU cores).
+QUICK = dict(max_volumes=3, max_images=8, reference_cases=8, calibration_slices=16, baseline_steps=10)
+FULL = dict(max_volumes=None, max_images=None, reference_cases=None, calibration_slices=48, baseline_steps=None)
+
+
+def default_data_root() -> Optional[Path]:
+    """``<repository>/../shared/data`` when it exists (a development checkout), else None."""
+    candidate = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+def _log(message: str) -> None:
+    print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class EvalSet:
+    """Cases on the model grid: inputs, truth, the healthy image when known, grouping."""
+
+    name: str
+    x: Any  # torch.Tensor [C, 1, N, N] in [0, 1]
+    truth: np.ndarray  # bool [C, N, N]
+    healthy: Optional[np.ndarray]  # float32 [C, N, N] or None
+    volumes: list[str]  # volume (LGG) or case id per case
+    bins: list[str]  # size bin per case
+    description: str = ""
+    per_volume: bool = False  # whether ``volumes`` are real volumes (timing per volume)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    @property
+    def foreground(self) -> np.ndarray:
+        from .slices import FOREGROUND_LEVEL
+
+        return self.x[:, 0].numpy() > FOREGROUND_LEVEL
+
+    def groups(self) -> list[np.ndarray]:
+        """Case indices per volume (per_volume) or one group of all cases."""
+        if not self.per_volume:
+            return [np.arange(len(self))]
+        ids = np.asarray(self.volumes)
+        return [np.flatnonzero(ids == v) for v in dict.fromkeys(self.volumes)]
+
+
+def _preprocessing(card) -> tuple[tuple[float, float], float]:
+    pre = card.data.get("preprocessing", {})
+    low, high = pre.get("intensity_percentiles", (0.5, 99.5))
+    return (float(low), float(high)), float(pre.get("min_foreground_fraction", 0.05))
+
+
+def _volume_slices(image_path: Path, mask_path: Optional[Path], card):
+    """All slices with signal of a volume on the model grid, and the mask on the same grid (> 0.5)."""
+    from .slices import AxialStack, has_signal, intensity_window, normalize, to_model_grid
+    from .volume_io import read_volume
+
+    percentiles, min_fraction = _preprocessing(card)
+    stack = AxialStack.from_image(read_volume(image_path))
+    slices01 = normalize(stack.array, intensity_window(stack.array, percentiles))
+    keep = np.array([has_signal(s, min_fraction) for s in slices01], dtype=bool)
+    if not keep.any():
+        return None, None, keep
+    grid, _ = to_model_grid(slices01[keep], stack.pixel_spacing, card.image_size)
+    if mask_path is None:
+        truth = np.zeros((int(keep.sum()), card.image_size, card.image_size), dtype=bool)
+    else:
+        mask = AxialStack.from_image(read_volume(mask_path)).array
+        if mask.shape != stack.array.shape:
+            from .errors import AutoDDPMError
+
+            raise AutoDDPMError(f"mask {mask_path} has shape {mask.shape}, its image {image_path} {stack.array.shape}")
+        mask_grid, _ = to_model_grid((mask[keep] > 0).astype(np.float32), stack.pixel_spacing, card.image_size)
+        truth = mask_grid[:, 0].numpy() > 0.5
+    return grid, truth, keep
+
+
+def load_lgg(folder: Path, card, max_volumes: Optional[int]) -> EvalSet:
+    """LGG FLAIR patients: every slice with signal of each volume, tumour and tumour-free."""
+    import torch
+
+    from .metrics import size_bin
+    from .training_data import find_training_images
+
+    pairs = [p for p in find_training_images(folder) if p[1] is not None]
+    if max_volumes:
+        pairs = pairs[:max_volumes]
+    xs, truths, volumes = [], [], []
+    for image, mask in pairs:
+        grid, truth, _ = _volume_slices(image, mask, card)
+        if grid is None:
+            continue
+        name = image.name.split("_flair")[0] if "_flair" in image.name else image.name.split(".")[0]
+        xs.append(grid)
+        truths.append(truth)
+        volumes += [name] * len(grid)
+    if not xs:
+        from .errors import AutoDDPMError
+
+        raise AutoDDPMError(f"no image/mask pairs with signal in {folder}")
+    truth = np.concatenate(truths)
+    n = card.image_size
+    return EvalSet(
+        name="lgg",
+        x=torch.cat(xs),
+        truth=truth,
+        healthy=None,
+        volumes=volumes,
+        bins=[size_bin(int(t.sum()), n) for t in truth],
+        description=f"LGG FLAIR ({folder}): {len(pairs)} patients, all {len(volumes)} slices with signal, expert masks",
+        per_volume=True,
+    )
+
+
+def _png_slice(path: Path, card):
+    grid, _, _ = _volume_slices(path, None, card)
+    return None if grid is None else grid[0, 0].numpy()
+
+
+def synthetic_set(name: str, healthy_slices: list[np.ndarray], ids: list[str], seed: int, source: str) -> EvalSet:
+    """Each healthy slice once clean and once with a synthetic lesion per size bin."""
+    import torch
+
+    from .lesions import add_lesion
+    from .metrics import LESION_FREE, SIZE_BIN_NAMES
+
+    xs, truths, healthies, volumes, bins = [], [], [], [], []
+    for i, (image, case) in enumerate(zip(healthy_slices, ids)):
+        xs.append(image)
+        truths.append(np.zeros(image.shape, dtype=bool))
+        healthies.append(image)
+        volumes.append(f"{case}:clean")
+        bins.append(LESION_FREE)
+        for b, bin_name in enumerate(SIZE_BIN_NAMES):
+            try:
+                lesioned, mask = add_lesion(image, bin_name, seed=np.random.default_rng([seed, i, b]))
+            except ValueError as error:
+                _log(f"{case}: no {bin_name} lesion ({error})")
+                continue
+            xs.append(lesioned)
+            truths.append(mask)
+            healthies.append(image)
+            volumes.append(f"{case}:{bin_name}")
+            bins.append(bin_name)
+    x = torch.from_numpy(np.stack(xs)).float()[:, None]
+    return EvalSet(
+        name=name,
+        x=x,
+        truth=np.stack(truths),
+        healthy=np.stack(healthies).astype(np.float32),
+        volumes=volumes,
+        bins=bins,
+        description=f"{source}: {len(healthy_slices)} healthy slices, each clean and with one synthetic lesion per size bin (seed {seed})",
+    )
+
+
+def load_ixi(folder: Path, card, max_images: Optional[int], seed: int) -> EvalSet:
+    pngs = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == ".png")
+    if max_images:
+        pngs = pngs[:max_images]
+    images, ids = [], []
+    for p in pngs:
+        s = _png_slice(p, card)
+        if s is not None:
+            images.append(s)
+            ids.append(p.stem)
+    if not images:
+        from .errors import AutoDDPMError
+
+        raise AutoDDPMError(f"no PNG slices with signal in {folder}")
+    return synthetic_set("ixi", images, ids, seed, f"IXI T1 ({folder})")
+
+
+def _spread(n_total: int, n: Optional[int]) -> np.ndarray:
+    """``n`` indices spread evenly over ``range(n_total)`` (all without ``n``)."""
+    if not n or n >= n_total:
+        return np.arange(n_total)
+    return np.unique(np.round(np.linspace(0, n_total - 1, n)).astype(int))
+
+
+def load_lgg_synthetic(folder: Path, card, max_images: Optional[int], seed: int) -> EvalSet:
+    """Lesion-free slices of the LGG validation patients (the largest head sections) with synthetic lesions."""
+    from .training_data import find_training_images, healthy_slices
+
+    percentiles, min_fraction = _preprocessing(card)
+    candidates, ids = [], []
+    for image, mask in find_training_images(folder):
+        slices = healthy_slices(image, mask, card.image_size, percentiles, min_fraction)
+        if len(slices) == 0:
+            continue
+        # The most foreground: mid-brain sections with room for a large lesion.
+        fractions = (slices[:, 0] > 0.05).float().mean(dim=(1, 2))
+        for k in fractions.argsort(descending=True)[:4].tolist():
+            candidates.append(slices[k, 0].numpy())
+            ids.append(f"{image.name.split('_flair')[0]}#{k}")
+    pick = _spread(len(candidates), max_images or 40)
+    return synthetic_set(
+        "lgg-synth", [candidates[i] for i in pick], [ids[i] for i in pick], seed, f"LGG FLAIR lesion-free slices ({folder})"
+    )
+
+
+def calibration_slices(family: str, root: Path, card, count: int):
+    """Healthy slices from the training split (disjoint from every evaluated case) for baseline thresholds."""
+    import torch
+
+    from .training_data import find_training_images, healthy_slices
+
+    percentiles, min_fraction = _preprocessing(card)
+    folder = root / ("lgg_flair/train" if family == "lgg" else "ixi_t1_midaxial/train")
+    if not folder.is_dir():
+        from .errors import AutoDDPMError
+
+        raise AutoDDPMError(f"calibration data {folder} does not exist (the benchmark calibrates baselines on the training split)")
+    pairs = find_training_images(folder)
+    chosen = [pairs[i] for i in _spread(len(pairs), max(4, count if family != "lgg" else 8))]
+    slices = [healthy_slices(img, mask, card.image_size, percentiles, min_fraction) for img, mask in chosen]
+    slices = torch.cat([s for s in slices if len(s)])
+    return slices[torch.as_tensor(_spread(len(slices), count))], f"{len(chosen)} files of {folder}"
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str  # "autoddpm" | "anoddpm" | "residual"
+    schedule: str = "fast"  # AutoDDPM schedule (autoddpm, residual)
+    level: int = 0  # AnoDDPM start level
+    steps: int = 0  # AnoDDPM reverse steps
+    evaluations: int = 0
+    subset_only: bool = False
+
+
+@dataclass
+class MethodRun:
+    """One method's outputs on one EvalSet (only the cases in ``indices`` were run)."""
+
+    method: Method
+    indices: np.ndarray
+    scores: np.ndarray  # float32 [C, N, N]; NaN for cases not run
+    pseudo_healthy: np.ndarray  # float32 [C, N, N]
+    seconds: float = 0.0
+    group_seconds: list[float] = field(default_factory=list)
+    cuda_peak_mb: Optional[float] = None
+    threshold: float = float("nan")  # calibrated threshold
+    fidelity: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def build_methods(card, quick: bool, baseline_steps: Optional[int], notes: list[str]) -> list[Method]:
+    from .pipeline import SCHEDULES
+
+    fast, reference = SCHEDULES["fast"], SCHEDULES["reference"]
+    methods = [
+        Method("AutoDDPM fast", "autoddpm", "fast", evaluations=fast.evaluations),
+        Method("AutoDDPM reference", "autoddpm", "reference", evaluations=reference.evaluations, subset_only=quick),
+        Method("Residual (coarse, fast)", "residual", "fast", evaluations=fast.coarse_steps),
+    ]
+    if not quick:
+        methods.append(Method("Residual (coarse, reference)", "residual", "reference", evaluations=reference.coarse_steps))
+    for t in ANODDPM_LEVELS:
+        if t > card.max_timestep:
+            notes.append(f"AnoDDPM t={t} skipped: the model was trained on noise levels up to {card.max_timestep} only.")
+            continue
+        steps = t + 1 if baseline_steps is None else min(int(baseline_steps), t + 1)
+        methods.append(Method(f"AnoDDPM t={t}", "anoddpm", level=t, steps=steps, evaluations=steps))
+    return methods
+
+
+class Runner:
+    """Runs methods on batches of slices, timing them, with a seed per (method, batch)."""
+
+    def __init__(self, card, device, batch_size: int, seed: int) -> None:
+        import torch
+
+        from .bundle import load_unet
+        from .lpips import load_lpips
+        from .pipeline import SCHEDULES, AutoDDPMPipeline
+        from .scheduler import DDPMScheduler
+
+        self.device = device
+        self.batch_size = batch_size
+        self.seed = seed
+        self.card = card
+        unet = load_unet(card, device)
+        self.lpips = load_lpips(device)
+        self.pipelines = {
+            name: AutoDDPMPipeline(unet, DDPMScheduler(), self.lpips, card.mask_threshold, schedule=SCHEDULES[name])
+            for name in ("fast", "reference")
+        }
+        self.torch = torch
+        self._cache: dict = {}
+        self._evalset = ""
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _generator(self, method_index: int, batch_index: int):
+        salt = zlib.crc32(self._evalset.encode()) % 1_000_000
+        return self.torch.Generator().manual_seed(self.seed * 1_000_003 + salt * 1_009 + method_index * 10_007 + batch_index)
+
+    def run_autoddpm(self, schedule: str, key: str, x, groups: list[np.ndarray], method_index: int):
+        """AutoDDPM on x's cases; keeps the coarse reconstruction and its time for the residual method."""
+        torch = self.torch
+        pipeline = self.pipelines[schedule]
+        coarse_steps = pipeline.schedule.coarse_steps
+        n = x.shape[-1]
+        out = {k: np.full((len(x), n, n), np.nan, np.float32) for k in ("anomaly", "ph", "rec")}
+        times = {"total": [], "coarse": []}
+        batch_index = 0
+        for group in groups:
+            total = coarse = 0.0
+            for start in range(0, len(group), self.batch_size):
+                rows = group[start : start + self.batch_size]
+                xb = x[torch.as_tensor(rows)].to(self.device)
+                marks = {}
+
+                def progress(done: int, _total: int) -> None:
+                    if done == coarse_steps:
+                        self._sync()
+                        marks["coarse"] = time.perf_counter()
+
+                self._sync()
+                t0 = time.perf_counter()
+                result = pipeline(xb, generator=self._generator(method_index, batch_index), progress=progress)
+                self._sync()
+                t1 = time.perf_counter()
+                total += t1 - t0
+                coarse += marks.get("coarse", t1) - t0
+                out["anomaly"][rows] = result.anomaly_map[:, 0].float().cpu().numpy()
+                out["ph"][rows] = result.pseudo_healthy[:, 0].float().cpu().numpy()
+                out["rec"][rows] = result.reconstruction[:, 0].float().cpu().numpy()
+                batch_index += 1
+            times["total"].append(total)
+            times["coarse"].append(coarse)
+        self._cache[key] = (out, times)
+        return out, times
+
+    def run_anoddpm(self, level: int, steps: int, x, groups: list[np.ndarray], method_index: int):
+        torch = self.torch
+        pipeline = self.pipelines["fast"]
+        n = x.shape[-1]
+        rec = np.full((len(x), n, n), np.nan, np.float32)
+        group_seconds = []
+        batch_index = 0
+        for group in groups:
+            total = 0.0
+            for start in range(0, len(group), self.batch_size):
+                rows = group[start : start + self.batch_size]
+                xb = x[torch.as_tensor(rows)].to(self.device)
+                self._sync()
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    r = pipeline.reconstruct(xb, level, steps, self._generator(method_index, batch_index))
+                self._sync()
+                total += time.perf_counter() - t0
+                rec[rows] = r[:, 0].float().cpu().numpy()
+                batch_index += 1
+            group_seconds.append(total)
+        return rec, group_seconds
+
+    def run(self, method: Method, method_index: int, evalset_name: str, x, indices: np.ndarray, groups: list[np.ndarray]) -> MethodRun:
+        """``method`` on the cases ``indices`` of x (grouped as ``groups`` for per-volume timing)."""
+        torch = self.torch
+        self._evalset = evalset_name
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        groups = [g[np.isin(g, indices)] for g in groups]
+        groups = [g for g in groups if len(g)]
+        x_np = x[:, 0].numpy()
+        if method.kind in ("autoddpm", "residual"):
+            key = (evalset_name, method.schedule, tuple(indices.tolist()))
+            if key in self._cache:
+                out, times = self._cache[key]
+            else:
+                # The residual shares AutoDDPM's run (same seeds): it is its first stage.
+                out, times = self.run_autoddpm(method.schedule, key, x, groups, 1 if method.schedule == "fast" else 2)
+            if method.kind == "autoddpm":
+                scores, ph, group_seconds = out["anomaly"], out["ph"], times["total"]
+            else:
+                scores, ph, group_seconds = np.abs(x_np - out["rec"]), out["rec"], times["coarse"]
+        else:
+            rec, group_seconds = self.run_anoddpm(method.level, method.steps, x, groups, method_index)
+            scores, ph = np.abs(x_np - rec), rec
+        cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else None
+        return MethodRun(method, indices, scores.astype(np.float32), ph, float(sum(group_seconds)), list(group_seconds), cuda_peak)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def fidelity_maps(run: MethodRun, evalset: EvalSet, lpips, device) -> dict[str, np.ndarray]:
+    """Per-pixel |ph - ref|, SSIM and LPIPS maps of the pseudo-healthy image against the reference.
+
+    The reference is the known healthy image (synthetic sets) or the input (LGG,
+    meaningful in healthy tissue only).
+    """
+    import torch
+
+    from .metrics import ssim_map
+
+    idx = run.indices
+    ref = evalset.healthy[idx] if evalset.healthy is not None else evalset.x[idx, 0].numpy()
+    ph = run.pseudo_healthy[idx]
+    n = ref.shape[-1]
+    maps = {k: np.full((len(evalset), n, n), np.nan, np.float32) for k in ("mae", "ssim", "lpips")}
+    maps["mae"][idx] = np.abs(ph - ref)
+    maps["ssim"][idx] = ssim_map(ph, ref)[:, 0].numpy()
+    lp = []
+    with torch.no_grad():
+        for i in range(0, len(idx), 64):
+            a = torch.from_numpy(ph[i : i + 64])[:, None].to(device)
+            b = torch.from_numpy(ref[i : i + 64])[:, None].to(device)
+            lp.append(lpips(a, b)[:, 0].float().cpu().numpy())
+    maps["lpips"][idx] = np.concatenate(lp)
+    return maps
+
+
+def _region_mean(values: np.ndarray, region: np.ndarray) -> Optional[float]:
+    n = int(region.sum())
+    return None if n == 0 else float(values[region].mean())
+
+
+def _clean(value):
+    if value is None:
+        return None
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(float(value)) else round(float(value), 6)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def evaluate_rows(run: MethodRun, evalset: EvalSet, indices: np.ndarray, dataset_label: str, bin_name: str,
+                  device_name: str) -> list[dict]:
+    """The calibrated and the oracle row of one method on the cases ``indices`` of one dataset."""
+    from scipy import ndimage
+
+    from .metrics import LESION_FREE, average_precision, best_dice, dice_at_threshold, false_positive_rate, median_iqr, per_volume_dice
+
+    scores = run.scores[indices]
+    truth = evalset.truth[indices]
+    fg = evalset.foreground[indices]
+    volumes = [evalset.volumes[i] for i in indices]
+    lesion_free = np.array([evalset.bins[i] == LESION_FREE for i in indices], dtype=bool)
+    auprc = average_precision(scores, truth) if truth.any() else float("nan")
+    oracle_dice, oracle_threshold = best_dice(scores, truth) if truth.any() else (float("nan"), float("nan"))
+
+    # Fidelity: healthy tissue = foreground away from the lesion (2-pixel margin for soft edges).
+    near_lesion = np.stack([ndimage.binary_dilation(t, iterations=2) if t.any() else t for t in truth])
+    healthy_region = fg & ~near_lesion
+    fidelity = {}
+    for key in ("mae", "ssim", "lpips"):
+        values = run.fidelity[key][indices]
+        fidelity[f"{key}_healthy"] = _region_mean(values, healthy_region)
+        fidelity[f"{key}_lesion"] = _region_mean(values, truth) if evalset.healthy is not None else None
+
+    n_slices = len(indices)
+    if evalset.per_volume:
+        per_volume_seconds = float(np.mean(run.group_seconds)) if run.group_seconds else None
+    else:
+        per_volume_seconds = None
+    rows = []
+    for kind, threshold in (("calibrated", run.threshold), ("oracle", oracle_threshold)):
+        if math.isnan(threshold):
+            dice_value = float("nan")
+            prediction = None
+        else:
+            dice_value = oracle_dice if kind == "oracle" else (dice_at_threshold(scores, truth, threshold) if truth.any() else float("nan"))
+            prediction = scores > threshold
+        if prediction is not None:
+            vol = per_volume_dice(prediction, truth, volumes)
+            median, q1, q3 = median_iqr(list(vol.values()))
+            fpr_pixels, fpr_slices = false_positive_rate(prediction[lesion_free], fg[lesion_free])
+        else:
+            median = q1 = q3 = fpr_pixels = fpr_slices = float("nan")
+        rows.append({k: _clean(v) for k, v in {
+            "method": run.method.name,
+            "dataset": dataset_label,
+            "size_bin": bin_name,
+            "threshold_kind": kind,
+            "threshold": threshold,
+            "dice": dice_value,
+            "auprc": auprc,
+            "volume_dice_median": median,
+            "volume_dice_q1": q1,
+            "volume_dice_q3": q3,
+            "fpr_pixels": fpr_pixels,
+            "fpr_slices": fpr_slices,
+            **fidelity,
+            "evaluations_per_slice": run.method.evaluations,
+            "seconds_per_slice": run.seconds / max(len(run.indices), 1),
+            "seconds_per_volume": per_volume_seconds,
+            "cuda_peak_mb": run.cuda_peak_mb,
+            "n_slices": n_slices,
+            "n_lesion_slices": int(truth.reshape(n_slices, -1).any(axis=1).sum()),
+            "n_lesion_free_slices": int(lesion_free.sum()),
+            "lesion_pixels": int(truth.sum()),
+            "device": device_name,
+        }.items()})
+    return rows
+
+
+def calibrate_baselines(runs: dict[str, MethodRun], card, foreground: np.ndarray, notes: list[str]) -> dict[str, float]:
+    """Thresholds per method: the card's for AutoDDPM, the equal-healthy-FPR ones for the baselines."""
+    fast = runs["AutoDDPM fast"]
+    fg_fast = fast.scores[foreground]
+    flagged = float(np.mean(fg_fast > card.anomaly_threshold))
+    thresholds = {}
+    for name, run in runs.items():
+        if run.method.kind == "autoddpm":
+            thresholds[name] = card.anomaly_threshold
+            continue
+        values = run.scores[foreground]
+        thresholds[name] = float(values.max()) if flagged <= 0 else float(np.quantile(values, 1.0 - flagged))
+    notes.append(
+        f"On the {int(foreground.shape[0])} healthy calibration slices AutoDDPM-fast flags {100 * flagged:.2f}% of the "
+        f"foreground pixels at the card's threshold {card.anomaly_threshold:g}; each baseline's calibrated threshold flags "
+        "the same fraction there."
+    )
+    return thresholds
+
+
+# ----------------------------------------------------------------------------- the harness
+
+
+def _git_commit() -> str:
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _default_datasets(card) -> list[str]:
+    modality = str(card.data.get("modality", "")).lower()
+    if "flair" in modality:
+        return ["lgg", "lgg-synth"]
+    if "t1" in modality:
+        return ["ixi"]
+    return list(DATASETS)
+
+
+def _load_dataset(name: str, root: Path, card, sizes: dict, seed: int) -> EvalSet:
+    if name == "lgg":
+        return load_lgg(root / "lgg_flair" / "val", card, sizes["max_volumes"])
+    if name == "lgg-synth":
+        return load_lgg_synthetic(root / "lgg_flair" / "val", card, sizes["max_images"], seed)
+    if name == "ixi":
+        return load_ixi(root / "ixi_t1_midaxial" / "val", card, sizes["max_images"], seed)
+    from .errors import AutoDDPMError
+
+    raise AutoDDPMError(f"unknown dataset '{name}': choose from {', '.join(DATASETS)}")
+
+
+def _reference_subset(evalset: EvalSet, count: Optional[int]) -> np.ndarray:
+    """Lesion cases spread over the set (and a quarter lesion-free), for the costly reference schedule."""
+    from .metrics import LESION_FREE
+
+    if not count or count >= len(evalset):
+        return np.arange(len(evalset))
+    lesion = np.array([i for i, b in enumerate(evalset.bins) if b != LESION_FREE])
+    free = np.array([i for i, b in enumerate(evalset.bins) if b == LESION_FREE])
+    n_free = min(len(free), max(1, count // 4))
+    pick = [lesion[_spread(len(lesion), count - n_free)]] if len(lesion) else []
+    pick += [free[_spread(len(free), n_free)]] if len(free) else []
+    return np.sort(np.concatenate(pick)).astype(int)
+
+
+def run_benchmark(
+    model: Optional[str] = None,
+    output_dir: str | Path = "benchmark",
+    data: Optional[str | Path] = None,
+    quick: bool = False,
+    datasets: Optional[list[str]] = None,
+    device: str = "auto",
+    seed: int = 0,
+    batch_size: int = 16,
+    max_volumes: Optional[int] = None,
+    max_images: Optional[int] = None,
+    reference_cases: Optional[int] = None,
+    calibration_slices_count: Optional[int] = None,
+    baseline_steps: Optional[int] = None,
+    figures: bool = True,
+    command: Optional[str] = None,
+) -> list[dict]:
+    """Run the benchmark and write results.json, results.md and figures into ``output_dir``; returns the rows."""
+    import torch
+
+    from .bundle import read_card, resolve_model
+    from .devices import select_device
+    from .errors import AutoDDPMError
+
+    started = time.perf_counter()
+    root = Path(data) if data else default_data_root()
+    if root is None or not Path(root).is_dir():
+        raise AutoDDPMError("no benchmark data: give --data FOLDER (with lgg_flair/ and/or ixi_t1_midaxial/ as in shared/data)")
+    root = Path(root)
+    folder = resolve_model(model)
+    card = read_card(folder)
+    torch_device = select_device(device)
+    sizes = dict(QUICK if quick else FULL)
+    for key, value in (("max_volumes", max_volumes), ("max_images", max_images), ("reference_cases", reference_cases),
+                       ("calibration_slices", calibration_slices_count), ("baseline_steps", baseline_steps)):
+        if value is not None:
+            sizes[key] = value
+    datasets = list(datasets or _default_datasets(card))
+    notes: list[str] = []
+    if not card.data.get("thresholds", {}).get("calibrated", False):
+        notes.append("The model card's thresholds are NOT calibrated (placeholders): the 'calibrated' rows use them as they are.")
+    methods = build_methods(card, quick, sizes["baseline_steps"], notes)
+    if sizes["baseline_steps"]:
+        notes.append(f"AnoDDPM reconstructions take {sizes['baseline_steps']} strided reverse steps (the reference takes all t+1 ancestral steps).")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(card, torch_device, batch_size, seed)
+    _log(f"model {card.name} ({folder}), device {torch_device}, datasets {', '.join(datasets)}, {'quick' if quick else 'full'} run")
+
+    rows: list[dict] = []
+    examples: dict[str, tuple[EvalSet, dict[str, MethodRun]]] = {}
+    thresholds_by_family: dict[str, dict[str, float]] = {}
+    descriptions = []
+    for dataset_name in datasets:
+        evalset = _load_dataset(dataset_name, root, card, sizes, seed)
+        descriptions.append(f"`{dataset_name}`: {evalset.description}")
+        _log(f"{dataset_name}: {len(evalset)} cases")
+
+        family = "ixi" if dataset_name == "ixi" else "lgg"
+        if family not in thresholds_by_family:
+            calib, calib_source = calibration_slices(family, root, card, sizes["calibration_slices"])
+            _log(f"calibrating baseline thresholds on {len(calib)} healthy slices ({calib_source})")
+            all_idx = np.arange(len(calib))
+            calib_runs = {}
+            for i, method in enumerate(methods):
+                if method.kind == "autoddpm" and method.schedule != "fast":
+                    continue
+                if method.kind == "residual" and method.schedule != "fast" and quick:
+                    continue
+                calib_runs[method.name] = runner.run(method, i, f"calibration-{family}", calib, all_idx, [all_idx])
+            notes.append(f"Calibration slices for {family}: {len(calib)} healthy slices from {calib_source}.")
+            thresholds_by_family[family] = calibrate_baselines(calib_runs, card, calib[:, 0].numpy() > 0.05, notes)
+        thresholds = thresholds_by_family[family]
+
+        subset = _reference_subset(evalset, sizes["reference_cases"]) if quick else np.arange(len(evalset))
+        runs = {}
+        for i, method in enumerate(methods):
+            indices = subset if method.subset_only else np.arange(len(evalset))
+            t0 = time.perf_counter()
+            run = runner.run(method, i, dataset_name, evalset.x, indices, evalset.groups())
+            run.threshold = thresholds.get(method.name, float("nan"))
+            if math.isnan(run.threshold) and method.name == "Residual (coarse, reference)":
+                run.threshold = thresholds.get("Residual (coarse, fast)", float("nan"))
+            run.fidelity = fidelity_maps(run, evalset, runner.lpips, torch_device)
+            runs[method.name] = run
+            _log(f"{dataset_name}: {method.name}: {len(indices)} slices in {time.perf_counter() - t0:.1f} s")
+
+        labels = [(dataset_name, np.arange(len(evalset)), False)]
+        if quick and len(subset) < len(evalset):
+            labels.append((f"{dataset_name} [reference subset]", subset, True))
+        for label, cases, is_subset in labels:
+            for bin_name in BIN_ORDER:
+                idx = cases if bin_name == "all" else np.array([i for i in cases if evalset.bins[i] == bin_name], dtype=int)
+                if len(idx) == 0:
+                    continue
+                for name, run in runs.items():
+                    if run.method.subset_only and not is_subset:
+                        continue
+                    rows += evaluate_rows(run, evalset, idx, label, bin_name, str(torch_device))
+        examples[dataset_name] = (evalset, runs)
+
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    meta = {
+        "command": command or "autoddpm benchmark",
+        "model": card.name,
+        "model_path": str(folder),
+        "image_size": card.image_size,
+        "thresholds": card.data.get("thresholds", {}),
+        "commit": _git_commit(),
+        "device": str(torch_device) + (f" ({torch.cuda.get_device_name(torch_device)})" if torch_device.type == "cuda" else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": quick,
+        "seed": seed,
+        "batch_size": batch_size,
+        "datasets": descriptions,
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "notes": notes,
+    }
+    for row in rows:
+        row["peak_rss_mb"] = meta["peak_rss_mb"]
+    (output_dir / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    (output_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    figure_names = []
+    if figures:
+        try:
+            figure_names = write_figures(output_dir, rows, examples)
+        except ImportError:
+            meta["notes"].append("matplotlib is not installed: no figures (pip install matplotlib).")
+    (output_dir / "results.md").write_text(markdown_report(rows, meta, figure_names), encoding="utf-8")
+    _log(f"done in {meta['wall_seconds']:.0f} s: {output_dir / 'results.md'}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_report(rows: list[dict], meta: dict, figures: list[str]) -> str:
+    lines = [
+        f"# AutoDDPM benchmark{' (quick)' if meta['quick'] else ''}",
+        "",
+        f"- Command: `{meta['command']}`",
+        f"- Model: `{meta['model']}` ({meta['model_path']}), {meta['image_size']}x{meta['image_size']} grid, thresholds {json.dumps(meta['thresholds'])}",
+        f"- Commit: `{meta['commit']}`",
+        f"- Device: {meta['device']}, torch {meta['torch']}, batch size {meta['batch_size']}, seed {meta['seed']}",
+        f"- Date: {meta['date']}; wall time {meta['wall_seconds']:.0f} s; peak memory (process RSS) {meta['peak_rss_mb']:.0f} MB",
+        "",
+        "Datasets:",
+        "",
+        *[f"- {d}" for d in meta["datasets"]],
+        "",
+        "Thresholds: **calibrated** rows use thresholds fixed before looking at the test data (the card's for AutoDDPM; "
+        "baselines matched to AutoDDPM-fast's healthy false-positive fraction on healthy training-split slices). "
+        "**oracle** rows use the best of 101 thresholds in [0, 1] chosen on the test data itself: an upper bound, not an achievable result.",
+        "",
+        "Notes:",
+        "",
+        *[f"- {n}" for n in meta["notes"]],
+        "",
+    ]
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    for dataset in datasets:
+        ds_rows = [r for r in rows if r["dataset"] == dataset]
+        lines += [f"## {dataset}", "", "### Detection", "",
+                  "| method | size bin | threshold | Dice | AUPRC | per-volume Dice median [IQR] | FPR pixels (lesion-free) | FPR slices | evals/slice | s/slice | s/volume |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in ds_rows:
+            kind = "**oracle**" if r["threshold_kind"] == "oracle" else "calibrated"
+            vol = f"{_fmt(r['volume_dice_median'])} [{_fmt(r['volume_dice_q1'])}, {_fmt(r['volume_dice_q3'])}]" if r["volume_dice_median"] is not None else "–"
+            lines.append(
+                f"| {r['method']} | {r['size_bin']} | {kind} {_fmt(r['threshold'], 4)} | {_fmt(r['dice'])} | {_fmt(r['auprc'])} | {vol} | "
+                f"{_fmt(r['fpr_pixels'], 4)} | {_fmt(r['fpr_slices'], 2)} | {r['evaluations_per_slice']} | {_fmt(r['seconds_per_slice'], 3)} | {_fmt(r['seconds_per_volume'], 1)} |"
+            )
+        lines += ["", "### Pseudo-healthy fidelity (against the known healthy image; LGG: against the input, healthy tissue only)", "",
+                  "| method | size bin | MAE healthy | SSIM healthy | LPIPS healthy | MAE lesion | SSIM lesion | LPIPS lesion |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in ds_rows:
+            if r["threshold_kind"] != "calibrated":
+                continue
+            lines.append(
+                f"| {r['method']} | {r['size_bin']} | {_fmt(r['mae_healthy'], 4)} | {_fmt(r['ssim_healthy'])} | {_fmt(r['lpips_healthy'], 4)} | "
+                f"{_fmt(r['mae_lesion'], 4)} | {_fmt(r['ssim_lesion'])} | {_fmt(r['lpips_lesion'], 4)} |"
+            )
+        lines.append("")
+    if figures:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    lines += ["Regenerate with the command above; these numbers are written by `autoddpm benchmark`, never by hand.", ""]
+    return "\n".join(lines)
+
+
+def write_figures(output_dir: Path, rows: list[dict], examples: dict) -> list[str]:
+    """examples.png (input | pseudo-healthy | anomaly map | mask vs truth) and tradeoff.png (Dice vs evaluations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import LESION_FREE
+
+    names = []
+    # Example cases: AutoDDPM fast, for up to 3 lesion cases per dataset (largest, median, smallest lesion).
+    picks = []
+    for dataset, (evalset, runs) in examples.items():
+        run = runs.get("AutoDDPM fast")
+        if run is None:
+            continue
+        sizes = evalset.truth.reshape(len(evalset), -1).sum(axis=1)
+        lesion = [i for i in np.argsort(-sizes) if evalset.bins[i] != LESION_FREE]
+        chosen = list(dict.fromkeys([lesion[0], lesion[len(lesion) // 2], lesion[-1]])) if lesion else []
+        picks += [(dataset, evalset, run, i) for i in chosen]
+    if picks:
+        fig, axes = plt.subplots(len(picks), 4, figsize=(10, 2.6 * len(picks)), squeeze=False)
+        for row, (dataset, evalset, run, i) in enumerate(picks):
+            x = evalset.x[i, 0].numpy()
+            truth = evalset.truth[i]
+            pred = run.scores[i] > run.threshold
+            overlay = np.zeros(x.shape + (3,))
+            overlay[..., 0] = pred & ~truth
+            overlay[..., 1] = truth & ~pred
+            overlay[..., :2] += (pred & truth)[..., None]
+            panels = [(x, "gray", "input"), (run.pseudo_healthy[i], "gray", "pseudo-healthy"),
+                      (run.scores[i], "inferno", "anomaly map A"), (None, None, "mask (red) / truth (green) / both (yellow)")]
+            for col, (img, cmap, title) in enumerate(panels):
+                ax = axes[row, col]
+                if img is None:
+                    ax.imshow(x, cmap="gray", vmin=0, vmax=1)
+                    ax.imshow(overlay, alpha=0.55)
+                else:
+                    ax.imshow(img, cmap=cmap, vmin=0, vmax=1 if cmap == "gray" else max(float(np.nanmax(img)), 1e-6))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(title if row == 0 else "", fontsize=8)
+            axes[row, 0].set_ylabel(f"{dataset}\n{evalset.volumes[i]}\n{evalset.bins[i]}", fontsize=7)
+        fig.suptitle("AutoDDPM fast, calibrated threshold", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(output_dir / "examples.png", dpi=110)
+        plt.close(fig)
+        names.append("examples.png")
+
+    # Dice against network evaluations per slice, per dataset ("all" bin).
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for r in rows:
+            if r["dataset"] != dataset or r["size_bin"] != "all" or r["dice"] is None:
+                continue
+            oracle = r["threshold_kind"] == "oracle"
+            color = "C0" if r["method"].startswith("AutoDDPM") else ("C1" if r["method"].startswith("AnoDDPM") else "C2")
+            ax.scatter(r["evaluations_per_slice"], r["dice"], marker="o", s=36, color=color if oracle else "none", edgecolors=color)
+            if oracle:
+                ax.annotate(r["method"].replace("AutoDDPM ", "Auto "), (r["evaluations_per_slice"], r["dice"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per slice")
+        ax.set_ylabel("pooled Dice (filled: oracle, hollow: calibrated)")
+        ax.set_title(dataset, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output_dir / "tradeoff.png", dpi=110)
+    plt.close(fig)
+    names.append("tradeoff.png")
+    return names
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="bundled model name or model bundle folder (default: the default model)")
+    parser.add_argument("--quick", action="store_true", help="a ~15-minute run on a small CPU: fewer cases, the reference schedule on a subset")
+    parser.add_argument("--output-dir", default="benchmark", help="folder for results.json, results.md and the figures (default ./benchmark)")
+    parser.add_argument("--data", default=None, help="data root with lgg_flair/ and/or ixi_t1_midaxial/ (default: the repository's ../shared/data)")
+    parser.add_argument("--datasets", default=None, help=f"comma-separated, from {', '.join(DATASETS)} (default: by the card's modality)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16, help="slices per network forward (default 16)")
+    parser.add_argument("--max-volumes", type=int, default=None, help="LGG patients to evaluate (default: all; --quick: 3)")
+    parser.add_argument("--max-images", type=int, default=None, help="healthy slices for the synthetic sets (default: all IXI / 40 LGG; --quick: 8)")
+    parser.add_argument("--reference-cases", type=int, default=None, help="cases per dataset for the reference schedule in --quick (default 8)")
+    parser.add_argument("--calibration-slices", type=int, default=None, help="healthy training-split slices for the baselines' thresholds (default 48; --quick: 16)")
+    parser.add_argument("--baseline-steps", type=int, default=None, help="reverse steps of AnoDDPM reconstructions (default: all t+1; --quick: 10)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+
+
+def benchmark_main(args: argparse.Namespace) -> int:
+    run_benchmark(
+        model=args.model,
+        output_dir=args.output_dir,
+        data=args.data,
+        quick=args.quick,
+        datasets=[d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None,
+        device=args.device,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_volumes=args.max_volumes,
+        max_images=args.max_images,
+        reference_cases=args.reference_cases,
+        calibration_slices_count=args.calibration_slices,
+        baseline_steps=args.baseline_steps,
+        figures=not args.no_figures,
+        command="autoddpm " + " ".join(sys.argv[1:]) if sys.argv and "autoddpm" in Path(sys.argv[0]).name else None,
+    )
+    return 0
+
+
+def add_benchmark_command(subparsers) -> None:
+    """Adds ``benchmark`` and ``benchmark-speed`` to the ``autoddpm`` sub-commands (handler in ``args.handler``)."""
+    from .speed import add_speed_arguments, speed_main
+
+    bench = subparsers.add_parser("benchmark", help="detection quality, fidelity and cost against baselines on the shared data")
+    add_benchmark_arguments(bench)
+    bench.set_defaults(handler=benchmark_main)
+    speed = subparsers.add_parser("benchmark-speed", help="network forward speed: eager, channels_last, bfloat16, torch.compile, batch sizes")
+    add_speed_arguments(speed)
+    speed.set_defaults(handler=speed_main)
