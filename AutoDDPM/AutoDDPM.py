@@ -1,0 +1,896 @@
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, Union
+
+import numpy as np
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from AutoDDPMLib.bundle import ModelCard, list_bundled_models, read_card, resolve_model
+from AutoDDPMLib.errors import AutoDDPMError
+from AutoDDPMLib.resources import resources_dir
+from AutoDDPMLib.slicer_process import (
+    EngineProcess,
+    engine_command,
+    engine_environment,
+    make_temp_dir,
+    remove_temp_dir,
+)
+from AutoDDPMLib.slicer_results import (
+    ANOMALY_MAP_REFERENCE,
+    THRESHOLD_ATTRIBUTE,
+    AnomalySummary,
+    copy_window_level,
+    place_beside,
+    prepare_segmentation,
+    read_volume,
+    same_geometry,
+    set_segment_mask,
+    show_anomaly_map,
+    summarize,
+    volume_array,
+    write_volume,
+)
+
+SAMPLE_NAME = "TCGA_LGG_FLAIR"
+
+
+#
+# AutoDDPM
+#
+
+
+class AutoDDPM(ScriptedLoadableModule):
+    """Module description shown in Slicer's module panel and help."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("AutoDDPM")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["AutoDDPM contributors"]
+        self.parent.helpText = _(
+            "Finds anomalies (tumours, lesions) in a brain MRI with a diffusion model trained only on healthy brains: "
+            "AutoDDPM masks what looks unhealthy, stitches in a healthy reconstruction and re-samples it into a "
+            "pseudo-healthy image. What had to change is the anomaly. Select the MRI, press Apply, then adjust the "
+            "threshold to grow or shrink the segmentation without re-running the model. "
+            "Everything runs on this computer: no data is sent anywhere. "
+            "Research use only, not for clinical decisions."
+        )
+        self.parent.acknowledgementText = _(
+            "AutoDDPM is the method of C. I. Bercea, M. Neumayr, D. Rueckert and J. A. Schnabel, "
+            "'Mask, Stitch, and Re-Sample: Enhancing Robustness and Generalizability in Anomaly Detection through "
+            "Automatic Diffusion Models', ICML 2023 IMLH workshop. This extension is an independent open-source "
+            "implementation; the sample FLAIR volume comes from the TCGA-LGG collection (The Cancer Imaging Archive)."
+        )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Add the shipped FLAIR volume with a tumour to the Sample Data module (a local file: nothing is downloaded)."""
+    import SampleData
+
+    try:
+        folder = resources_dir() / "SampleData"
+    except AutoDDPMError as error:
+        logging.warning(str(error))
+        return
+    volume = folder / f"{SAMPLE_NAME}.nii.gz"
+    if not volume.is_file():
+        logging.warning(f"AutoDDPM sample volume {volume} is missing; reinstall the extension")
+        return
+    # Sample Data verifies the checksum of what it copies into its cache; a
+    # hash of the shipped file keeps that check meaningful for a local file.
+    digest = hashlib.sha256(volume.read_bytes()).hexdigest()
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="AutoDDPM",
+        sampleName=SAMPLE_NAME,
+        thumbnailFileName=str(Path(__file__).parent / "Resources" / "Icons" / "AutoDDPM.png"),
+        uris=volume.as_uri(),
+        fileNames=volume.name,
+        checksums=f"SHA256:{digest}",
+        nodeNames=SAMPLE_NAME,
+    )
+
+
+#
+# Parameters
+#
+
+
+class Schedule(Enum):
+    fast = "fast"
+    reference = "reference"
+
+    def label(self) -> str:
+        return {
+            Schedule.fast: _("Fast (25 network evaluations per slice)"),
+            Schedule.reference: _("Reference (451 evaluations per slice, as in the paper)"),
+        }[self]
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+    def label(self) -> str:
+        return {
+            Device.auto: _("Automatic (GPU if available)"),
+            Device.cpu: _("CPU"),
+            Device.cuda: _("GPU (CUDA)"),
+            Device.mps: _("GPU (Apple MPS)"),
+        }[self]
+
+
+@parameterNodeWrapper
+class AutoDDPMParameterNode:
+    """The module's settings, saved with the scene.
+
+    model: a bundled model's folder or any model bundle folder ("" = the default model).
+    threshold: on the anomaly map; moving it re-thresholds the segmentation live.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    model: str = ""
+    schedule: Schedule = Schedule.fast
+    device: Device = Device.auto
+    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
+    threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
+    outputPseudoHealthy: vtkMRMLScalarVolumeNode
+    outputAnomalyMap: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+
+
+#
+# AutoDDPMWidget
+#
+
+
+class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel: inputs, outputs, advanced options, Apply/Cancel, progress and log."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AutoDDPM.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = AutoDDPMLogic()
+        self.logic.logCallback = self.addLog
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.populateModels()
+        self.ui.modelComboBox.connect("activated(int)", self.onModelActivated)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateSummary)
+
+        self.initializeParameterNode()
+        self.setRunning(False)
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        if self.logic:
+            self.logic.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        # The run's input and outputs are about to disappear with the scene.
+        self.logic.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[AutoDDPMParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+            self.selectModel(self._parameterNode.model)
+            self.updateApplyButton()
+            self.updateSummary()
+
+    # Models
+
+    def populateModels(self) -> None:
+        """One entry per bundled model (from its card, no PyTorch needed), then 'Load model folder...'."""
+        combo = self.ui.modelComboBox
+        combo.clear()
+        try:
+            cards = list_bundled_models()
+        except AutoDDPMError as error:
+            cards = []
+            self.addLog(str(error))
+        for card in cards:
+            self.addModelItem(card)
+        combo.addItem(_("Load model folder..."))
+
+    def addModelItem(self, card: ModelCard) -> None:
+        combo = self.ui.modelComboBox
+        # Before the last entry, "Load model folder...", once that is there.
+        hasLoader = combo.count > 0 and combo.itemData(combo.count - 1) is None
+        index = combo.count - 1 if hasLoader else combo.count
+        combo.insertItem(index, f"{card.name} ({card.data.get('modality', '?')})", str(card.path.parent))
+        combo.setItemData(index, _("{description}\nLicense: {license}\nFolder: {folder}").format(
+            description=card.data.get("description", ""), license=card.data.get("license", "?"),
+            folder=card.path.parent), qt.Qt.ToolTipRole)
+
+    def selectModel(self, folder: str) -> None:
+        """Show the parameter node's model in the combo box (adding a loaded folder if needed)."""
+        combo = self.ui.modelComboBox
+        if not folder:
+            try:
+                folder = str(resolve_model(None))
+            except AutoDDPMError:
+                return
+        for index in range(combo.count):
+            if combo.itemData(index) and Path(combo.itemData(index)) == Path(folder):
+                combo.currentIndex = index
+                self.showModelInfo(index)
+                return
+        try:
+            card = read_card(folder)
+        except AutoDDPMError as error:
+            self.addLog(str(error))
+            return
+        self.addModelItem(card)
+        self.selectModel(folder)
+
+    def showModelInfo(self, index: int) -> None:
+        folder = self.ui.modelComboBox.itemData(index)
+        self.ui.modelComboBox.toolTip = self.ui.modelComboBox.itemData(index, qt.Qt.ToolTipRole) or ""
+        if not folder:
+            return
+        card = read_card(folder)
+        self.ui.modelInfoLabel.text = _("{modality} model, calibrated threshold {threshold:.3g}. {description}").format(
+            modality=card.data.get("modality", "?"), threshold=card.anomaly_threshold,
+            description=card.data.get("description", ""))
+
+    def onModelActivated(self, index: int) -> None:
+        folder = self.ui.modelComboBox.itemData(index)
+        if folder is None:
+            folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Select a model bundle folder"))
+            if not folder:
+                self.selectModel(self._parameterNode.model)
+                return
+            with slicer.util.tryWithErrorDisplay(_("This folder is not an AutoDDPM model bundle."), waitCursor=True):
+                read_card(folder)
+                self.selectModel(folder)
+            if self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) is None:
+                self.selectModel(self._parameterNode.model)
+                return
+        self._parameterNode.model = folder
+        # A new model brings its own calibrated threshold.
+        self._parameterNode.threshold = read_card(folder).anomaly_threshold
+        self.showModelInfo(self.ui.modelComboBox.currentIndex)
+
+    # Running
+
+    def updateApplyButton(self, caller=None, event=None) -> None:
+        if self.logic.isRunning:
+            return
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume)
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Find anomalies in the input volume") if ready else _("Select an input volume")
+
+    def setRunning(self, running: bool) -> None:
+        """Apply turns into Cancel while the engine runs; the settings are locked meanwhile."""
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.toolTip = _("Stop the computation; the scene stays as it was") if running else ""
+        self.ui.progressBar.visible = running
+        for section in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton):
+            section.enabled = not running
+        for widget in (self.ui.outputPseudoHealthySelector, self.ui.outputAnomalyMapSelector,
+                       self.ui.outputSegmentationSelector, self.ui.thresholdSliderWidget):
+            widget.enabled = not running
+        if running:
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.format = _("Starting...")
+        else:
+            self.updateApplyButton()
+
+    def onApplyButton(self) -> None:
+        if self.logic.isRunning:
+            self.ui.statusLabel.text = _("Cancelling...")
+            self.logic.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("AutoDDPM could not start."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            parameters = self._parameterNode
+            self.ui.logTextEdit.clear()
+            self.ui.statusLabel.text = _("Running...")
+            self.setRunning(True)
+            try:
+                self.logic.process(
+                    parameters.inputVolume,
+                    model=parameters.model or None,
+                    schedule=parameters.schedule.value,
+                    device=parameters.device.value,
+                    seed=parameters.seed,
+                    threshold=parameters.threshold,
+                    outputPseudoHealthy=parameters.outputPseudoHealthy,
+                    outputAnomalyMap=parameters.outputAnomalyMap,
+                    outputSegmentation=parameters.outputSegmentation,
+                    waitForCompletion=False,
+                    progressCallback=self.onProgress,
+                    completedCallback=self.onProcessingCompleted,
+                )
+            except Exception:
+                self.setRunning(False)
+                self.ui.statusLabel.text = _("Failed.")
+                raise
+
+    def onProgress(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "start":
+            self.addLog(_("Model {model}, {schedule} schedule ({evaluations} network evaluations per slice) on {device}.").format(
+                model=event.get("model"), schedule=event.get("schedule"),
+                evaluations=event.get("evaluations_per_slice"), device=event.get("device")))
+        elif kind == "progress":
+            self.ui.progressBar.value = int(round(100 * float(event.get("fraction", 0.0))))
+            stage = {"reading": _("Reading"), "mask": _("Masking"), "resample": _("Re-sampling"),
+                     "writing": _("Writing")}.get(event.get("stage"), event.get("stage", ""))
+            self.ui.progressBar.format = f"{stage}: %p%"
+            if event.get("message"):
+                self.ui.statusLabel.text = event["message"]
+        elif kind == "warning":
+            self.addLog(_("Warning: {message}").format(message=event.get("message", "")))
+        elif kind == "done":
+            self.ui.progressBar.value = 100
+            self.ui.progressBar.format = _("Loading results...")
+
+    def onProcessingCompleted(self, result: "AutoDDPMResult") -> None:
+        self.setRunning(False)
+        if result.state == "cancelled":
+            self.ui.statusLabel.text = _("Cancelled: the scene is as it was.")
+            return
+        if result.state == "failed":
+            self.ui.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(result.error, windowTitle=_("AutoDDPM"))
+            return
+        parameters = self._parameterNode
+        with slicer.util.NodeModify(parameters):
+            parameters.outputPseudoHealthy = result.pseudoHealthyVolume
+            parameters.outputAnomalyMap = result.anomalyMapVolume
+            parameters.outputSegmentation = result.segmentation
+        # The engine's threshold is already applied: moving the slider there must not redo it.
+        wasBlocked = self.ui.thresholdSliderWidget.blockSignals(True)
+        parameters.threshold = result.threshold
+        self.ui.thresholdSliderWidget.value = result.threshold
+        self.ui.thresholdSliderWidget.blockSignals(wasBlocked)
+        slicer.util.setSliceViewerLayers(background=result.inputVolume, foreground=result.anomalyMapVolume,
+                                         foregroundOpacity=0.5, fit=True)
+        self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=result.engineSummary.get("seconds", 0))
+        self.updateSummary()
+
+    def onThresholdChanged(self, value: float) -> None:
+        segmentation = self.ui.outputSegmentationSelector.currentNode()
+        if self.logic.isRunning or not AutoDDPMLogic.isAnomalySegmentation(segmentation):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Re-thresholding failed."), waitCursor=True):
+            self.logic.setThreshold(segmentation, value)
+            self.updateSummary()
+
+    def updateSummary(self, node=None) -> None:
+        segmentation = self.ui.outputSegmentationSelector.currentNode()
+        if not AutoDDPMLogic.isAnomalySegmentation(segmentation):
+            self.ui.summaryLabel.text = ""
+            return
+        self.ui.summaryLabel.text = AutoDDPMLogic.summaryText(self.logic.measure(segmentation))
+
+    def addLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+        logging.info(text)
+
+
+#
+# AutoDDPMLogic
+#
+
+
+@dataclass
+class AutoDDPMResult:
+    """One run of AutoDDPM on a volume.
+
+    state: "running", "importing", "done", "cancelled" or "failed" (then ``error`` says why).
+    pseudoHealthyVolume, anomalyMapVolume, segmentation: the output nodes, once "done".
+    threshold and summary: the threshold on the anomaly map and what it segments.
+    engineSummary: the engine's final report (anomalous_voxels, seconds, output files, ...).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    state: str = "running"
+    error: str = ""
+    pseudoHealthyVolume: Optional[vtkMRMLScalarVolumeNode] = None
+    anomalyMapVolume: Optional[vtkMRMLScalarVolumeNode] = None
+    segmentation: Optional[vtkMRMLSegmentationNode] = None
+    threshold: Optional[float] = None
+    summary: Optional[AnomalySummary] = None
+    engineStart: dict = field(default_factory=dict)
+    engineSummary: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+
+@dataclass
+class _ActiveRun:
+    """What the Logic keeps while the engine process runs."""
+
+    engine: EngineProcess
+    tempDir: Path
+    result: AutoDDPMResult
+    outputs: dict
+    progressCallback: Optional[Callable[[dict], None]]
+    completedCallback: Optional[Callable[[AutoDDPMResult], None]]
+    cancelled: bool = False
+
+
+class AutoDDPMLogic(ScriptedLoadableModuleLogic):
+    """Runs AutoDDPM on a volume and turns the results into nodes; needs no widget.
+
+    From Slicer's Python console::
+
+        logic = slicer.modules.autoddpm.widgetRepresentation().self().logic  # or AutoDDPMLogic()
+        result = logic.process(slicer.util.getNode("TCGA_LGG_FLAIR"))
+        print(logic.summaryText(result.summary))
+        logic.setThreshold(result, 0.2)
+    """
+
+    # How often the main thread looks for news from a background run.
+    pollIntervalMsec = 100
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        # Receives every line the engine prints that is not a progress event (default: the Python log).
+        self.logCallback: Optional[Callable[[str], None]] = None
+        self._run: Optional[_ActiveRun] = None
+
+    def getParameterNode(self) -> AutoDDPMParameterNode:
+        return AutoDDPMParameterNode(super().getParameterNode())
+
+    @property
+    def isRunning(self) -> bool:
+        return self._run is not None
+
+    def setupPythonRequirements(self) -> None:
+        """Install what the engine needs, asking the user first: PyTorch through the PyTorch extension, the rest with pip.
+
+        Raises RuntimeError when the user declines or the PyTorch extension is missing.
+        """
+        if importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise RuntimeError(_("AutoDDPM needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, "
+                                     "restart Slicer, and try again.")) from None
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.0") is None:
+                    raise RuntimeError(_("AutoDDPM cannot run without PyTorch, and its installation was cancelled."))
+        requirementsFile = Path(__file__).parent / "Resources" / "requirements.txt"
+        packaging = self._slicerPackaging()
+        if packaging is not None:
+            requirements = packaging.load_requirements(requirementsFile)
+            if not packaging.pip_check(requirements):
+                packaging.pip_ensure(requirements, requester="AutoDDPM")
+            return
+        # Slicer before 5.12: check each requirement, install the missing ones after a confirmation.
+        from importlib.metadata import PackageNotFoundError, version
+
+        from packaging.requirements import Requirement
+
+        missing = []
+        for line in requirementsFile.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if not line:
+                continue
+            requirement = Requirement(line)
+            try:
+                if version(requirement.name) in requirement.specifier:
+                    continue
+            except PackageNotFoundError:
+                pass
+            missing.append(line)
+        if not missing:
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                _("AutoDDPM needs these Python packages: {packages}. Install them now?").format(packages=", ".join(missing))):
+            raise RuntimeError(_("AutoDDPM cannot run without {packages}.").format(packages=", ".join(missing)))
+        slicer.util.pip_install(missing)
+
+    @staticmethod
+    def _slicerPackaging():
+        # The dependency helpers (load_requirements, pip_check, pip_ensure) of Slicer >= 5.12.
+        for name in ("slicer.packaging", "slicer.pydeps"):
+            try:
+                return importlib.import_module(name)
+            except ImportError:
+                continue
+        return None
+
+    @staticmethod
+    def checkInput(inputVolume) -> None:
+        """Raise ValueError, with what to do about it, if AutoDDPM cannot analyse this node."""
+        if inputVolume is None:
+            raise ValueError(_("Select an input volume: the brain MRI to analyse."))
+        name = inputVolume.GetName()
+        if inputVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise ValueError(_("'{name}' is a label map (a segmentation), not an MRI: select the MRI volume itself.").format(name=name))
+        if not inputVolume.IsA("vtkMRMLScalarVolumeNode"):
+            raise ValueError(_("'{name}' is not a volume: select a brain MRI volume.").format(name=name))
+        image = inputVolume.GetImageData()
+        if image is None or 0 in image.GetDimensions():
+            raise ValueError(_("'{name}' has no voxels: load the MRI again.").format(name=name))
+        components = image.GetNumberOfScalarComponents()
+        if components != 1 or inputVolume.IsA("vtkMRMLTensorVolumeNode"):
+            raise ValueError(_("'{name}' has {components} values per voxel (a 4D, vector or colour volume); AutoDDPM "
+                               "analyses one 3D scalar volume: extract a single frame or channel first.").format(
+                                   name=name, components=components))
+        voxels = volume_array(inputVolume)
+        finite = voxels[np.isfinite(voxels)]
+        if finite.size == 0 or finite.min() == finite.max():
+            raise ValueError(_("'{name}' has no signal (every voxel has the same value): select a volume with the brain in it.").format(name=name))
+
+    @staticmethod
+    def modelFolder(model: Union[str, os.PathLike, None]) -> Path:
+        """The bundle folder of a bundled model's name or a folder path (None: the default model), card checked."""
+        try:
+            folder = resolve_model(model)
+            read_card(folder)
+        except AutoDDPMError as error:
+            raise ValueError(str(error)) from None
+        return folder
+
+    def process(
+        self,
+        inputVolume: vtkMRMLScalarVolumeNode,
+        model: Union[str, os.PathLike, None] = None,
+        schedule: str = "fast",
+        device: str = "auto",
+        seed: int = 0,
+        threshold: Optional[float] = None,
+        outputPseudoHealthy: Optional[vtkMRMLScalarVolumeNode] = None,
+        outputAnomalyMap: Optional[vtkMRMLScalarVolumeNode] = None,
+        outputSegmentation: Optional[vtkMRMLSegmentationNode] = None,
+        waitForCompletion: bool = True,
+        progressCallback: Optional[Callable[[dict], None]] = None,
+        completedCallback: Optional[Callable[[AutoDDPMResult], None]] = None,
+    ) -> AutoDDPMResult:
+        """Find anomalies in ``inputVolume``; the input itself is never modified.
+
+        model: a bundled model's name or a model bundle folder (None: the default model).
+        schedule: "fast" or "reference"; device: "auto", "cpu", "cuda" or "mps"; seed: makes runs repeatable.
+        threshold: on the anomaly map (None: the model's calibrated threshold).
+        output*: nodes to fill; None creates new ones named after the input (only once the run succeeds).
+        waitForCompletion: True blocks until the results are in the scene (console, scripts, tests) and raises
+            RuntimeError if the engine fails; False returns at once, runs in the background and reports through
+            ``completedCallback(result)``.
+        progressCallback: receives each engine event (dicts with "event": "start", "progress", "warning", "done").
+
+        Invalid inputs raise ValueError before anything starts, and leave the scene untouched.
+        """
+        if self.isRunning:
+            raise RuntimeError(_("AutoDDPM is already running: wait for it to finish or cancel it."))
+        self.checkInput(inputVolume)
+        modelFolder = self.modelFolder(model)
+        schedule, device = str(getattr(schedule, "value", schedule)), str(getattr(device, "value", device))
+        if schedule not in [s.value for s in Schedule]:
+            raise ValueError(_("Unknown schedule '{schedule}': use 'fast' or 'reference'.").format(schedule=schedule))
+        if device not in [d.value for d in Device]:
+            raise ValueError(_("Unknown device '{device}': use 'auto', 'cpu', 'cuda' or 'mps'.").format(device=device))
+        if importlib.util.find_spec("torch") is None:
+            raise RuntimeError(_("PyTorch is not installed: press Apply in the AutoDDPM module once, or call "
+                                 "AutoDDPMLogic().setupPythonRequirements()."))
+
+        result = AutoDDPMResult(inputVolume)
+        tempDir = make_temp_dir(getattr(getattr(slicer, "app", None), "temporaryPath", None))
+        try:
+            inputPath = tempDir / "input.nrrd"
+            write_volume(inputVolume, inputPath)
+            args = engine_command(inputPath, tempDir / "output", model=str(modelFolder), schedule=schedule,
+                                  device=device, seed=seed, threshold=threshold)
+            self.log(" ".join(args))
+            engine = EngineProcess(args, env=engine_environment(device))
+        except BaseException:
+            remove_temp_dir(tempDir)
+            raise
+        run = _ActiveRun(engine, tempDir, result,
+                         dict(pseudoHealthy=outputPseudoHealthy, anomalyMap=outputAnomalyMap, segmentation=outputSegmentation),
+                         progressCallback, completedCallback)
+        self._run = run
+
+        if not waitForCompletion:
+            qt.QTimer.singleShot(self.pollIntervalMsec, lambda: self._checkBackgroundRun(run))
+            return result
+        try:
+            while not self._step(run, timeout=0.1):
+                pass
+        except BaseException:
+            # Ctrl+C in the console or an error in a callback: leave nothing behind.
+            self._abort(run)
+            raise
+        if result.state == "failed":
+            raise RuntimeError(result.error)
+        return result
+
+    def cancel(self) -> None:
+        """Stop the running computation: its processes are killed, its temporary files deleted, no node is created."""
+        run = self._run
+        if run is None:
+            return
+        run.cancelled = True
+        self._abort(run)
+        run.result.state = "cancelled"
+        self.log(_("Cancelled."))
+        if run.completedCallback:
+            run.completedCallback(run.result)
+
+    def _abort(self, run: _ActiveRun) -> None:
+        run.engine.kill()
+        remove_temp_dir(run.tempDir)
+        if self._run is run:
+            self._run = None
+
+    def _checkBackgroundRun(self, run: _ActiveRun) -> None:
+        # Called by a Qt timer on the main thread, where it is safe to touch the scene.
+        if self._run is not run:
+            return  # cancelled meanwhile
+        try:
+            finished = self._step(run, timeout=0.0)
+        except Exception as error:
+            self._abort(run)
+            run.result.state, run.result.error = "failed", str(error)
+            logging.exception("AutoDDPM background run failed")
+            if run.completedCallback:
+                run.completedCallback(run.result)
+            return
+        if not finished:
+            qt.QTimer.singleShot(self.pollIntervalMsec, lambda: self._checkBackgroundRun(run))
+
+    def _step(self, run: _ActiveRun, timeout: float) -> bool:
+        """Handle the engine's news; finish the run once the engine has exited. True when the run is over."""
+        result = run.result
+        for event in run.engine.poll(timeout):
+            kind = event["event"]
+            if kind == "log":
+                self.log(event["message"])
+                continue
+            if kind == "start":
+                result.engineStart = event
+            elif kind == "warning":
+                result.warnings.append(event.get("message", ""))
+                self.log(_("Warning: {message}").format(message=event.get("message", "")))
+            elif kind == "done":
+                result.engineSummary = event
+            if run.progressCallback:
+                run.progressCallback(event)
+            if run.cancelled:
+                return True
+        if run.cancelled:
+            return True
+        if not run.engine.finished:
+            return False
+        self._finish(run)
+        return True
+
+    def _finish(self, run: _ActiveRun) -> None:
+        result = run.result
+        run.engine.kill()  # already exited: this only releases the pipes
+        try:
+            if run.engine.returncode != 0:
+                result.state = "failed"
+                result.error = _("AutoDDPM failed: {message}").format(message=run.engine.error_message())
+            elif not result.engineSummary.get("outputs"):
+                result.state = "failed"
+                result.error = _("AutoDDPM finished without reporting its results; see the log.")
+            else:
+                result.state = "importing"
+                self._importResults(run)
+                result.state = "done"
+        except Exception as error:
+            result.state, result.error = "failed", _("AutoDDPM could not load its results: {error}").format(error=error)
+            logging.exception("AutoDDPM result import failed")
+        finally:
+            remove_temp_dir(run.tempDir)
+            self._run = None
+        self.log(result.error if result.state == "failed" else self.summaryText(result.summary))
+        if run.completedCallback:
+            run.completedCallback(result)
+
+    def _importResults(self, run: _ActiveRun) -> None:
+        """Read the engine's files into nodes; on any failure remove the nodes this created."""
+        result, inputVolume = run.result, run.result.inputVolume
+        scene = inputVolume.GetScene()
+        files = result.engineSummary["outputs"]
+        threshold = float(result.engineSummary["threshold"])
+        created = []
+
+        def outputNode(node, className: str, suffix: str):
+            if node is None:
+                node = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(f"{inputVolume.GetName()} {suffix}"))
+                created.append(node)
+            return node
+
+        try:
+            mask = vtkMRMLScalarVolumeNode()  # outside the scene: only its voxels are needed
+            read_volume(mask, files["mask"])
+            pseudoHealthy = outputNode(run.outputs["pseudoHealthy"], "vtkMRMLScalarVolumeNode", _("pseudo-healthy"))
+            read_volume(pseudoHealthy, files["pseudohealthy"])
+            anomalyMap = outputNode(run.outputs["anomalyMap"], "vtkMRMLScalarVolumeNode", _("anomaly map"))
+            read_volume(anomalyMap, files["anomaly"])
+            for node in (mask, pseudoHealthy, anomalyMap):
+                if not same_geometry(node, inputVolume):
+                    raise RuntimeError(_("the engine's output does not have the input's geometry"))
+            copy_window_level(inputVolume, pseudoHealthy)
+            show_anomaly_map(anomalyMap, threshold)
+            segmentation = outputNode(run.outputs["segmentation"], "vtkMRMLSegmentationNode", _("anomaly"))
+            prepare_segmentation(segmentation, inputVolume, anomalyMap)
+            maskArray = volume_array(mask) > 0
+            set_segment_mask(segmentation, maskArray, inputVolume)
+            segmentation.SetAttribute(THRESHOLD_ATTRIBUTE, repr(threshold))
+            place_beside(inputVolume, [pseudoHealthy, anomalyMap, segmentation])
+        except BaseException:
+            for node in created:
+                scene.RemoveNode(node)
+            raise
+        result.pseudoHealthyVolume, result.anomalyMapVolume, result.segmentation = pseudoHealthy, anomalyMap, segmentation
+        result.threshold = threshold
+        result.summary = summarize(maskArray, inputVolume.GetSpacing(), threshold)
+
+    @staticmethod
+    def isAnomalySegmentation(node) -> bool:
+        """Whether ``node`` is a segmentation made by AutoDDPM (it keeps a link to its anomaly map)."""
+        return bool(node and node.IsA("vtkMRMLSegmentationNode") and node.GetNodeReference(ANOMALY_MAP_REFERENCE))
+
+    def setThreshold(self, target: Union[AutoDDPMResult, vtkMRMLSegmentationNode], threshold: float) -> AnomalySummary:
+        """Re-threshold the stored anomaly map into the Anomaly segment, without running the model again.
+
+        target: a result of :meth:`process` (its threshold and summary are updated) or its segmentation node.
+        Voxels with anomaly > threshold are in the segment. Returns the new summary.
+        """
+        segmentation = target.segmentation if isinstance(target, AutoDDPMResult) else target
+        if not self.isAnomalySegmentation(segmentation):
+            raise ValueError(_("This segmentation was not made by AutoDDPM: it has no anomaly map to threshold."))
+        anomalyMap = segmentation.GetNodeReference(ANOMALY_MAP_REFERENCE)
+        mask = volume_array(anomalyMap) > float(threshold)
+        set_segment_mask(segmentation, mask, anomalyMap)
+        segmentation.SetAttribute(THRESHOLD_ATTRIBUTE, repr(float(threshold)))
+        summary = summarize(mask, anomalyMap.GetSpacing(), threshold)
+        if isinstance(target, AutoDDPMResult):
+            target.threshold, target.summary = float(threshold), summary
+        return summary
+
+    def measure(self, segmentation: vtkMRMLSegmentationNode) -> AnomalySummary:
+        """The summary of an AutoDDPM segmentation at its current threshold."""
+        anomalyMap = segmentation.GetNodeReference(ANOMALY_MAP_REFERENCE)
+        threshold = float(segmentation.GetAttribute(THRESHOLD_ATTRIBUTE) or 0.0)
+        return summarize(volume_array(anomalyMap) > threshold, anomalyMap.GetSpacing(), threshold)
+
+    @staticmethod
+    def summaryText(summary: Optional[AnomalySummary]) -> str:
+        """One line for the user: anomalous volume and largest connected part, in mL."""
+        if summary is None:
+            return ""
+        if summary.voxels == 0:
+            return _("No anomaly above threshold {threshold:.3g}.").format(threshold=summary.threshold)
+        return _("Anomalous volume {volume:.2f} mL in {parts} part(s); largest part {largest:.2f} mL "
+                 "(threshold {threshold:.3g}).").format(volume=summary.volume_ml, parts=summary.components,
+                                                        largest=summary.largest_component_ml, threshold=summary.threshold)
+
+    def log(self, text: str) -> None:
+        if self.logCallback:
+            self.logCallback(text)
+        else:
+            logging.info(text)
+
+
+#
+# AutoDDPMTest
+#
+
+
+class AutoDDPMTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (Reload and Test, the SelfTests module, ctest): the whole path on the sample volume."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_AutoDDPM_SampleVolume()
+
+    def test_AutoDDPM_SampleVolume(self):
+        import SampleData
+
+        self.delayDisplay(_("Loading the sample FLAIR volume"))
+        registerSampleData()
+        fullVolume = SampleData.downloadSample(SAMPLE_NAME)
+        self.assertIsNotNone(fullVolume)
+
+        # Two axial slices through the tumour keep the test quick on a CPU.
+        maskNode = slicer.util.loadLabelVolume(str(resources_dir() / "SampleData" / f"{SAMPLE_NAME}_mask.nii.gz"))
+        tumourSlice = int(np.argmax(slicer.util.arrayFromVolume(maskNode).sum(axis=(1, 2))))
+        slicer.mrmlScene.RemoveNode(maskNode)
+        first = max(tumourSlice - 1, 0)
+        ijkToRAS = vtk.vtkMatrix4x4()
+        fullVolume.GetIJKToRASMatrix(ijkToRAS)
+        origin = ijkToRAS.MultiplyPoint([0, 0, first, 1])
+        for row in range(3):
+            ijkToRAS.SetElement(row, 3, origin[row])
+        inputVolume = slicer.util.addVolumeFromArray(
+            slicer.util.arrayFromVolume(fullVolume)[first:first + 2].copy(), ijkToRAS=ijkToRAS, name="TwoSlices")
+        inputBefore = slicer.util.arrayFromVolume(inputVolume).copy()
+
+        self.delayDisplay(_("Running AutoDDPM on two slices"))
+        logic = AutoDDPMLogic()
+        logic.setupPythonRequirements()
+        events = []
+        result = logic.process(inputVolume, schedule="fast", device="auto", progressCallback=events.append)
+
+        self.assertEqual(result.state, "done")
+        self.assertTrue(any(event["event"] == "progress" for event in events))
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(inputVolume), inputBefore)
+        for node in (result.pseudoHealthyVolume, result.anomalyMapVolume):
+            self.assertTrue(same_geometry(node, inputVolume))
+        self.assertEqual(result.summary.voxels, result.engineSummary["anomalous_voxels"])
+        segmentArray = slicer.util.arrayFromSegmentBinaryLabelmap(result.segmentation, "Anomaly", inputVolume)
+        self.assertEqual(int(segmentArray.sum()), result.engineSummary["anomalous_voxels"])
+
+        higher = logic.setThreshold(result, result.threshold * 2 + 1e-6)
+        self.assertLessEqual(higher.voxels, result.engineSummary["anomalous_voxels"])
+
+        slicer.util.setSliceViewerLayers(background=inputVolume, foreground=result.anomalyMapVolume, foregroundOpacity=0.5)
+        self.delayDisplay(logic.summaryText(result.summary))
+        self.delayDisplay(_("Test passed"))

@@ -1,0 +1,207 @@
+"""Running the engine as a separate process for the Slicer module.
+
+The model runs in its own process (Slicer's Python running ``AutoDDPMLib.cli``)
+so the application stays responsive and a cancel can stop it at once. This
+file imports neither slicer nor Qt: reader threads only queue the lines, and
+whoever owns the scene (the module's Logic, on Slicer's main thread) drains the
+queue and touches MRML.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+# The folder that holds the AutoDDPMLib package: it goes on the engine's PYTHONPATH.
+MODULE_DIR = Path(__file__).resolve().parents[1]
+
+ERROR_PREFIX = "autoddpm: error: "
+
+
+def python_executable() -> str:
+    """The Python that runs the engine: Slicer's PythonSlicer launcher, or this interpreter outside Slicer.
+
+    Inside Slicer ``sys.executable`` is the application itself, not a Python
+    interpreter, so the launcher (on Slicer's PATH) comes first.
+    """
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def engine_command(
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    model: Optional[str] = None,
+    schedule: str = "fast",
+    device: str = "auto",
+    seed: int = 0,
+    threshold: Optional[float] = None,
+) -> list[str]:
+    """The ``autoddpm run`` command line with machine-readable progress."""
+    args = [python_executable(), "-m", "AutoDDPMLib.cli", "run", str(input_path),
+            "--output-dir", str(output_dir), "--schedule", schedule, "--device", device,
+            "--seed", str(int(seed)), "--progress", "json"]
+    if model is not None:
+        args += ["--model", str(model)]
+    if threshold is not None:
+        args += ["--threshold", repr(float(threshold))]
+    return args
+
+
+def engine_environment(device: str = "auto") -> dict[str, str]:
+    """This process's environment with AutoDDPMLib importable, unbuffered output and the device choice."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # Progress lines must arrive as they are printed, not when a pipe buffer fills.
+    env["PYTHONUNBUFFERED"] = "1"
+    if device == "cpu":
+        # A CPU run must not touch (or wait for) a busy GPU at all.
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+    return env
+
+
+def parse_event(line: str) -> Optional[dict[str, Any]]:
+    """The progress event a stdout line carries, or None for any other output."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and isinstance(event.get("event"), str) else None
+
+
+def make_temp_dir(root: Optional[str | os.PathLike] = None) -> Path:
+    """A fresh private folder for one run's input and outputs (under ``root``, else the system temp folder)."""
+    return Path(tempfile.mkdtemp(prefix="AutoDDPM-", dir=None if root is None else str(root)))
+
+
+def remove_temp_dir(folder: Optional[Path]) -> None:
+    """Delete a run's folder and everything in it; a folder already gone is fine."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def kill_process_tree(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Kill a process and all its descendants, and wait until they are gone.
+
+    PythonSlicer is a launcher that starts the real interpreter as a child on
+    some platforms, and PyTorch may start workers: killing only the process we
+    started would leave the computation running and its files open.
+    """
+    try:
+        import psutil
+    except ImportError:
+        # Without psutil (not yet installed) only the direct child can be stopped.
+        process.kill()
+        process.wait()
+        return
+    try:
+        parent = psutil.Process(process.pid)
+        processes = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for member in processes:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=timeout)
+
+
+class EngineProcess:
+    """One running ``autoddpm run``: its output lines, events and exit status.
+
+    Two daemon threads read stdout and stderr into a queue as they arrive (so
+    the engine never blocks on a full pipe); :meth:`poll` hands the parsed
+    events to the caller's thread.
+    """
+
+    def __init__(self, args: Sequence[str], env: Optional[dict[str, str]] = None, cwd: Optional[str] = None) -> None:
+        creationflags = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # no console window pops up on Windows
+        self.args = list(args)
+        self.process = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            text=True, encoding="utf-8", errors="replace", bufsize=1, env=env, cwd=cwd,
+            creationflags=creationflags,
+        )
+        self._lines: queue.Queue[tuple[str, Optional[str]]] = queue.Queue()
+        self._open_streams = 2
+        self.stderr_lines: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(name, stream), daemon=True)
+            for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr))
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, name: str, stream) -> None:
+        try:
+            for line in stream:
+                self._lines.put((name, line.rstrip("\r\n")))
+        except (OSError, ValueError):
+            pass  # the pipe closed under us: the process was killed
+        finally:
+            self._lines.put((name, None))
+
+    def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
+        """New events since the last call, waiting up to ``timeout`` seconds for the first one.
+
+        Lines that are not progress events come as ``{"event": "log", "stream":
+        "stdout" or "stderr", "message": line}``; stderr is also kept for
+        :meth:`error_message`.
+        """
+        new_events = []
+        block = timeout > 0
+        while True:
+            try:
+                name, line = self._lines.get(block=block, timeout=timeout if block else None)
+            except queue.Empty:
+                break
+            block = False
+            if line is None:
+                self._open_streams -= 1
+                continue
+            event = parse_event(line) if name == "stdout" else None
+            if event is None:
+                if name == "stderr":
+                    self.stderr_lines.append(line)
+                event = {"event": "log", "stream": name, "message": line}
+            new_events.append(event)
+        return new_events
+
+    @property
+    def finished(self) -> bool:
+        """The process has exited and all its output has been read."""
+        return self._open_streams == 0 and self.process.poll() is not None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.process.poll()
+
+    def error_message(self) -> str:
+        """What went wrong, in the engine's own words: its error line, else the end of its stderr."""
+        for line in reversed(self.stderr_lines):
+            if line.startswith(ERROR_PREFIX):
+                return line[len(ERROR_PREFIX):]
+        tail = [line for line in self.stderr_lines if line.strip()][-5:]
+        return "\n".join(tail) if tail else f"the engine exited with code {self.returncode}"
+
+    def kill(self) -> None:
+        """Stop the engine and every process it started, and release the pipes (harmless once it has exited)."""
+        if self.process.poll() is None:
+            kill_process_tree(self.process)
+        self.process.wait()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        for stream in (self.process.stdout, self.process.stderr):
+            stream.close()

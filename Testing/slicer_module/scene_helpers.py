@@ -1,0 +1,49 @@
+"""Helpers for the Logic tests: a fresh scene, and a synthetic head loaded like a file in Slicer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+TESTING_DIR = Path(__file__).resolve().parents[1]
+
+
+def _load_testing_conftest():
+    # Testing/conftest.py is not an importable package module; load it by path for make_head_volume().
+    spec = importlib.util.spec_from_file_location("autoddpm_testing_conftest", TESTING_DIR / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_head_volume = _load_testing_conftest().make_head_volume
+
+
+def new_scene():
+    """A fresh scene, set as ``slicer.mrmlScene`` as in the application."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    return scene
+
+
+def add_head_volume(scene, folder: Path, name: str = "head", **kwargs):
+    """A synthetic head read from a NIfTI file the way Slicer loads one, in a patient/study of the subject hierarchy."""
+    import SimpleITK as sitk
+    import slicer
+
+    from AutoDDPMLib.slicer_results import read_volume
+
+    path = folder / f"{name}.nii.gz"
+    sitk.WriteImage(make_head_volume(**kwargs), str(path))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    read_volume(node, path)
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().AutoWindowLevelOff()
+    node.GetDisplayNode().SetWindowLevel(700, 400)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient")
+    study = hierarchy.CreateStudyItem(patient, "Study")
+    hierarchy.CreateItem(study, node)
+    return node

@@ -1,0 +1,289 @@
+"""The module's Logic against real MRML nodes and the real engine (tiny model)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import standins
+from scene_helpers import add_head_volume, new_scene
+
+
+def segment_voxels(segmentation) -> int:
+    """Voxels in the Anomaly segment, counted on its own binary labelmap."""
+    import slicer
+    from vtk.util import numpy_support
+
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation.GetBinaryLabelmapRepresentation("Anomaly", labelmap)
+    scalars = labelmap.GetPointData().GetScalars()
+    return 0 if scalars is None else int((numpy_support.vtk_to_numpy(scalars) > 0).sum())
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One blocking run on a synthetic head with a bright lesion, shared by the checks of its results."""
+    from AutoDDPM import AutoDDPMLogic
+
+    folder = tmp_path_factory.mktemp("run")
+    scene = new_scene()
+    volume = add_head_volume(scene, folder)
+    before = np.array(__import__("slicer").util.arrayFromVolume(volume), copy=True)
+    geometry = ijk_to_ras(volume)
+    events = []
+    logic = AutoDDPMLogic()
+    result = logic.process(volume, model=str(tiny_model), seed=0, progressCallback=events.append)
+    return dict(scene=scene, volume=volume, before=before, geometry=geometry, result=result, events=events, logic=logic)
+
+
+def test_outputs_have_the_inputs_geometry(finished_run) -> None:
+    result, volume = finished_run["result"], finished_run["volume"]
+    assert result.state == "done"
+    dims = volume.GetImageData().GetDimensions()
+    for node in (result.pseudoHealthyVolume, result.anomalyMapVolume):
+        assert node.GetScene() is finished_run["scene"]
+        assert node.GetImageData().GetDimensions() == dims
+        np.testing.assert_allclose(ijk_to_ras(node), finished_run["geometry"], atol=1e-4)
+    assert result.pseudoHealthyVolume.GetName() == "head pseudo-healthy"
+    assert result.anomalyMapVolume.GetName() == "head anomaly map"
+    # The segmentation's reference geometry is the input volume.
+    import slicer
+
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    assert result.segmentation.GetNodeReference(role) is volume
+
+
+def test_segmentation_matches_the_engines_mask(finished_run) -> None:
+    result = finished_run["result"]
+    engine_voxels = result.engineSummary["anomalous_voxels"]
+    assert 0 < engine_voxels < volume_size(finished_run["volume"])
+    assert segment_voxels(result.segmentation) == engine_voxels
+    assert result.summary.voxels == engine_voxels
+    # Same mL as the engine reports, and the largest part cannot be bigger than the whole.
+    assert result.summary.volume_ml == pytest.approx(result.engineSummary["anomalous_volume_ml"], rel=1e-3)
+    assert 0 < result.summary.largest_component_ml <= result.summary.volume_ml
+    # The engine's mask is exactly the anomaly map above its threshold.
+    import slicer
+
+    anomaly = slicer.util.arrayFromVolume(result.anomalyMapVolume)
+    assert int((anomaly > result.threshold).sum()) == engine_voxels
+
+
+def volume_size(node) -> int:
+    return int(np.prod(node.GetImageData().GetDimensions()))
+
+
+def test_results_are_shown_and_placed_in_the_inputs_study(finished_run) -> None:
+    import slicer
+
+    result, volume = finished_run["result"], finished_run["volume"]
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(finished_run["scene"])
+    study = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(volume))
+    assert hierarchy.GetItemLevel(study) == "Study"
+    for node in (result.pseudoHealthyVolume, result.anomalyMapVolume, result.segmentation):
+        assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
+    # Pseudo-healthy volume shown like the input; anomaly map with its colour table.
+    display = result.pseudoHealthyVolume.GetDisplayNode()
+    assert (display.GetWindow(), display.GetLevel()) == (700, 400)
+    assert result.anomalyMapVolume.GetDisplayNode().GetColorNode().GetName() == "AutoDDPM Anomaly"
+    segment = result.segmentation.GetSegmentation().GetSegment("Anomaly")
+    import vtk
+
+    terminology = vtk.reference("")
+    assert segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+    terminology = str(terminology)
+    assert "Lesion" in terminology and "Brain" in terminology
+    assert "mL" in finished_run["logic"].summaryText(result.summary)
+
+
+def test_input_is_untouched(finished_run) -> None:
+    import slicer
+
+    volume = finished_run["volume"]
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), finished_run["before"])
+    np.testing.assert_array_equal(ijk_to_ras(volume), finished_run["geometry"])
+    assert volume.GetStorageNode() is None  # writing the engine's input did not attach a file to the node
+
+
+def test_progress_events_arrive_in_order(finished_run) -> None:
+    kinds = [event["event"] for event in finished_run["events"]]
+    assert kinds.index("start") < kinds.index("done")
+    fractions = [event["fraction"] for event in finished_run["events"] if event["event"] == "progress"]
+    assert len(fractions) >= 3 and fractions == sorted(fractions) and fractions[-1] <= 1.0
+
+
+def test_live_rethreshold(finished_run) -> None:
+    logic, result = finished_run["logic"], finished_run["result"]
+    import slicer
+
+    anomaly = slicer.util.arrayFromVolume(result.anomalyMapVolume)
+    original = result.threshold
+    engine_voxels = result.engineSummary["anomalous_voxels"]
+    try:
+        counts = []
+        for threshold in (0.5 * original, original, 2 * original, float(anomaly.max())):
+            summary = logic.setThreshold(result, threshold)
+            counts.append(segment_voxels(result.segmentation))
+            assert counts[-1] == summary.voxels == int((anomaly > threshold).sum())
+            assert result.summary is summary and result.threshold == threshold
+        assert counts == sorted(counts, reverse=True)
+        assert counts[1] == engine_voxels  # the engine's own threshold gives back the engine's mask
+        assert counts[0] > counts[2]  # the thresholds really move the segmentation
+        assert counts[-1] == 0
+        # The re-threshold is stored with the segmentation: it survives a scene save and reload.
+        assert float(result.segmentation.GetAttribute("AutoDDPM.Threshold")) == float(anomaly.max())
+        assert logic.measure(result.segmentation).voxels == 0
+    finally:
+        logic.setThreshold(result, original)
+
+
+def test_rethreshold_refuses_a_foreign_segmentation(scene, logic) -> None:
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(ValueError, match="not made by AutoDDPM"):
+        logic.setThreshold(segmentation, 0.1)
+
+
+def test_background_run_reports_completion(scene, logic, tiny_model, temp_root, tmp_path) -> None:
+    volume = add_head_volume(scene, tmp_path, lesion=False, seed=1)
+    finished = []
+    result = logic.process(volume, model=str(tiny_model), waitForCompletion=False, completedCallback=finished.append)
+    assert result.state == "running" and logic.isRunning
+    assert result.pseudoHealthyVolume is None  # nothing is created before the engine succeeds
+    while not finished:
+        standins.process_events()
+    assert finished == [result] and result.state == "done" and not logic.isRunning
+    assert segment_voxels(result.segmentation) == result.engineSummary["anomalous_voxels"]
+    assert list(temp_root.iterdir()) == []
+
+
+def test_cancel_mid_run_leaves_nothing(scene, logic, tiny_model, temp_root, tmp_path) -> None:
+    volume = add_head_volume(scene, tmp_path)
+    before = node_ids(scene)
+    events, finished = [], []
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if event["event"] == "progress":
+            logic.cancel()
+
+    result = logic.process(volume, model=str(tiny_model), waitForCompletion=False,
+                           progressCallback=on_event, completedCallback=finished.append)
+    engine = logic._run.engine.process
+    assert list(temp_root.iterdir())  # the run's folder exists while it runs
+    for _ in range(600):
+        if finished:
+            break
+        standins.process_events()
+    assert finished == [result] and result.state == "cancelled"
+    assert [event["event"] for event in events if event["event"] != "log"][-1] == "progress"
+    assert engine.poll() is not None  # the engine process is gone
+    assert not logic.isRunning
+    assert node_ids(scene) == before
+    assert list(temp_root.iterdir()) == []
+    # Timers still pending from the cancelled run do nothing.
+    while standins.process_events(0.3):
+        pass
+    assert node_ids(scene) == before
+
+
+def test_engine_failure_is_reported_and_leaves_nothing(scene, logic, tiny_model, temp_root, tmp_path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model.json").write_bytes((tiny_model / "model.json").read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    volume = add_head_volume(scene, tmp_path)
+    before = node_ids(scene)
+    with pytest.raises(RuntimeError, match="corrupt"):
+        logic.process(volume, model=str(broken))
+    assert node_ids(scene) == before
+    assert list(temp_root.iterdir()) == []
+    assert not logic.isRunning
+
+
+def _labelmap(scene, volume):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    node.SetAndObserveImageData(volume.GetImageData())
+    return node
+
+
+def _four_d(scene, volume):
+    import vtk
+
+    image = vtk.vtkImageData()
+    image.SetDimensions(8, 8, 4)
+    image.AllocateScalars(vtk.VTK_FLOAT, 5)  # five time points per voxel, as a 4D MultiVolume stores them
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fourD")
+    node.SetAndObserveImageData(image)
+    return node
+
+
+def _vector(scene, volume):
+    import vtk
+
+    image = vtk.vtkImageData()
+    image.SetDimensions(8, 8, 4)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "colour")
+    node.SetAndObserveImageData(image)
+    return node
+
+
+def _no_signal(scene, volume):
+    import slicer
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    node.SetAndObserveImageData(__import__("vtk").vtkImageData())
+    node.GetImageData().DeepCopy(volume.GetImageData())
+    slicer.util.arrayFromVolume(node)[:] = 0
+    return node
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda scene, volume: None, "Select an input volume"),
+    (_labelmap, "label map"),
+    (_four_d, "5 values per voxel"),
+    (_vector, "3 values per voxel"),
+    (_no_signal, "no signal"),
+])
+def test_bad_inputs_fail_clearly_before_starting(scene, logic, tiny_model, temp_root, tmp_path, make, message) -> None:
+    volume = add_head_volume(scene, tmp_path)
+    bad = make(scene, volume)
+    before = node_ids(scene)
+    with pytest.raises(ValueError, match=message):
+        logic.process(bad, model=str(tiny_model))
+    assert node_ids(scene) == before
+    assert list(temp_root.iterdir()) == []
+    assert not logic.isRunning
+
+
+def test_unknown_model_fails_clearly(scene, logic, temp_root, tmp_path) -> None:
+    volume = add_head_volume(scene, tmp_path)
+    before = node_ids(scene)
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        logic.process(volume, model="no-such-model")
+    assert node_ids(scene) == before and list(temp_root.iterdir()) == []
+
+
+def test_second_run_while_running_is_refused(scene, logic, tiny_model, temp_root, tmp_path) -> None:
+    volume = add_head_volume(scene, tmp_path)
+    logic.process(volume, model=str(tiny_model), waitForCompletion=False)
+    with pytest.raises(RuntimeError, match="already running"):
+        logic.process(volume, model=str(tiny_model))
+    logic.cancel()
+    assert list(temp_root.iterdir()) == []
