@@ -234,8 +234,10 @@ def load_ixi(folder: Path, card, max_images: Optional[int], seed: int) -> EvalSe
 
 def _spread(n_total: int, n: Optional[int]) -> np.ndarray:
     """``n`` indices spread evenly over ``range(n_total)`` (all without ``n``)."""
-    if not n or n >= n_total:
+    if n is None or n >= n_total:
         return np.arange(n_total)
+    if n <= 0:
+        return np.zeros(0, dtype=int)
     return np.unique(np.round(np.linspace(0, n_total - 1, n)).astype(int))
 
 
@@ -625,11 +627,11 @@ def _reference_subset(evalset: EvalSet, count: Optional[int]) -> np.ndarray:
 
     if not count or count >= len(evalset):
         return np.arange(len(evalset))
-    lesion = np.array([i for i, b in enumerate(evalset.bins) if b != LESION_FREE])
-    free = np.array([i for i, b in enumerate(evalset.bins) if b == LESION_FREE])
-    n_free = min(len(free), max(1, count // 4))
-    pick = [lesion[_spread(len(lesion), count - n_free)]] if len(lesion) else []
-    pick += [free[_spread(len(free), n_free)]] if len(free) else []
+    lesion = np.array([i for i, b in enumerate(evalset.bins) if b != LESION_FREE], dtype=int)
+    free = np.array([i for i, b in enumerate(evalset.bins) if b == LESION_FREE], dtype=int)
+    n_free = min(len(free), count // 4)
+    n_lesion = min(len(lesion), count - n_free)
+    pick = [lesion[_spread(len(lesion), n_lesion)], free[_spread(len(free), count - n_lesion)]]
     return np.sort(np.concatenate(pick)).astype(int)
 
 

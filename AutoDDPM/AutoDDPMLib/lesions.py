@@ -12,13 +12,14 @@ returns ``(image_with_lesion, lesion_mask)``:
   (see :mod:`metrics`); large lesions are drawn up to 4x the bin's lower bound
   and at most 35% of the head;
 * placement: fully inside the head foreground (pixels above 0.05, holes
-  filled), at least ``0.06 N`` pixels from its edge where there is room, so
+  filled), at least ``0.1 N`` pixels from its edge where there is room, so
   lesions sit in the brain rather than in the scalp;
 * intensity: hyper- or hypo-intense, 0.2 to 0.4 above or below the mean of the
   tissue it replaces, with smooth random texture (Gaussian-filtered noise,
   std 0.02 to 0.06) and 10 to 30 % of the underlying anatomy kept;
-* edges: soft (a logistic ramp of 0.5 to 1.2 pixels across the boundary); the
-  mask is where the lesion weight is at least 0.5.
+* edges: soft (a smoothstep ramp 1.5 to 3 pixels wide across the boundary); the
+  mask is where the lesion weight is at least 0.5; beyond the ramp the slice is
+  unchanged.
 
 The same seed gives the same lesion, bit for bit.
 """
@@ -30,7 +31,6 @@ from typing import Optional
 
 import numpy as np
 from scipy import ndimage
-from scipy.special import expit
 
 from .metrics import SIZE_BIN_NAMES, size_bin, size_bin_edges
 from .slices import FOREGROUND_LEVEL
@@ -102,16 +102,16 @@ def add_lesion(
     harmonics = []
     if shape == "blob":
         harmonics = [(k, rng.uniform(0.04, 0.16), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)]
-    softness = rng.uniform(0.5, 1.2)
+    softness = rng.uniform(0.75, 1.5)
 
     # Centre: deep enough inside the head for the whole lesion (with a margin from the edge).
     nominal_radius = math.sqrt(target / (math.pi * aspect))
     depth = ndimage.distance_transform_edt(foreground)
-    needed = nominal_radius / math.sqrt(aspect) * 1.25 + 0.06 * n
+    needed = nominal_radius / math.sqrt(aspect) * 1.25 + 0.1 * n
     candidates = np.argwhere(depth >= needed)
     if len(candidates) == 0:
         candidates = np.argwhere(depth >= 0.9 * depth.max())
-    cy, cx = candidates[int(rng.integers(len(candidates)))].astype(np.float64)
+    cy, cx = candidates[int(rng.integers(len(candidates)))].astype(np.float64) + rng.uniform(-0.5, 0.5, 2)
 
     yy, xx = np.mgrid[:n, :n].astype(np.float64)
     dy, dx = yy - cy, xx - cx
@@ -132,7 +132,12 @@ def add_lesion(
             lo_s = mid
         else:
             hi_s = mid
+    # Areas jump in whole pixels: take the scale just above or just below the target, whichever is in the bin.
     scale = hi_s
+    for candidate in (hi_s, lo_s):
+        if size_bin(int(mask_for(candidate).sum()), n) == size_bin_name:
+            scale = candidate
+            break
     mask = mask_for(scale)
     area = int(mask.sum())
     if size_bin(area, n) != size_bin_name:
@@ -140,9 +145,10 @@ def add_lesion(
             f"could not fit a {size_bin_name} lesion ({low:.1f} < pixels <= {high:.1f}) in this slice (got {area} pixels)"
         )
 
-    # Soft weight: a logistic ramp across the boundary (signed distance ~ (scale - r) * scale in pixels).
-    signed = (scale - unit_radius) * max(scale, 1.0)
-    weight = expit(signed / softness)
+    # Soft weight: a smoothstep ramp across the boundary, 2 x softness pixels wide (unit_radius is in
+    # pixels along the major axis, so scale - unit_radius approximates the signed distance to the edge).
+    ramp = np.clip(0.5 + (scale - unit_radius) / (2.0 * softness), 0.0, 1.0)
+    weight = ramp * ramp * (3.0 - 2.0 * ramp)
     weight = np.where(foreground, weight, 0.0)
     weight[mask] = np.maximum(weight[mask], 0.5)
 

@@ -1,0 +1,114 @@
+"""Smoke test of the benchmark on two tiny cases per dataset with the tiny model (shape and ranges, no timing)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from AutoDDPMLib.benchmark import add_benchmark_command, benchmark_main, run_benchmark
+from AutoDDPMLib.speed import run_speed
+
+
+def _head(shape, seed, lesion):
+    rng = np.random.default_rng(seed)
+    slices, rows, cols = shape
+    yy, xx = np.mgrid[:rows, :cols]
+    head = ((yy - rows / 2) / (rows * 0.45)) ** 2 + ((xx - cols / 2) / (cols * 0.45)) ** 2 < 1
+    image = np.zeros(shape, np.float32)
+    mask = np.zeros(shape, np.uint8)
+    for z in range(slices):
+        image[z][head] = 300 + 40 * rng.standard_normal(int(head.sum()))
+    if lesion:
+        blob = (yy - rows * 0.4) ** 2 + (xx - cols * 0.55) ** 2 < (rows * 0.12) ** 2
+        image[1][blob] = 900
+        mask[1][blob] = 1
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """lgg_flair/{train,val} (2-slice volumes, one tumour slice) and ixi_t1_midaxial/{train,val} PNGs."""
+    root = tmp_path_factory.mktemp("benchdata")
+    for split, seed in (("train", 10), ("val", 0)):
+        lgg = root / "lgg_flair" / split
+        ixi = root / "ixi_t1_midaxial" / split
+        lgg.mkdir(parents=True)
+        ixi.mkdir(parents=True)
+        image, mask = _head((2, 40, 40), seed, lesion=True)
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(lgg / "P0_flair.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(mask), str(lgg / "P0_mask.nii.gz"))
+        image, _ = _head((1, 44, 38), seed + 5, lesion=False)
+        sitk.WriteImage(sitk.GetImageFromArray(np.clip(image[0] / 4, 0, 255).astype(np.uint8)), str(ixi / "IXI000.png"))
+    return root
+
+
+def _in_range(value, low, high):
+    return value is None or low - 1e-6 <= value <= high + 1e-6
+
+
+def test_benchmark_smoke(tiny_model, data_root, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = run_benchmark(
+            model=str(tiny_model), output_dir=tmp_path / "out", data=data_root, quick=True,
+            datasets=["lgg", "ixi"], device="cpu", max_images=1, reference_cases=1,
+            calibration_slices_count=2, figures=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "out"
+    assert json.loads((out / "results.json").read_text()) == rows
+    report = (out / "results.md").read_text()
+    assert "oracle" in report and "| method |" in report and "AnoDDPM t=500 skipped" in report
+
+    methods = {r["method"] for r in rows}
+    assert {"AutoDDPM fast", "AutoDDPM reference", "Residual (coarse, fast)"} <= methods
+    assert {f"AnoDDPM t={t}" for t in (50, 100, 200, 300)} <= methods
+    assert "AnoDDPM t=500" not in methods  # the tiny card's max_timestep is 499
+    assert {r["dataset"] for r in rows} == {"lgg", "lgg [reference subset]", "ixi", "ixi [reference subset]"}
+    assert {r["threshold_kind"] for r in rows} == {"calibrated", "oracle"}
+    assert {r["size_bin"] for r in rows if r["dataset"] == "ixi"} == {"all", "small", "medium", "large"}
+    # the reference schedule only on its subset in --quick
+    assert all(r["dataset"].endswith("[reference subset]") for r in rows if r["method"] == "AutoDDPM reference")
+    for r in rows:
+        assert _in_range(r["dice"], 0, 1) and _in_range(r["auprc"], 0, 1)
+        assert _in_range(r["fpr_pixels"], 0, 1) and _in_range(r["fpr_slices"], 0, 1)
+        assert _in_range(r["ssim_healthy"], -1, 1) and _in_range(r["mae_healthy"], 0, 1)
+        assert _in_range(r["lpips_healthy"], 0, 10)
+        assert r["evaluations_per_slice"] > 0 and r["seconds_per_slice"] >= 0
+    fast = [r for r in rows if r["method"] == "AutoDDPM fast" and r["dataset"] == "ixi" and r["size_bin"] == "all"]
+    assert fast[0]["evaluations_per_slice"] == 25
+    assert fast[0]["n_slices"] == 4  # one healthy slice: clean + one lesion per size bin
+    assert fast[0]["mae_lesion"] is not None  # the healthy image is known
+    lgg = [r for r in rows if r["dataset"] == "lgg" and r["size_bin"] == "all"]
+    assert all(r["seconds_per_volume"] is not None and r["mae_lesion"] is None for r in lgg)
+    oracle = [r for r in rows if r["threshold_kind"] == "oracle" and r["dice"] is not None]
+    assert all(0.0 <= r["threshold"] <= 1.0 for r in oracle)
+
+
+def test_cli_wiring(tiny_model):
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_benchmark_command(commands)
+    args = parser.parse_args(["benchmark", "--model", str(tiny_model), "--quick", "--output-dir", "x", "--datasets", "lgg,ixi"])
+    assert args.handler is benchmark_main and args.quick and args.datasets == "lgg,ixi"
+    args = parser.parse_args(["benchmark-speed", "--batch-sizes", "1", "2", "--no-compile"])
+    assert args.batch_sizes == [1, 2] and args.no_compile
+
+
+def test_speed_table(tiny_model, tmp_path):
+    rows = run_speed(str(tiny_model), "cpu", batch_sizes=(1, 2), backends=("eager", "channels_last", "half"),
+                     min_seconds=0.0, max_repeats=3, output_dir=tmp_path)
+    assert len(rows) == 6
+    assert {r["backend"] for r in rows} == {"eager", "channels_last", "bfloat16"}
+    assert all(r["ms_per_slice"] > 0 for r in rows)
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["meta"]["best"] in saved["rows"]
+    assert "ms / slice" in (tmp_path / "speed.md").read_text()
