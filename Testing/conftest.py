@@ -6,15 +6,23 @@ bundle (safetensors + card): every code path runs for real, in seconds.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import numpy as np
-import pytest
-import SimpleITK as sitk
-import torch
+# The test models are tiny: one thread is as fast as two, and it keeps the
+# suite from fighting a training job (or the CLI subprocesses) for the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from AutoDDPMLib.bundle import new_card, save_unet, write_card
-from AutoDDPMLib.unet import UNet, UNetConfig
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+
+from AutoDDPMLib.bundle import new_card, save_unet, write_card  # noqa: E402
+from AutoDDPMLib.unet import UNet, UNetConfig  # noqa: E402
+
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -187,12 +187,13 @@ def load_unet(card: ModelCard, device: "str | torch.device" = "cpu") -> "UNet":
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AutoDDPMError(f"weights {weights} are corrupt ({exc}); restore the file from the original bundle") from None
-    missing, unexpected = network.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
         raise AutoDDPMError(
-            f"weights {weights} do not fit the network of its card "
-            f"({len(missing)} missing, {len(unexpected)} unexpected tensors); the card and weights belong to different models"
-        )
+            f"weights {weights} do not fit the network of its card ({str(exc).splitlines()[0]}); "
+            "the card and weights belong to different models"
+        ) from None
     return network.to(device).eval().requires_grad_(False)
 
 

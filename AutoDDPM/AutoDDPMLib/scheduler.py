@@ -32,7 +32,8 @@ class DDPMScheduler:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I), one level per batch item or a shared one."""
-        ab = self.alphas_cumprod.to(x0.device)[torch.as_tensor(t, device=x0.device)].float()
+        # Index on the CPU in float64, then cast: Apple MPS has no float64.
+        ab = self.alphas_cumprod[torch.as_tensor(t).cpu()].to(x0.dtype).to(x0.device)
         ab = ab.reshape(-1, *([1] * (x0.ndim - 1))) if ab.ndim else ab
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .bundle import CARD_FORMAT, save_unet, write_card
+from .bundle import new_card, save_unet, write_card
 from .devices import select_device
 from .errors import AutoDDPMError
 from .pipeline import SCHEDULES
@@ -117,10 +117,11 @@ class Trainer:
             self.validation = load_healthy_slices(
                 config.validation_data, grid, config.percentiles, config.min_foreground_fraction
             )[: config.validation_slices]
-        else:  # hold a few training slices aside
+        else:  # hold a few training slices aside, never more than a quarter of them
+            held = max(1, min(config.validation_slices, len(slices) // 4))
             order = torch.randperm(len(slices), generator=generator)
-            self.validation = slices[order[: config.validation_slices]]
-            slices = slices[order[config.validation_slices:]]
+            self.validation = slices[order[:held]]
+            slices = slices[order[held:]]
         self.slices = slices.to(self.device)
         self.validation = self.validation.to(self.device)
 
@@ -219,24 +220,12 @@ class Trainer:
     def write_bundle(self, validation_mse: float) -> None:
         c = self.config
         save_unet(self.ema, self.output)
-        write_card(self.output, {
-            "format": CARD_FORMAT,
-            "name": c.name,
-            "description": c.description,
-            "modality": c.modality,
-            "license": c.license,
-            "unet": c.unet.to_dict(),
-            "scheduler": {"num_train_timesteps": self.scheduler.num_train_timesteps, "beta_start": 1e-4,
-                          "beta_end": 2e-2, "prediction": "epsilon", "max_timestep": c.max_timestep - 1},
-            "preprocessing": {"orientation": "axial", "intensity_percentiles": list(c.percentiles),
-                              "min_foreground_fraction": c.min_foreground_fraction},
-            # Placeholders until `autoddpm calibrate` measures them on healthy held-out data.
-            "thresholds": {"mask_tau": 0.13, "anomaly": 0.1, "calibrated": False},
-            "lpips_backbone": "alex",
-            "schedules": {name: s.to_dict() for name, s in SCHEDULES.items()},
-            "training": {"data": c.data, "slices": len(self.slices), "steps": self.step,
-                         "validation_mse_t200": validation_mse, "config": c.to_dict()},
-        })
+        write_card(self.output, new_card(
+            c.name, c.modality, c.unet, max_timestep=c.max_timestep - 1, percentiles=c.percentiles,
+            min_foreground_fraction=c.min_foreground_fraction, license=c.license, description=c.description,
+            training={"data": c.data, "slices": len(self.slices), "steps": self.step,
+                      "validation_mse_t200": validation_mse, "config": c.to_dict()},
+        ))
 
     def _request_stop(self, *_: object) -> None:
         self._stop_requested = True

@@ -1,0 +1,194 @@
+"""The ``autoddpm`` command line, end to end, and every kind of bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AutoDDPMLib.cli import main
+
+from conftest import make_head_volume
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "AutoDDPMLib.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_run_end_to_end_with_json_progress(tiny_model, head_volume, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("run", str(head_volume), "--output-dir", str(out), "--model", str(tiny_model), "--progress", "json")
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "progress" and "start" in kinds and kinds[-2:] == ["done", "finished"]
+    start = next(e for e in events if e["event"] == "start")
+    assert start["evaluations_per_slice"] == 25 and start["schedule"] == "fast" and start["model"] == "tiny"
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
+    done = events[-2]
+    assert sorted(done["outputs"]) == ["anomaly", "mask", "pseudohealthy"]
+    assert sorted(p.name for p in out.iterdir()) == ["head_anomaly.nii.gz", "head_mask.nii.gz", "head_pseudohealthy.nii.gz"]
+    original = sitk.ReadImage(str(head_volume))
+    mask = sitk.ReadImage(done["outputs"]["mask"])
+    assert mask.GetSize() == original.GetSize() and mask.GetSpacing() == original.GetSpacing()
+    assert int(sitk.GetArrayFromImage(mask).sum()) == done["anomalous_voxels"]
+
+
+def test_same_seed_same_files(tiny_model, head_volume, tmp_path):
+    for name in ("a", "b"):
+        assert main(["run", str(head_volume), "--output-dir", str(tmp_path / name), "--model", str(tiny_model),
+                     "--seed", "7", "--progress", "none"]) == 0
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / "head_anomaly.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / "head_anomaly.nii.gz")))
+    assert np.array_equal(a, b)
+
+
+def test_several_inputs_one_bad(tiny_model, head_volume, tmp_path, capsys):
+    missing = tmp_path / "missing.nii.gz"
+    code = main(["run", str(head_volume), str(missing), "--output-dir", str(tmp_path / "out"),
+                 "--model", str(tiny_model), "--progress", "none"])
+    assert code == 2
+    assert "missing.nii.gz" in capsys.readouterr().err
+    assert (tmp_path / "out" / "head_mask.nii.gz").is_file()
+    assert not list((tmp_path / "out").glob("missing*"))
+
+
+def write(path: Path, array: np.ndarray, vector: bool = False) -> Path:
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=vector), str(path))
+    return path
+
+
+def bad_inputs(tmp: Path) -> dict:
+    head = sitk.GetArrayFromImage(make_head_volume())
+    nan = head.copy()
+    nan[2, 10, 10] = np.nan
+    corrupt = tmp / "corrupt.nii.gz"
+    corrupt.write_bytes(b"this is not a NIfTI file at all" * 10)
+    return {
+        "missing": (tmp / "nope.nii.gz", "does not exist"),
+        "corrupt": (corrupt, "corrupt"),
+        "4D": (write(tmp / "four.nii.gz", np.ones((2, 3, 40, 40), np.float32) * np.arange(40)), "4D"),
+        "vector": (write(tmp / "rgb.nrrd", np.random.rand(4, 40, 40, 3).astype(np.float32), vector=True), "component"),
+        "constant": (write(tmp / "flat.nii.gz", np.full((4, 40, 40), 7, np.float32)), "no signal"),
+        "nan": (write(tmp / "nan.mha", nan), "NaN"),  # ITK reads NaN in NIfTI as 0
+        "small": (write(tmp / "small.nii.gz", head[:, :20, :20].copy()), "smaller than the model grid"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "4D", "vector", "constant", "nan", "small"])
+def test_bad_input_exit_2_one_line_no_outputs(tiny_model, tmp_path, case):
+    path, expected = bad_inputs(tmp_path)[case]
+    out = tmp_path / "out"
+    proc = run_cli("run", str(path), "--output-dir", str(out), "--model", str(tiny_model), "--progress", "none")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autoddpm: error:"), proc.stderr
+    assert expected.lower() in lines[0].lower()
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def broken_models(tiny_model: Path, tmp: Path) -> dict:
+    def copy(name):
+        target = tmp / name
+        shutil.copytree(tiny_model, target)
+        return target
+
+    corrupt_weights = copy("corrupt-weights")
+    (corrupt_weights / "model.safetensors").write_bytes(b"\x00" * 100)
+    bad_json = copy("bad-json")
+    (bad_json / "model.json").write_text("{ not json")
+    missing_key = copy("missing-key")
+    card = json.loads((missing_key / "model.json").read_text())
+    del card["thresholds"]
+    (missing_key / "model.json").write_text(json.dumps(card))
+    wrong_net = copy("wrong-net")
+    card = json.loads((wrong_net / "model.json").read_text())
+    card["unet"]["channels"] = [16, 32]
+    (wrong_net / "model.json").write_text(json.dumps(card))
+    return {
+        "unknown name": ("no-such-model", "unknown model"),
+        "corrupt weights": (corrupt_weights, "corrupt"),
+        "card not JSON": (bad_json, "not valid JSON"),
+        "card without thresholds": (missing_key, "thresholds"),
+        "card of another network": (wrong_net, "do not fit"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown name", "corrupt weights", "card not JSON", "card without thresholds", "card of another network"])
+def test_bad_model_exit_2(tiny_model, head_volume, tmp_path, capsys, case):
+    model, expected = broken_models(tiny_model, tmp_path)[case]
+    code = main(["run", str(head_volume), "--output-dir", str(tmp_path / "out"), "--model", str(model), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_lists_bundled_models(tiny_model, tmp_path, monkeypatch, capsys):
+    resources = tmp_path / "Resources"
+    shutil.copytree(tiny_model, resources / "Models" / "tiny")
+    monkeypatch.setenv("AUTODDPM_RESOURCES", str(resources))
+    assert main(["models"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert main(["models", "--json"]) == 0
+    cards = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in cards] == ["tiny"] and cards[0]["path"].endswith("tiny")
+
+
+def test_demo_runs_on_the_shipped_sample(tiny_model, tmp_path, capsys):
+    code = main(["demo", "--output-dir", str(tmp_path), "--model", str(tiny_model), "--progress", "none"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    figure = tmp_path / "autoddpm-demo.png"
+    assert figure.is_file() and figure.stat().st_size > 10_000
+    assert str(figure.resolve()) in printed and "Dice against the expert tumour mask" in printed
+    assert (tmp_path / "TCGA_LGG_FLAIR_mask.nii.gz").is_file()
+
+
+def test_calibrate_sets_thresholds_from_healthy_data(tiny_model, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    data = tmp_path / "healthy"
+    data.mkdir()
+    for seed in range(2):
+        sitk.WriteImage(make_head_volume(lesion=False, seed=seed), str(data / f"h{seed}_flair.nii.gz"))
+    assert main(["calibrate", str(model), "--data", str(data), "--healthy-fpr", "0.02"]) == 0
+    thresholds = json.loads((model / "model.json").read_text())["thresholds"]
+    info = thresholds["calibration"]
+    assert thresholds["calibrated"] is True
+    assert info["flagged_by_tau"] <= 0.05 + 1e-3
+    assert info["flagged_by_anomaly_threshold"] <= 0.02 + 1e-3
+    assert info["healthy_slices"] == 12
+
+
+def test_train_then_resume(tmp_path):
+    data = tmp_path / "train"
+    data.mkdir()
+    for seed in range(2):
+        sitk.WriteImage(make_head_volume(lesion=False, seed=seed), str(data / f"h{seed}_flair.nii.gz"))
+        lesion = np.zeros((6, 40, 48), np.uint8)
+        lesion[3, 10:14, 10:14] = 1  # this slice must be left out of training
+        write(data / f"h{seed}_mask.nii.gz", lesion)
+    bundle = tmp_path / "bundle"
+    args = ["train", "--data", str(data), "--output", str(bundle), "--image-size", "32", "--channels", "8", "16",
+            "--batch-size", "4", "--checkpoint-minutes", "0"]
+    assert main([*args, "--steps", "2"]) == 0
+    card = json.loads((bundle / "model.json").read_text())
+    # 2 volumes x 6 slices, less the 2 lesion slices, less 2 held out for validation.
+    assert card["training"]["slices"] == 8
+    state = json.loads((bundle / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    assert main(["train", "--output", str(bundle), "--resume", "--steps", "4"]) == 0
+    state = json.loads((bundle / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and len(state["history"]) == 4
+
+
+def test_cli_without_a_command_shows_usage():
+    proc = run_cli()
+    assert proc.returncode == 2 and "usage" in proc.stderr

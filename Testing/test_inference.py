@@ -1,0 +1,112 @@
+"""Whole volumes through the engine: geometry, untouched input, thresholds, determinism."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AutoDDPMLib.errors import AutoDDPMError
+from AutoDDPMLib.inference import AutoDDPM
+
+from conftest import make_head_volume
+
+
+def rotation(axis_angle_deg: float) -> tuple:
+    a = np.deg2rad(axis_angle_deg)
+    return tuple(np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]).ravel())
+
+
+GEOMETRIES = {
+    "identity-anisotropic": dict(spacing=(0.9, 0.9, 3.0), direction=tuple(np.eye(3).ravel())),
+    "RAS": dict(spacing=(1.0, 1.0, 1.0), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1)),
+    "oblique": dict(spacing=(0.5, 0.9, 2.0), direction=rotation(20)),
+    "sagittal": dict(spacing=(1.0, 1.2, 1.2), direction=(0, 0, 1, 1, 0, 0, 0, 1, 0)),
+}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return AutoDDPM(tiny_model, seed=0, batch_size=4)
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_outputs_have_the_input_geometry(engine, name):
+    image = make_head_volume(shape=(5, 36, 44))
+    image.SetSpacing(GEOMETRIES[name]["spacing"])
+    image.SetDirection(GEOMETRIES[name]["direction"])
+    image.SetOrigin((10.0, -20.0, 5.0))
+    before = sitk.GetArrayFromImage(image).copy()
+    result = engine.process_volume(image)
+    for out in (result.pseudo_healthy, result.anomaly_map, result.mask):
+        assert out.GetSize() == image.GetSize()
+        assert out.GetSpacing() == image.GetSpacing()
+        assert out.GetOrigin() == image.GetOrigin()
+        assert np.allclose(out.GetDirection(), image.GetDirection())
+    assert np.array_equal(sitk.GetArrayFromImage(image), before), "the input must not change"
+    assert result.mask.GetPixelID() == sitk.sitkUInt8
+    assert result.anomaly_map.GetPixelID() == sitk.sitkFloat32
+
+
+def test_mask_is_the_thresholded_anomaly_map_and_pseudo_healthy_keeps_the_input(engine):
+    image = make_head_volume()
+    result = engine.process_volume(image)
+    anomaly = sitk.GetArrayFromImage(result.anomaly_map)
+    mask = sitk.GetArrayFromImage(result.mask)
+    assert np.array_equal(mask, (anomaly > engine.threshold).astype(np.uint8))
+    assert result.anomalous_voxels == int(mask.sum())
+    assert result.anomalous_volume_ml == pytest.approx(mask.sum() * np.prod(image.GetSpacing()) / 1000)
+    # Wherever nothing was re-sampled (anomaly exactly 0 there) the input voxel is returned as it was.
+    original = sitk.GetArrayFromImage(image)
+    changed = sitk.GetArrayFromImage(result.pseudo_healthy) != original
+    assert np.all(anomaly[changed] >= 0)
+    assert changed.mean() < 1.0
+
+
+def test_slices_without_signal_are_skipped_and_kept(engine):
+    image = make_head_volume(shape=(6, 40, 48))
+    array = sitk.GetArrayFromImage(image)
+    array[0] = 0  # an empty slice above the head
+    empty = sitk.GetImageFromArray(array)
+    empty.CopyInformation(image)
+    result = engine.process_volume(empty)
+    assert result.slices == 6 and result.slices_with_signal == 5
+    assert np.all(sitk.GetArrayFromImage(result.anomaly_map)[0] == 0)
+    assert np.array_equal(sitk.GetArrayFromImage(result.pseudo_healthy)[0], array[0])
+
+
+def test_same_seed_same_volume(tiny_model):
+    image = make_head_volume()
+    a = AutoDDPM(tiny_model, seed=3, batch_size=4).process_volume(image)
+    b = AutoDDPM(tiny_model, seed=3, batch_size=4).process_volume(image)
+    assert np.array_equal(sitk.GetArrayFromImage(a.anomaly_map), sitk.GetArrayFromImage(b.anomaly_map))
+    assert np.array_equal(sitk.GetArrayFromImage(a.pseudo_healthy), sitk.GetArrayFromImage(b.pseudo_healthy))
+
+
+def test_threshold_override(tiny_model):
+    image = make_head_volume()
+    low = AutoDDPM(tiny_model, threshold=0.0).process_volume(image)
+    high = AutoDDPM(tiny_model, threshold=1e9).process_volume(image)
+    assert high.anomalous_voxels == 0 and low.anomalous_voxels > 0
+
+
+def test_progress_reaches_the_end_through_both_stages(engine):
+    seen = []
+    engine.process_volume(make_head_volume(), lambda fraction, stage: seen.append((fraction, stage)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {stage for _, stage in seen} == {"mask", "resample"}
+
+
+def test_volume_smaller_than_the_model_grid_is_refused(engine):
+    with pytest.raises(AutoDDPMError, match="smaller than the model grid"):
+        engine.process_volume(make_head_volume(shape=(3, 20, 24)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(schedule="slow"), "unknown schedule"),
+    (dict(device="tpu"), "unknown device"),
+    (dict(model="no-such-model"), "unknown model"),
+    (dict(batch_size=-1), "batch-size"),
+])
+def test_bad_options(tiny_model, kwargs, message):
+    with pytest.raises(AutoDDPMError, match=message):
+        AutoDDPM(kwargs.pop("model", tiny_model), **kwargs)
