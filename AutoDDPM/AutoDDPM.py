@@ -196,6 +196,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateSummary)
+        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
 
         self.initializeParameterNode()
         self.setRunning(False)
@@ -301,21 +302,32 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelActivated(self, index: int) -> None:
         folder = self.ui.modelComboBox.itemData(index)
-        if folder is None:
+        if folder is None:  # "Load model folder..."
             folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Select a model bundle folder"))
+            if folder:
+                try:
+                    read_card(folder)
+                except AutoDDPMError as error:
+                    slicer.util.errorDisplay(_("This folder is not an AutoDDPM model bundle.") + "\n\n" + str(error))
+                    folder = ""
             if not folder:
-                self.selectModel(self._parameterNode.model)
+                self.selectModel(self._parameterNode.model)  # back to the previous choice
                 return
-            with slicer.util.tryWithErrorDisplay(_("This folder is not an AutoDDPM model bundle."), waitCursor=True):
-                read_card(folder)
-                self.selectModel(folder)
-            if self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) is None:
-                self.selectModel(self._parameterNode.model)
-                return
+            self.selectModel(folder)
         self._parameterNode.model = folder
         # A new model brings its own calibrated threshold.
         self._parameterNode.threshold = read_card(folder).anomaly_threshold
         self.showModelInfo(self.ui.modelComboBox.currentIndex)
+
+    def onInputChanged(self, inputVolume) -> None:
+        # Results of another volume stay in the scene, but the next run makes new nodes named after this one.
+        segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
+        role = vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        if segmentation and inputVolume and segmentation.GetNodeReference(role) not in (None, inputVolume):
+            with slicer.util.NodeModify(self._parameterNode.parameterNode):
+                self._parameterNode.outputPseudoHealthy = None
+                self._parameterNode.outputAnomalyMap = None
+                self._parameterNode.outputSegmentation = None
 
     # Running
 
@@ -402,7 +414,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(result.error, windowTitle=_("AutoDDPM"))
             return
         parameters = self._parameterNode
-        with slicer.util.NodeModify(parameters):
+        with slicer.util.NodeModify(parameters.parameterNode):
             parameters.outputPseudoHealthy = result.pseudoHealthyVolume
             parameters.outputAnomalyMap = result.anomalyMapVolume
             parameters.outputSegmentation = result.segmentation
@@ -420,9 +432,8 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = self.ui.outputSegmentationSelector.currentNode()
         if self.logic.isRunning or not AutoDDPMLogic.isAnomalySegmentation(segmentation):
             return
-        with slicer.util.tryWithErrorDisplay(_("Re-thresholding failed."), waitCursor=True):
-            self.logic.setThreshold(segmentation, value)
-            self.updateSummary()
+        with slicer.util.tryWithErrorDisplay(_("Re-thresholding failed.")):
+            self.ui.summaryLabel.text = AutoDDPMLogic.summaryText(self.logic.setThreshold(segmentation, value))
 
     def updateSummary(self, node=None) -> None:
         segmentation = self.ui.outputSegmentationSelector.currentNode()
@@ -468,12 +479,14 @@ class AutoDDPMResult:
 class _ActiveRun:
     """What the Logic keeps while the engine process runs."""
 
-    engine: EngineProcess
     tempDir: Path
     result: AutoDDPMResult
+    options: dict  # engine_command's keyword arguments but the device
     outputs: dict
     progressCallback: Optional[Callable[[dict], None]]
     completedCallback: Optional[Callable[[AutoDDPMResult], None]]
+    engine: Optional[EngineProcess] = None
+    device: str = "auto"
     cancelled: bool = False
 
 
@@ -636,19 +649,16 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
 
         result = AutoDDPMResult(inputVolume)
         tempDir = make_temp_dir(getattr(getattr(slicer, "app", None), "temporaryPath", None))
+        run = _ActiveRun(tempDir, result,
+                         dict(model=str(modelFolder), schedule=schedule, seed=seed, threshold=threshold),
+                         dict(pseudoHealthy=outputPseudoHealthy, anomalyMap=outputAnomalyMap, segmentation=outputSegmentation),
+                         progressCallback, completedCallback)
         try:
-            inputPath = tempDir / "input.nrrd"
-            write_volume(inputVolume, inputPath)
-            args = engine_command(inputPath, tempDir / "output", model=str(modelFolder), schedule=schedule,
-                                  device=device, seed=seed, threshold=threshold)
-            self.log(" ".join(args))
-            engine = EngineProcess(args, env=engine_environment(device))
+            write_volume(inputVolume, tempDir / "input.nrrd")
+            self._launch(run, device)
         except BaseException:
             remove_temp_dir(tempDir)
             raise
-        run = _ActiveRun(engine, tempDir, result,
-                         dict(pseudoHealthy=outputPseudoHealthy, anomalyMap=outputAnomalyMap, segmentation=outputSegmentation),
-                         progressCallback, completedCallback)
         self._run = run
 
         if not waitForCompletion:
@@ -664,6 +674,15 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         if result.state == "failed":
             raise RuntimeError(result.error)
         return result
+
+    def _launch(self, run: _ActiveRun, device: str) -> None:
+        args = engine_command(run.tempDir / "input.nrrd", run.tempDir / "output", device=device, **run.options)
+        self.log(" ".join(args))
+        # Inside Slicer the engine starts from the environment Slicer itself started with (PythonSlicer sets up
+        # its own paths); outside Slicer from this process's environment.
+        base = slicer.util.startupEnvironment() if hasattr(slicer, "app") else None
+        run.engine = EngineProcess(args, env=engine_environment(device, base))
+        run.device = device
 
     def cancel(self) -> None:
         """Stop the running computation: its processes are killed, its temporary files deleted, no node is created."""
@@ -722,16 +741,24 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             return True
         if not run.engine.finished:
             return False
-        self._finish(run)
-        return True
+        return self._finish(run)
 
-    def _finish(self, run: _ActiveRun) -> None:
+    def _finish(self, run: _ActiveRun) -> bool:
+        """Import the results of an engine that has exited, or retry on the CPU; True when the run is over."""
         result = run.result
         run.engine.kill()  # already exited: this only releases the pipes
+        message = run.engine.error_message() if run.engine.returncode != 0 else ""
+        if message and run.device != "cpu" and "out of memory" in message.lower():
+            # The engine already shrinks its batches on the GPU; a GPU too small even for that still has the CPU.
+            warning = _("The GPU ran out of memory ({message}); running on the CPU instead.").format(message=message)
+            result.warnings.append(warning)
+            self.log(warning)
+            self._launch(run, "cpu")
+            return False
         try:
-            if run.engine.returncode != 0:
+            if message:
                 result.state = "failed"
-                result.error = _("AutoDDPM failed: {message}").format(message=run.engine.error_message())
+                result.error = _("AutoDDPM failed: {message}").format(message=message)
             elif not result.engineSummary.get("outputs"):
                 result.state = "failed"
                 result.error = _("AutoDDPM finished without reporting its results; see the log.")
@@ -748,6 +775,7 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         self.log(result.error if result.state == "failed" else self.summaryText(result.summary))
         if run.completedCallback:
             run.completedCallback(result)
+        return True
 
     def _importResults(self, run: _ActiveRun) -> None:
         """Read the engine's files into nodes; on any failure remove the nodes this created."""

@@ -56,9 +56,9 @@ def engine_command(
     return args
 
 
-def engine_environment(device: str = "auto") -> dict[str, str]:
-    """This process's environment with AutoDDPMLib importable, unbuffered output and the device choice."""
-    env = dict(os.environ)
+def engine_environment(device: str = "auto", base: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with AutoDDPMLib importable, unbuffered output and the device choice."""
+    env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     # Progress lines must arrive as they are printed, not when a pipe buffer fills.
     env["PYTHONUNBUFFERED"] = "1"

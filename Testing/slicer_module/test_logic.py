@@ -287,3 +287,32 @@ def test_second_run_while_running_is_refused(scene, logic, tiny_model, temp_root
         logic.process(volume, model=str(tiny_model))
     logic.cancel()
     assert list(temp_root.iterdir()) == []
+
+
+def test_gpu_out_of_memory_retries_on_the_cpu(scene, logic, tiny_model, temp_root, tmp_path, monkeypatch) -> None:
+    import AutoDDPM
+
+    # An engine whose GPU is always too small: any device but the CPU fails the way PyTorch does.
+    engine = tmp_path / "small_gpu_engine.py"
+    engine.write_text(
+        "import runpy, sys\n"
+        "if sys.argv[sys.argv.index('--device') + 1] != 'cpu':\n"
+        "    print('autoddpm: error: CUDA out of memory. Tried to allocate 2.00 GiB', file=sys.stderr)\n"
+        "    sys.exit(2)\n"
+        "sys.argv[0] = 'autoddpm'\n"
+        "runpy.run_module('AutoDDPMLib.cli', run_name='__main__')\n")
+    real_command = AutoDDPM.engine_command
+    commands = []
+
+    def small_gpu_command(*args, **kwargs):
+        command = real_command(*args, **kwargs)
+        commands.append(command)
+        return [command[0], str(engine)] + command[3:]
+
+    monkeypatch.setattr(AutoDDPM, "engine_command", small_gpu_command)
+    volume = add_head_volume(scene, tmp_path)
+    result = logic.process(volume, model=str(tiny_model), device="cuda")
+    assert [command[command.index("--device") + 1] for command in commands] == ["cuda", "cpu"]
+    assert result.state == "done" and result.engineStart["device"] == "cpu"
+    assert any("running on the CPU" in warning for warning in result.warnings)
+    assert list(temp_root.iterdir()) == []
