@@ -192,3 +192,19 @@ def test_train_then_resume(tmp_path):
 def test_cli_without_a_command_shows_usage():
     proc = run_cli()
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_train_from_a_trained_model(tiny_model, tmp_path):
+    data = tmp_path / "train"
+    data.mkdir()
+    sitk.WriteImage(make_head_volume(lesion=False), str(data / "h_flair.nii.gz"))
+    bundle = tmp_path / "finetuned"
+    assert main(["train", "--data", str(data), "--output", str(bundle), "--init-from", str(tiny_model),
+                 "--steps", "1", "--batch-size", "2", "--learning-rate", "0"]) == 0
+    card = json.loads((bundle / "model.json").read_text())
+    assert card["unet"] == json.loads((tiny_model / "model.json").read_text())["unet"]
+    assert card["training"]["config"]["initialised_from"].startswith("tiny")
+    from safetensors.torch import load_file
+    before, after = load_file(str(tiny_model / "model.safetensors")), load_file(str(bundle / "model.safetensors"))
+    # With a zero learning rate the EMA of the start weights is the start weights.
+    assert all(np.allclose(before[k].numpy(), after[k].numpy()) for k in before)

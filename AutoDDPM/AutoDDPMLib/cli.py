@@ -143,6 +143,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .bundle import read_card, resolve_model
     from .train import Trainer, TrainConfig, read_checkpoint_config
     from .unet import UNetConfig
 
@@ -151,6 +152,18 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if not args.data:
             raise AutoDDPMError("give the training data with --data FOLDER (or a text file listing images)")
+        unet = UNetConfig(
+            image_size=args.image_size,
+            channels=tuple(args.channels),
+            attention_levels=tuple(i == len(args.channels) - 1 for i in range(len(args.channels))),
+            layers_per_block=args.layers_per_block,
+        )
+        percentiles, max_timestep = (0.5, 99.5), args.max_timestep
+        if args.init_from:
+            start = read_card(resolve_model(args.init_from))
+            unet = UNetConfig.from_dict(start.data["unet"])
+            percentiles = tuple(start.data["preprocessing"]["intensity_percentiles"])
+            max_timestep = start.max_timestep + 1
         config = TrainConfig(
             data=[str(Path(d).resolve()) for d in args.data],
             validation_data=[str(Path(d).resolve()) for d in args.validation_data],
@@ -158,13 +171,9 @@ def _train(args: argparse.Namespace) -> int:
             modality=args.modality,
             description=args.description,
             license=args.license,
-            unet=UNetConfig(
-                image_size=args.image_size,
-                channels=tuple(args.channels),
-                attention_levels=tuple(i == len(args.channels) - 1 for i in range(len(args.channels))),
-                layers_per_block=args.layers_per_block,
-            ),
-            max_timestep=args.max_timestep,
+            unet=unet,
+            percentiles=percentiles,
+            max_timestep=max_timestep,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             seed=args.seed,
@@ -175,6 +184,8 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(config, Path(args.output), device=args.device)
     if args.resume:
         trainer.load_checkpoint()
+    elif args.init_from:
+        trainer.initialise_from(start)
     trainer.run()
     print(f"model bundle: {Path(args.output).resolve()} (step {trainer.step}, best validation MSE {trainer.best_validation:.5f})")
     return 0
@@ -218,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", action="append", default=[], help="folder of healthy images/volumes (with optional *_mask lesion masks) or a text file listing them; repeatable")
     train.add_argument("--output", required=True, help="model bundle folder to write (checkpoints go in its checkpoint/ subfolder)")
     train.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --output")
+    train.add_argument("--init-from", default=None, metavar="MODEL", help="start from a trained model's weights (name or folder), e.g. to fine-tune on your own healthy cohort; its architecture and preprocessing are kept")
     train.add_argument("--validation-data", action="append", default=[], help="held-out healthy data for picking the best checkpoint (default: slices held out of --data)")
     train.add_argument("--name", default=None, help="model name for its card (default: the output folder's name)")
     train.add_argument("--modality", default="unknown", help="e.g. FLAIR or T1, recorded in the card")

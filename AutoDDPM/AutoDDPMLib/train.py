@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .bundle import new_card, save_unet, write_card
+from .bundle import ModelCard, load_unet, new_card, save_unet, write_card
 from .devices import select_device
 from .errors import AutoDDPMError
 from .pipeline import SCHEDULES
@@ -57,6 +57,7 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     max_minutes: float = 0.0  # 0: no limit; otherwise checkpoint and stop after this long
     seed: int = 0
+    initialised_from: str = ""
     license: str = "see the training data's license"
     description: str = ""
 
@@ -156,6 +157,13 @@ class Trainer:
                 "config": self.config.to_dict()}
         (folder / "state.json.tmp").write_text(json.dumps(meta, indent=1))
         os.replace(folder / "state.json.tmp", folder / "state.json")
+
+    def initialise_from(self, card: ModelCard) -> None:
+        """Start from a trained bundle's weights (fine-tuning on one's own cohort), fresh optimiser."""
+        weights = load_unet(card)
+        self.network.load_state_dict(weights.state_dict())
+        self.ema.load_state_dict(weights.state_dict())
+        self.config.initialised_from = f"{card.name} ({card.path.parent}, {card.data.get('training', {}).get('steps', '?')} steps)"
 
     def load_checkpoint(self) -> None:
         folder = self.output / CHECKPOINT_DIR
