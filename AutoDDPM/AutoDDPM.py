@@ -25,7 +25,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from AutoDDPMLib.bundle import ModelCard, list_bundled_models, read_card, resolve_model
+from AutoDDPMLib.bundle import DEFAULT_MODEL, ModelCard, bundled_models_dir, list_bundled_models, read_card, resolve_model
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.resources import resources_dir
 from AutoDDPMLib.slicer_process import (
@@ -74,7 +74,8 @@ class AutoDDPM(ScriptedLoadableModule):
             "pseudo-healthy image. What had to change is the anomaly. Select the MRI, press Apply, then adjust the "
             "threshold to grow or shrink the segmentation without re-running the model. "
             "Everything runs on this computer: no data is sent anywhere. "
-            "Research use only, not for clinical decisions."
+            "Research use only, not for clinical decisions. "
+            'See the <a href="https://github.com/AutoDDPM/SlicerAutoDDPM#readme">documentation</a>.'
         )
         self.parent.acknowledgementText = _(
             "AutoDDPM is the method of C. I. Bercea, M. Neumayr, D. Rueckert and J. A. Schnabel, "
@@ -147,7 +148,7 @@ class Device(Enum):
 class AutoDDPMParameterNode:
     """The module's settings, saved with the scene.
 
-    model: a bundled model's folder or any model bundle folder ("" = the default model).
+    model: a bundled model's name or a model bundle folder ("" = the default model).
     threshold: on the anomaly map; moving it re-thresholds the segmentation live.
     """
 
@@ -226,7 +227,15 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        parameterNode = self.logic.getParameterNode()
+        if not parameterNode.model:
+            # First use in this scene: the default model, with its calibrated threshold.
+            try:
+                parameterNode.threshold = read_card(resolve_model(None)).anomaly_threshold
+                parameterNode.model = DEFAULT_MODEL
+            except AutoDDPMError as error:
+                self.addLog(str(error))
+        self.setParameterNode(parameterNode)
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -269,14 +278,14 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             description=card.data.get("description", ""), license=card.data.get("license", "?"),
             folder=card.path.parent), qt.Qt.ToolTipRole)
 
-    def selectModel(self, folder: str) -> None:
-        """Show the parameter node's model in the combo box (adding a loaded folder if needed)."""
+    def selectModel(self, model: str) -> None:
+        """Show the parameter node's model (a bundled model's name or a folder) in the combo box."""
         combo = self.ui.modelComboBox
-        if not folder:
-            try:
-                folder = str(resolve_model(None))
-            except AutoDDPMError:
-                return
+        try:
+            folder = str(resolve_model(model or None))
+        except AutoDDPMError as error:
+            self.addLog(str(error))
+            return
         for index in range(combo.count):
             if combo.itemData(index) and Path(combo.itemData(index)) == Path(folder):
                 combo.currentIndex = index
@@ -314,9 +323,12 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.selectModel(self._parameterNode.model)  # back to the previous choice
                 return
             self.selectModel(folder)
-        self._parameterNode.model = folder
+        # Bundled models are saved with the scene by name, so the scene also opens on another computer.
+        card = read_card(folder)
+        bundled = Path(folder).resolve().parent == bundled_models_dir().resolve()
+        self._parameterNode.model = Path(folder).name if bundled else folder
         # A new model brings its own calibrated threshold.
-        self._parameterNode.threshold = read_card(folder).anomaly_threshold
+        self._parameterNode.threshold = card.anomaly_threshold
         self.showModelInfo(self.ui.modelComboBox.currentIndex)
 
     def onInputChanged(self, inputVolume) -> None:

@@ -125,7 +125,6 @@ def anomaly_color_table(scene: "slicer.vtkMRMLScene") -> "slicer.vtkMRMLColorTab
     table.SetName(COLOR_TABLE_NAME)
     table.SetTypeToUser()
     table.SetNumberOfColors(256)
-    table.SetNamesInitialised(True)
     for index in range(256):
         t = index / 255.0
         red, green, blue = (float(np.clip(3 * t - offset, 0, 1)) for offset in (0.0, 1.0, 2.0))

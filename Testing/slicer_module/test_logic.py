@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 import standins
 from scene_helpers import add_head_volume, new_scene
