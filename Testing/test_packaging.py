@@ -99,3 +99,18 @@ def test_descriptions_agree() -> None:
     assert fields["category"] == entry["category"] and f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake
     assert fields["scmurl"] == entry["scm_url"]
     assert f'set(EXTENSION_ICONURL "{fields["iconurl"]}")' in cmake
+
+
+def test_the_panel_has_every_widget_the_module_uses() -> None:
+    import xml.etree.ElementTree as ElementTree
+
+    ui = ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "AutoDDPM.ui")
+    widgets = {widget.get("name") for widget in ui.iter("widget")}
+    source = (MODULE_DIR / "AutoDDPM.py").read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used and used <= widgets, sorted(used - widgets)
+    # Widgets bound to the parameter node name one of its fields.
+    bound = {prop.find("string").text for prop in ui.iter("property") if prop.get("name") == "SlicerParameterName"}
+    parameter_class = source[source.index("class AutoDDPMParameterNode"):source.index("class AutoDDPMWidget")]
+    fields = set(re.findall(r"^    (\w+): ", parameter_class, re.M))
+    assert bound and bound <= fields, sorted(bound - fields)
