@@ -649,6 +649,9 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         if self.isRunning:
             raise RuntimeError(_("AutoDDPM is already running: wait for it to finish or cancel it."))
         self.checkInput(inputVolume)
+        if inputVolume in (outputPseudoHealthy, outputAnomalyMap):
+            raise ValueError(_("The input volume cannot also be an output: it would be overwritten. Choose another "
+                               "output volume or let AutoDDPM create one."))
         modelFolder = self.modelFolder(model)
         schedule, device = str(getattr(schedule, "value", schedule)), str(getattr(device, "value", device))
         if schedule not in [s.value for s in Schedule]:

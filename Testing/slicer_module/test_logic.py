@@ -270,6 +270,29 @@ def test_bad_inputs_fail_clearly_before_starting(scene, logic, tiny_model, temp_
     assert not logic.isRunning
 
 
+def test_given_output_nodes_are_filled_not_duplicated(scene, logic, tiny_model, temp_root, tmp_path) -> None:
+    volume = add_head_volume(scene, tmp_path)
+    pseudo = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my pseudo-healthy")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    volumes_before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    result = logic.process(volume, model=str(tiny_model), outputPseudoHealthy=pseudo, outputSegmentation=segmentation)
+    assert result.pseudoHealthyVolume is pseudo and result.segmentation is segmentation
+    assert pseudo.GetName() == "my pseudo-healthy"
+    # Only the anomaly map was missing: one new volume.
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes_before + 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert pseudo.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    assert segment_voxels(segmentation) == result.engineSummary["anomalous_voxels"]
+
+
+def test_input_cannot_be_an_output(scene, logic, tiny_model, temp_root, tmp_path) -> None:
+    volume = add_head_volume(scene, tmp_path)
+    before = node_ids(scene)
+    with pytest.raises(ValueError, match="cannot also be an output"):
+        logic.process(volume, model=str(tiny_model), outputAnomalyMap=volume)
+    assert node_ids(scene) == before and list(temp_root.iterdir()) == []
+
+
 def test_unknown_model_fails_clearly(scene, logic, temp_root, tmp_path) -> None:
     volume = add_head_volume(scene, tmp_path)
     before = node_ids(scene)
