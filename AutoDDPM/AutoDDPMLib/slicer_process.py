@@ -126,13 +126,11 @@ class EngineProcess:
     events to the caller's thread.
     """
 
-    def __init__(self, args: Sequence[str], env: Optional[dict[str, str]] = None, cwd: Optional[str] = None) -> None:
+    def __init__(self, args: Sequence[str], env: Optional[dict[str, str]] = None) -> None:
         creationflags = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # no console window pops up on Windows
-        self.args = list(args)
         self.process = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            text=True, encoding="utf-8", errors="replace", bufsize=1, env=env, cwd=cwd,
-            creationflags=creationflags,
+            list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            text=True, encoding="utf-8", errors="replace", bufsize=1, env=env, creationflags=creationflags,
         )
         self._lines: queue.Queue[tuple[str, Optional[str]]] = queue.Queue()
         self._open_streams = 2

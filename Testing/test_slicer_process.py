@@ -1,0 +1,110 @@
+"""The Slicer module's process helpers (pure Python: no Slicer needed)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from AutoDDPMLib.slicer_process import (
+    MODULE_DIR,
+    EngineProcess,
+    engine_command,
+    engine_environment,
+    make_temp_dir,
+    parse_event,
+    remove_temp_dir,
+)
+from AutoDDPMLib.slicer_results import summarize
+
+
+def test_engine_command_asks_for_json_progress() -> None:
+    command = engine_command("in.nrrd", "out", model="m", schedule="reference", device="cpu", seed=3, threshold=0.25)
+    assert command[1:5] == ["-m", "AutoDDPMLib.cli", "run", "in.nrrd"]
+    pairs = dict(zip(command[5::2], command[6::2]))
+    assert pairs == {"--output-dir": "out", "--schedule": "reference", "--device": "cpu", "--seed": "3",
+                     "--progress": "json", "--model": "m", "--threshold": "0.25"}
+    # No threshold: the engine takes the model card's.
+    assert "--threshold" not in engine_command("in.nrrd", "out")
+
+
+def test_engine_environment() -> None:
+    env = engine_environment("cpu", base={"PYTHONPATH": "elsewhere"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(MODULE_DIR), "elsewhere"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "-1" and env["PYTHONUNBUFFERED"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in engine_environment("auto", base={})
+    assert (MODULE_DIR / "AutoDDPMLib" / "cli.py").is_file()
+
+
+@pytest.mark.parametrize("line, event", [
+    ('{"event": "progress", "fraction": 0.5}', {"event": "progress", "fraction": 0.5}),
+    ("  Loading model...", None),
+    ('{"not": "an event"}', None),
+    ("{broken json", None),
+    ("[1, 2]", None),
+])
+def test_parse_event(line: str, event) -> None:
+    assert parse_event(line) == event
+
+
+def run_to_end(engine: EngineProcess) -> list[dict]:
+    events = []
+    deadline = time.monotonic() + 30
+    while not engine.finished and time.monotonic() < deadline:
+        events += engine.poll(0.1)
+    engine.kill()
+    return events
+
+
+def test_engine_process_separates_events_logs_and_the_error_line() -> None:
+    script = ("import json, sys\n"
+              "print('plain output')\n"
+              "print(json.dumps({'event': 'progress', 'fraction': 1.0}))\n"
+              "print('autoddpm: error: the input has no brain in it', file=sys.stderr)\n"
+              "sys.exit(2)\n")
+    engine = EngineProcess([sys.executable, "-c", script])
+    events = run_to_end(engine)
+    assert {"event": "progress", "fraction": 1.0} in events
+    assert {"event": "log", "stream": "stdout", "message": "plain output"} in events
+    assert engine.returncode == 2
+    assert engine.error_message() == "the input has no brain in it"
+
+
+def test_engine_process_kill_stops_the_whole_tree(tmp_path) -> None:
+    psutil = pytest.importorskip("psutil")  # Testing/slicer_module/requirements.txt; Slicer gets it through pip_ensure
+    # A launcher that starts the real worker as a child, as PythonSlicer does on some platforms.
+    marker = tmp_path / "child.pid"
+    child = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    launcher = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    engine = EngineProcess([sys.executable, "-c", launcher])
+    deadline = time.monotonic() + 20
+    while not (marker.is_file() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child_pid = int(marker.read_text())
+    engine.kill()
+    assert engine.process.poll() is not None
+    assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_temp_dir_is_private_and_removed(tmp_path) -> None:
+    folder = make_temp_dir(tmp_path)
+    (folder / "output").mkdir()
+    (folder / "output" / "x.nii.gz").write_bytes(b"x")
+    assert folder.parent == tmp_path and folder.name.startswith("AutoDDPM-")
+    remove_temp_dir(folder)
+    assert list(tmp_path.iterdir()) == []
+    remove_temp_dir(folder)  # already gone: fine
+
+
+def test_summary_in_millilitres_and_largest_part() -> None:
+    mask = np.zeros((4, 10, 10), bool)
+    mask[0, :2, :2] = True  # 4 voxels
+    mask[3, 5:8, 5:8] = True  # 9 voxels, apart from the first
+    mask[2, 4, 4] = True  # touches the 9 only at a corner: one part with 26-connectivity
+    summary = summarize(mask, (1.0, 2.0, 0.5), threshold=0.3)
+    assert (summary.voxels, summary.components) == (14, 2)
+    assert summary.volume_ml == pytest.approx(14 / 1000) and summary.largest_component_ml == pytest.approx(10 / 1000)
+    assert summarize(np.zeros((2, 2, 2)), (1, 1, 1), 0.1).largest_component_ml == 0
