@@ -99,15 +99,16 @@ def test_cli_wiring(tiny_model):
     add_benchmark_command(commands)
     args = parser.parse_args(["benchmark", "--model", str(tiny_model), "--quick", "--output-dir", "x", "--datasets", "lgg,ixi"])
     assert args.handler is benchmark_main and args.quick and args.datasets == "lgg,ixi"
-    args = parser.parse_args(["benchmark-speed", "--batch-sizes", "1", "2", "--no-compile"])
-    assert args.batch_sizes == [1, 2] and args.no_compile
+    args = parser.parse_args(["benchmark-speed", "--batch-sizes", "1", "2", "--compile"])
+    assert args.batch_sizes == [1, 2] and args.compile
 
 
 def test_speed_table(tiny_model, tmp_path):
     rows = run_speed(str(tiny_model), "cpu", batch_sizes=(1, 2), backends=("eager", "channels_last", "half"),
                      min_seconds=0.0, max_repeats=3, output_dir=tmp_path)
-    assert len(rows) == 6
-    assert {r["backend"] for r in rows} == {"eager", "channels_last", "bfloat16"}
+    # a backend far slower than eager (bfloat16 on CPUs without bf16 units) is dropped after its first batch size
+    assert {(r["backend"], r["batch_size"]) for r in rows} >= {("eager", 1), ("eager", 2), ("channels_last", 1), ("channels_last", 2), ("bfloat16", 1)}
+    assert all(r["max_abs_deviation_from_eager"] < 1e-4 for r in rows if r["backend"] == "channels_last")
     assert all(r["ms_per_slice"] > 0 for r in rows)
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved["meta"]["best"] in saved["rows"]

@@ -43,6 +43,7 @@ import json
 import math
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -520,7 +521,7 @@ def evaluate_rows(run: MethodRun, evalset: EvalSet, indices: np.ndarray, dataset
         fidelity[f"{key}_lesion"] = _region_mean(values, truth) if evalset.healthy is not None else None
 
     n_slices = len(indices)
-    if evalset.per_volume:
+    if evalset.per_volume and len(run.indices) == len(evalset):  # whole volumes were run
         per_volume_seconds = float(np.mean(run.group_seconds)) if run.group_seconds else None
     else:
         per_volume_seconds = None
@@ -715,7 +716,7 @@ def run_benchmark(
             indices = subset if method.subset_only else np.arange(len(evalset))
             t0 = time.perf_counter()
             run = runner.run(method, i, dataset_name, evalset.x, indices, evalset.groups())
-            run.threshold = thresholds.get(method.name, float("nan"))
+            run.threshold = card.anomaly_threshold if method.kind == "autoddpm" else thresholds.get(method.name, float("nan"))
             if math.isnan(run.threshold) and method.name == "Residual (coarse, reference)":
                 run.threshold = thresholds.get("Residual (coarse, fast)", float("nan"))
             run.fidelity = fidelity_maps(run, evalset, runner.lpips, torch_device)
@@ -781,6 +782,15 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _paired(rows: list[dict]) -> dict:
+    """{(method, size bin): (calibrated row, oracle row)} in the rows' order."""
+    pairs: dict = {}
+    for r in rows:
+        slot = pairs.setdefault((r["method"], r["size_bin"]), [None, None])
+        slot[0 if r["threshold_kind"] == "calibrated" else 1] = r
+    return {k: tuple(v) for k, v in pairs.items() if v[0] is not None and v[1] is not None}
+
+
 def markdown_report(rows: list[dict], meta: dict, figures: list[str]) -> str:
     lines = [
         f"# AutoDDPM benchmark{' (quick)' if meta['quick'] else ''}",
@@ -797,7 +807,9 @@ def markdown_report(rows: list[dict], meta: dict, figures: list[str]) -> str:
         "",
         "Thresholds: **calibrated** rows use thresholds fixed before looking at the test data (the card's for AutoDDPM; "
         "baselines matched to AutoDDPM-fast's healthy false-positive fraction on healthy training-split slices). "
-        "**oracle** rows use the best of 101 thresholds in [0, 1] chosen on the test data itself: an upper bound, not an achievable result.",
+        "**oracle** rows use the best of 101 thresholds in [0, 1] chosen on the test data itself: an upper bound, not an achievable result. "
+        "Dice and AUPRC pool all pixels of the evaluated slices; FPR pixels = flagged head-foreground pixels of lesion-free slices, "
+        "FPR slices = lesion-free slices with any flagged pixel. Healthy tissue = head foreground more than 2 pixels from a lesion.",
         "",
         "Notes:",
         "",
@@ -807,25 +819,35 @@ def markdown_report(rows: list[dict], meta: dict, figures: list[str]) -> str:
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     for dataset in datasets:
         ds_rows = [r for r in rows if r["dataset"] == dataset]
-        lines += [f"## {dataset}", "", "### Detection", "",
-                  "| method | size bin | threshold | Dice | AUPRC | per-volume Dice median [IQR] | FPR pixels (lesion-free) | FPR slices | evals/slice | s/slice | s/volume |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in ds_rows:
-            kind = "**oracle**" if r["threshold_kind"] == "oracle" else "calibrated"
-            vol = f"{_fmt(r['volume_dice_median'])} [{_fmt(r['volume_dice_q1'])}, {_fmt(r['volume_dice_q3'])}]" if r["volume_dice_median"] is not None else "–"
+        pairs = _paired(ds_rows)
+        lines += [f"## {dataset}", "", "### Detection, all slices", "",
+                  "| method | Dice (calibrated) | Dice (**oracle**) @ threshold | AUPRC | per-volume Dice, calibrated: median [IQR] | "
+                  "FPR pixels / slices (lesion-free, calibrated) | evals / slice | s / slice | s / volume |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (method, bin_name), (cal, orc) in pairs.items():
+            if bin_name != "all":
+                continue
+            vol = f"{_fmt(cal['volume_dice_median'])} [{_fmt(cal['volume_dice_q1'])}, {_fmt(cal['volume_dice_q3'])}]"
             lines.append(
-                f"| {r['method']} | {r['size_bin']} | {kind} {_fmt(r['threshold'], 4)} | {_fmt(r['dice'])} | {_fmt(r['auprc'])} | {vol} | "
-                f"{_fmt(r['fpr_pixels'], 4)} | {_fmt(r['fpr_slices'], 2)} | {r['evaluations_per_slice']} | {_fmt(r['seconds_per_slice'], 3)} | {_fmt(r['seconds_per_volume'], 1)} |"
+                f"| {method} | {_fmt(cal['dice'])} | {_fmt(orc['dice'])} @ {_fmt(orc['threshold'], 2)} | {_fmt(cal['auprc'])} | {vol} | "
+                f"{_fmt(cal['fpr_pixels'], 4)} / {_fmt(cal['fpr_slices'], 2)} | {cal['evaluations_per_slice']} | "
+                f"{_fmt(cal['seconds_per_slice'], 3)} | {_fmt(cal['seconds_per_volume'], 1)} |"
             )
-        lines += ["", "### Pseudo-healthy fidelity (against the known healthy image; LGG: against the input, healthy tissue only)", "",
+        by_bin = [(k, v) for k, v in pairs.items() if k[1] != "all"]
+        if by_bin:
+            lines += ["", "### Detection by lesion size (slices with a lesion of that size bin only)", "",
+                      "| method | size bin | slices | Dice (calibrated) | Dice (**oracle**) @ threshold | AUPRC |", "|---|---|---|---|---|---|"]
+            for (method, bin_name), (cal, orc) in sorted(by_bin, key=lambda kv: (BIN_ORDER.index(kv[0][1]), 0)):
+                lines.append(f"| {method} | {bin_name} | {cal['n_slices']} | {_fmt(cal['dice'])} | {_fmt(orc['dice'])} @ {_fmt(orc['threshold'], 2)} | {_fmt(cal['auprc'])} |")
+        known = any(r["mae_lesion"] is not None for r in ds_rows)
+        title = "against the known healthy image" if known else "against the input, in healthy tissue only (no healthy image is known inside real lesions)"
+        lines += ["", f"### Pseudo-healthy fidelity, {title}", "",
                   "| method | size bin | MAE healthy | SSIM healthy | LPIPS healthy | MAE lesion | SSIM lesion | LPIPS lesion |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in ds_rows:
-            if r["threshold_kind"] != "calibrated":
-                continue
+        for (method, bin_name), (cal, _) in sorted(pairs.items(), key=lambda kv: BIN_ORDER.index(kv[0][1])):
             lines.append(
-                f"| {r['method']} | {r['size_bin']} | {_fmt(r['mae_healthy'], 4)} | {_fmt(r['ssim_healthy'])} | {_fmt(r['lpips_healthy'], 4)} | "
-                f"{_fmt(r['mae_lesion'], 4)} | {_fmt(r['ssim_lesion'])} | {_fmt(r['lpips_lesion'], 4)} |"
+                f"| {method} | {bin_name} | {_fmt(cal['mae_healthy'], 4)} | {_fmt(cal['ssim_healthy'])} | {_fmt(cal['lpips_healthy'], 4)} | "
+                f"{_fmt(cal['mae_lesion'], 4)} | {_fmt(cal['ssim_lesion'])} | {_fmt(cal['lpips_lesion'], 4)} |"
             )
         lines.append("")
     if figures:
@@ -885,8 +907,12 @@ def write_figures(output_dir: Path, rows: list[dict], examples: dict) -> list[st
 
     # Dice against network evaluations per slice, per dataset ("all" bin).
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    columns = min(3, len(datasets))
+    n_rows = math.ceil(len(datasets) / columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(5.5 * columns, 4.2 * n_rows), squeeze=False)
+    for ax in axes.flat[len(datasets):]:
+        ax.axis("off")
+    for ax, dataset in zip(axes.flat, datasets):
         for r in rows:
             if r["dataset"] != dataset or r["size_bin"] != "all" or r["dice"] is None:
                 continue
@@ -944,7 +970,7 @@ def benchmark_main(args: argparse.Namespace) -> int:
         calibration_slices_count=args.calibration_slices,
         baseline_steps=args.baseline_steps,
         figures=not args.no_figures,
-        command="autoddpm " + " ".join(sys.argv[1:]) if sys.argv and "autoddpm" in Path(sys.argv[0]).name else None,
+        command="autoddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if "benchmark" in sys.argv[1:] else None,
     )
     return 0
 

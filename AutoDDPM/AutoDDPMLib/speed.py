@@ -6,8 +6,10 @@ one forward on a batch of slices), for each backend
 * ``eager``: plain PyTorch, float32;
 * ``channels_last``: float32 with NHWC memory layout (often faster convolutions on CPUs and GPUs);
 * ``bfloat16`` (CPU) / ``float16`` (CUDA, MPS): autocast to half precision;
-* ``compile``: ``torch.compile`` of the float32 network (optional; skipped with
-  a note when it is unavailable or fails, e.g. without a C++ compiler),
+* ``compile``: ``torch.compile`` of the float32 network (with ``--compile``:
+  compiling takes minutes per batch size on a small CPU, reported as
+  ``first_call_seconds``; skipped with a note when it is unavailable or fails,
+  e.g. without a C++ compiler),
 
 and each batch size (1, 4, 8, 16, 32 by default). Prints a table and writes
 speed.json and speed.md; the recommendation is the fastest (backend, batch size)
@@ -18,33 +20,21 @@ numbers a little: its largest deviation from the float32 output is reported.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 
 def _log(message: str) -> None:
     print(f"[speed] {message}", file=sys.stderr, flush=True)
-
-
-def _time_forward(fn: Callable, x, t, sync: Callable, min_seconds: float, max_repeats: int, warmup: int = 2) -> float:
-    """Median seconds per call after ``warmup`` calls, repeating until ``min_seconds`` or ``max_repeats``."""
-    for _ in range(warmup):
-        fn(x, t)
-    sync()
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < 3 or time.perf_counter() - start < min_seconds):
-        t0 = time.perf_counter()
-        fn(x, t)
-        sync()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def run_speed(
@@ -75,19 +65,21 @@ def run_speed(
             torch.cuda.synchronize()
 
     notes = []
+    try:
+        load = tuple(round(v, 2) for v in os.getloadavg())
+    except (OSError, AttributeError):
+        load = None
     generator = torch.Generator().manual_seed(0)
-    reference_out = {}
 
     def make(backend: str) -> Optional[Callable]:
+        # Each backend gets its own copy: channels_last converts a module in place.
+        net = copy.deepcopy(network)
         if backend == "eager":
-            net = network.to(memory_format=torch.contiguous_format)
             return lambda x, t: net(x, t)
         if backend == "channels_last":
-            net = network.to(memory_format=torch.channels_last)
+            net = net.to(memory_format=torch.channels_last)
             return lambda x, t: net(x.contiguous(memory_format=torch.channels_last), t)
         if backend == "half":
-            net = network.to(memory_format=torch.contiguous_format)
-
             def run(x, t):
                 with torch.autocast(device_type=dev.type, dtype=half_dtype):
                     return net(x, t)
@@ -98,7 +90,7 @@ def run_speed(
                 notes.append("torch.compile: not available in this PyTorch")
                 return None
             try:
-                compiled = torch.compile(network.to(memory_format=torch.contiguous_format), dynamic=False)
+                compiled = torch.compile(net, dynamic=False)
                 x0 = torch.rand(2, 1, n, n, generator=generator).to(dev)
                 compiled(x0, torch.zeros(2, dtype=torch.long, device=dev))
                 return lambda x, t: compiled(x, t)
@@ -110,37 +102,59 @@ def run_speed(
 
     rows = []
     with torch.inference_mode():
+        functions, setups = {}, {}
         for backend in backends:
+            label = {"half": str(half_dtype).replace("torch.", "")}.get(backend, backend)
             t_start = time.perf_counter()
             fn = make(backend)
-            if fn is None:
-                continue
-            setup = time.perf_counter() - t_start
-            label = {"half": str(half_dtype).replace("torch.", "")}.get(backend, backend)
-            for batch in batch_sizes:
-                x = torch.rand(batch, 1, n, n, generator=generator).to(dev)
-                t = torch.randint(0, card.max_timestep + 1, (batch,), generator=generator).to(dev)
+            if fn is not None:
+                functions[label], setups[label] = fn, time.perf_counter() - t_start
+        # Backends are timed in turns at each batch size, so a change in load hits them alike.
+        for batch in batch_sizes:
+            x = torch.rand(batch, 1, n, n, generator=generator).to(dev)
+            t = torch.randint(0, card.max_timestep + 1, (batch,), generator=generator).to(dev)
+            outputs, first_call = {}, {}
+            for label, fn in list(functions.items()):
                 try:
-                    seconds = _time_forward(fn, x, t, sync, min_seconds, max_repeats)
-                    out = fn(x, t).float()
+                    t0 = time.perf_counter()
+                    outputs[label] = fn(x, t).float()  # also the warm-up (torch.compile compiles here per shape)
+                    sync()
+                    first_call[label] = time.perf_counter() - t0
                 except Exception as error:  # e.g. out of memory at a large batch
                     notes.append(f"{label} at batch {batch} failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
-                    continue
-                if backend == "eager":
-                    reference_out[batch] = out
-                deviation = float((out - reference_out[batch]).abs().max()) if batch in reference_out else None
+            active = [label for label in functions if label in outputs]
+            times: dict[str, list[float]] = {label: [] for label in active}
+            started = time.perf_counter()
+            for repeat in range(max_repeats):
+                for label in active:
+                    t0 = time.perf_counter()
+                    functions[label](x, t)
+                    sync()
+                    times[label].append(time.perf_counter() - t0)
+                if repeat >= 2 and time.perf_counter() - started > min_seconds * len(active):
+                    break
+            reference = outputs.get("eager")
+            for label in active:
+                seconds = float(np.median(times[label]))
                 row = {
                     "backend": label,
                     "batch_size": batch,
                     "ms_per_forward": round(1000 * seconds, 3),
                     "ms_per_slice": round(1000 * seconds / batch, 3),
                     "slices_per_second": round(batch / seconds, 1),
-                    "max_abs_deviation_from_eager": None if deviation is None else round(deviation, 6),
-                    "setup_seconds": round(setup, 2),
+                    "repeats": len(times[label]),
+                    "max_abs_deviation_from_eager": None if reference is None else round(float((outputs[label] - reference).abs().max()), 6),
+                    "setup_seconds": round(setups[label], 2),
+                    "first_call_seconds": round(first_call[label], 2),
                 }
                 rows.append(row)
                 _log(f"{label:>14} batch {batch:>3}: {row['ms_per_forward']:9.2f} ms/forward  {row['ms_per_slice']:8.2f} ms/slice")
-    network.to(memory_format=torch.contiguous_format)
+            eager_row = next((r for r in rows if r["backend"] == "eager" and r["batch_size"] == batch), None)
+            for label in active:
+                row = next(r for r in rows if r["backend"] == label and r["batch_size"] == batch)
+                if eager_row is not None and label != "eager" and row["ms_per_forward"] > 3 * eager_row["ms_per_forward"]:
+                    notes.append(f"{label}: {row['ms_per_forward'] / eager_row['ms_per_forward']:.0f}x slower than eager at batch {batch} on this device; larger batches not timed")
+                    del functions[label]
 
     best = min(rows, key=lambda r: r["ms_per_slice"]) if rows else None
     good_enough = None
@@ -157,8 +171,11 @@ def run_speed(
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "best": best,
         "smallest_batch_within_10_percent": good_enough,
+        "load_average_at_start": load,
         "notes": notes,
     }
+    if load is not None and load[0] > 0.5:
+        notes.append(f"load average {load[0]:.1f} when the timing started: other processes shared the device, so these times are pessimistic")
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -175,12 +192,12 @@ def speed_markdown(rows: list[dict], meta: dict) -> str:
         f"- Model: `{meta['model']}`, {meta['image_size']}x{meta['image_size']}, {meta['parameters'] / 1e6:.2f} M parameters",
         f"- Device: {meta['device']}, torch {meta['torch']}, {meta['date']}",
         "",
-        "| backend | batch | ms / forward | ms / slice | slices / s | max deviation from eager |",
-        "|---|---|---|---|---|---|",
+        "| backend | batch | ms / forward | ms / slice | slices / s | max deviation from eager | first call (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         dev = "–" if r["max_abs_deviation_from_eager"] is None else f"{r['max_abs_deviation_from_eager']:.2e}"
-        lines.append(f"| {r['backend']} | {r['batch_size']} | {r['ms_per_forward']:.2f} | {r['ms_per_slice']:.2f} | {r['slices_per_second']:.1f} | {dev} |")
+        lines.append(f"| {r['backend']} | {r['batch_size']} | {r['ms_per_forward']:.2f} | {r['ms_per_slice']:.2f} | {r['slices_per_second']:.1f} | {dev} | {r['first_call_seconds']:.1f} |")
     if meta["best"]:
         b, g = meta["best"], meta["smallest_batch_within_10_percent"]
         lines += ["", f"Fastest per slice: **{b['backend']}, batch {b['batch_size']}** ({b['ms_per_slice']:.2f} ms/slice); "
@@ -194,12 +211,12 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="bundled model name or model bundle folder")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (its first compilation can take minutes)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (compiling takes minutes per batch size on a small CPU)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time each setting for at least this long (default 1 s)")
     parser.add_argument("--output-dir", default=None, help="also write speed.json and speed.md here")
 
 
 def speed_main(args: argparse.Namespace) -> int:
-    backends = ("eager", "channels_last", "half") + (() if args.no_compile else ("compile",))
+    backends = ("eager", "channels_last", "half") + (("compile",) if args.compile else ())
     run_speed(args.model, args.device, tuple(args.batch_sizes), backends, args.min_seconds, output_dir=args.output_dir)
     return 0
