@@ -679,9 +679,12 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         if not waitForCompletion:
             qt.QTimer.singleShot(self.pollIntervalMsec, lambda: self._checkBackgroundRun(run))
             return result
+        application = getattr(slicer, "app", None)
         try:
             while not self._step(run, timeout=0.1):
-                pass
+                if application is not None:
+                    # Inside Slicer the views keep repainting (a second Apply is refused while this runs).
+                    application.processEvents()
         except BaseException:
             # Ctrl+C in the console or an error in a callback: leave nothing behind.
             self._abort(run)
