@@ -159,6 +159,9 @@ def test_rethreshold_refuses_a_foreign_segmentation(scene, logic) -> None:
 
 def test_background_run_reports_completion(scene, logic, tiny_model, temp_root, tmp_path) -> None:
     volume = add_head_volume(scene, tmp_path, lesion=False, seed=1)
+    # A registration transform on the input applies to the results too.
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
     finished = []
     result = logic.process(volume, model=str(tiny_model), waitForCompletion=False, completedCallback=finished.append)
     assert result.state == "running" and logic.isRunning
@@ -167,6 +170,8 @@ def test_background_run_reports_completion(scene, logic, tiny_model, temp_root, 
         standins.process_events()
     assert finished == [result] and result.state == "done" and not logic.isRunning
     assert segment_voxels(result.segmentation) == result.engineSummary["anomalous_voxels"]
+    for node in (result.pseudoHealthyVolume, result.anomalyMapVolume, result.segmentation):
+        assert node.GetTransformNodeID() == transform.GetID()
     assert list(temp_root.iterdir()) == []
 
 
