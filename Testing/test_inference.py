@@ -86,6 +86,10 @@ def test_threshold_override(tiny_model):
     low = AutoDDPM(tiny_model, threshold=0.0).process_volume(image)
     high = AutoDDPM(tiny_model, threshold=1e9).process_volume(image)
     assert high.anomalous_voxels == 0 and low.anomalous_voxels > 0
+    # Flagging (nearly) everything means the input does not fit the model: say so, with a sane share.
+    assert not high.warnings and len(low.warnings) == 1
+    share = float(low.warnings[0].split("%")[0])
+    assert 20 < share <= 100
 
 
 def test_progress_reaches_the_end_through_both_stages(engine):

@@ -46,7 +46,7 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter) -> tuple[di
             for warning in result.warnings:
                 reporter.warning(warning)
             reporter.stage(path, "writing", 0.97)
-            outputs = {key: output_dir / f"{stem}{suffix}" for key, suffix in OUTPUT_SUFFIXES.items()}
+            outputs = {key: (output_dir / f"{stem}{suffix}").resolve() for key, suffix in OUTPUT_SUFFIXES.items()}
             write_outputs_atomically({outputs["pseudohealthy"]: result.pseudo_healthy,
                                       outputs["anomaly"]: result.anomaly_map, outputs["mask"]: result.mask})
             reporter.done(path, outputs, engine, result)

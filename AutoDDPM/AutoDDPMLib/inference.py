@@ -181,11 +181,12 @@ class AutoDDPM:
 
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         flagged = int(mask.sum())
-        foreground = int((slices01[with_signal] > FOREGROUND_LEVEL).sum())
+        tissue = slices01 > FOREGROUND_LEVEL
+        flagged_tissue = float(mask[tissue].mean()) if tissue.any() else 0.0
         warnings = []
-        if foreground and flagged / foreground > SUSPICIOUS_ANOMALY_FRACTION:
+        if flagged_tissue > SUSPICIOUS_ANOMALY_FRACTION:
             warnings.append(
-                f"{100 * flagged / foreground:.0f}% of the tissue was flagged as anomalous; this usually means the "
+                f"{100 * flagged_tissue:.0f}% of the tissue was flagged as anomalous; this usually means the "
                 f"input does not fit model {self.card.name} ({self.card.data['modality']}, "
                 f"{self.card.data.get('valid_for', {}).get('slices', 'axial slices')})"
             )
