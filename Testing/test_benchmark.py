@@ -58,7 +58,7 @@ def test_benchmark_smoke(tiny_model, data_root, tmp_path):
     try:
         rows = run_benchmark(
             model=str(tiny_model), output_dir=tmp_path / "out", data=data_root, quick=True,
-            datasets=["lgg", "ixi"], device="cpu", max_images=1, reference_cases=1,
+            datasets=["lgg", "lgg-synth", "ixi"], device="cpu", max_images=1, reference_cases=1,
             calibration_slices_count=2, figures=False,
         )
     finally:
@@ -72,7 +72,9 @@ def test_benchmark_smoke(tiny_model, data_root, tmp_path):
     assert {"AutoDDPM fast", "AutoDDPM reference", "Residual (coarse, fast)"} <= methods
     assert {f"AnoDDPM t={t}" for t in (50, 100, 200, 300)} <= methods
     assert "AnoDDPM t=500" not in methods  # the tiny card's max_timestep is 499
-    assert {r["dataset"] for r in rows} == {"lgg", "lgg [reference subset]", "ixi", "ixi [reference subset]"}
+    assert {r["dataset"] for r in rows} == {
+        f"{d}{s}" for d in ("lgg", "lgg-synth", "ixi") for s in ("", " [reference subset]")
+    }
     assert {r["threshold_kind"] for r in rows} == {"calibrated", "oracle"}
     assert {r["size_bin"] for r in rows if r["dataset"] == "ixi"} == {"all", "small", "medium", "large"}
     # the reference schedule only on its subset in --quick
@@ -83,10 +85,11 @@ def test_benchmark_smoke(tiny_model, data_root, tmp_path):
         assert _in_range(r["ssim_healthy"], -1, 1) and _in_range(r["mae_healthy"], 0, 1)
         assert _in_range(r["lpips_healthy"], 0, 10)
         assert r["evaluations_per_slice"] > 0 and r["seconds_per_slice"] >= 0
-    fast = [r for r in rows if r["method"] == "AutoDDPM fast" and r["dataset"] == "ixi" and r["size_bin"] == "all"]
-    assert fast[0]["evaluations_per_slice"] == 25
-    assert fast[0]["n_slices"] == 4  # one healthy slice: clean + one lesion per size bin
-    assert fast[0]["mae_lesion"] is not None  # the healthy image is known
+    for dataset in ("ixi", "lgg-synth"):
+        fast = [r for r in rows if r["method"] == "AutoDDPM fast" and r["dataset"] == dataset and r["size_bin"] == "all"]
+        assert fast[0]["evaluations_per_slice"] == 25
+        assert fast[0]["n_slices"] == 4  # one healthy slice: clean + one lesion per size bin
+        assert fast[0]["mae_lesion"] is not None  # the healthy image is known
     lgg = [r for r in rows if r["dataset"] == "lgg" and r["size_bin"] == "all"]
     assert all(r["seconds_per_volume"] is not None and r["mae_lesion"] is None for r in lgg)
     oracle = [r for r in rows if r["threshold_kind"] == "oracle" and r["dice"] is not None]

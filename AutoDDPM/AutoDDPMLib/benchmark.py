@@ -33,6 +33,16 @@ Thresholds, each reported separately:
   test label is used.
 * ``oracle``: the best of 101 thresholds in [0, 1] chosen on the evaluated data
   itself (the reference's protocol). An upper bound, labelled as such.
+
+Outputs in ``--output-dir``: ``results.json``, a list of rows, one per (method,
+dataset, size_bin, threshold_kind) with dice, auprc, threshold,
+volume_dice_median/q1/q3, fpr_pixels, fpr_slices, mae/ssim/lpips_healthy and
+_lesion, evaluations_per_slice, seconds_per_slice, seconds_per_volume,
+cuda_peak_mb, peak_rss_mb and case counts (missing values are null);
+``meta.json`` (command, model, commit, device, date, notes); ``results.md``
+(the tables); ``examples.png`` and ``tradeoff.png`` (with matplotlib). With
+``--quick`` the reference schedule runs on a subset of each dataset, reported
+as the dataset ``"<name> [reference subset]"`` with every method on the same cases.
 """
 
 from __future__ import annotations
@@ -243,20 +253,27 @@ def _spread(n_total: int, n: Optional[int]) -> np.ndarray:
 
 
 def load_lgg_synthetic(folder: Path, card, max_images: Optional[int], seed: int) -> EvalSet:
-    """Lesion-free slices of the LGG validation patients (the largest head sections) with synthetic lesions."""
-    from .training_data import find_training_images, healthy_slices
+    """Lesion-free slices of the LGG validation patients, nearest the volume's middle, with synthetic lesions.
 
-    percentiles, min_fraction = _preprocessing(card)
+    Mid-volume sections show brain with room for a large lesion; the lowest
+    sections (orbits, skull base) would put lesions into the face.
+    """
+    from .training_data import find_training_images
+
     candidates, ids = [], []
     for image, mask in find_training_images(folder):
-        slices = healthy_slices(image, mask, card.image_size, percentiles, min_fraction)
-        if len(slices) == 0:
+        grid, truth, _ = _volume_slices(image, mask, card)
+        if grid is None:
             continue
-        # The most foreground: mid-brain sections with room for a large lesion.
-        fractions = (slices[:, 0] > 0.05).float().mean(dim=(1, 2))
-        for k in fractions.argsort(descending=True)[:4].tolist():
-            candidates.append(slices[k, 0].numpy())
+        free = np.flatnonzero(~truth.reshape(len(truth), -1).any(axis=1))
+        middle = (len(grid) - 1) / 2
+        for k in sorted(free, key=lambda i: abs(i - middle))[:4]:
+            candidates.append(grid[k, 0].numpy())
             ids.append(f"{image.name.split('_flair')[0]}#{k}")
+    if not candidates:
+        from .errors import AutoDDPMError
+
+        raise AutoDDPMError(f"no lesion-free slices with signal in {folder}")
     pick = _spread(len(candidates), max_images or 40)
     return synthetic_set(
         "lgg-synth", [candidates[i] for i in pick], [ids[i] for i in pick], seed, f"LGG FLAIR lesion-free slices ({folder})"
