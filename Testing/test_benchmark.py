@@ -116,3 +116,20 @@ def test_speed_table(tiny_model, tmp_path):
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved["meta"]["best"] in saved["rows"]
     assert "ms / slice" in (tmp_path / "speed.md").read_text()
+
+
+def test_baseline_calibration_follows_the_card(tiny_model, data_root):
+    from AutoDDPMLib.benchmark import _calibrated_on, _calibration_family, calibration_slices, card_healthy_fpr
+    from AutoDDPMLib.bundle import read_card
+
+    card = read_card(tiny_model)
+    assert card_healthy_fpr(card) is None and _calibration_family(card, "ixi") == "ixi"
+    card.data = dict(card.data, thresholds={"mask_tau": 0.1, "anomaly": 0.2, "calibrated": True, "calibration": {
+        "data": [str(data_root / "lgg_flair" / "val")], "healthy_fpr": 0.01}})
+    assert card_healthy_fpr(card) == 0.01
+    assert _calibration_family(card, "lgg") == "card"
+    # calibrated on the very folder the benchmark evaluates: flagged
+    assert _calibrated_on(card, data_root / "lgg_flair" / "val")
+    assert _calibrated_on(card, data_root / "ixi_t1_midaxial" / "val") is None
+    slices, where = calibration_slices("card", data_root, card, 2)
+    assert slices.shape == (1, 1, 32, 32) and "calibration data" in where  # the one lesion-free val slice
