@@ -959,6 +959,7 @@ def write_figures(output_dir: Path, rows: list[dict], examples: dict) -> list[st
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.lines
     import matplotlib.pyplot as plt
 
     from .metrics import LESION_FREE
@@ -1020,6 +1021,16 @@ def write_figures(output_dir: Path, rows: list[dict], examples: dict) -> list[st
             if oracle:
                 ax.annotate(r["method"].replace("AutoDDPM ", "Auto "), (r["evaluations_per_slice"], r["dice"]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
+        for kind, color in (("AutoDDPM", "C0"),):  # its schedules form the speed/quality curve
+            for threshold_kind, style in (("oracle", "-"), ("calibrated", ":")):
+                points = sorted((r["evaluations_per_slice"], r["dice"]) for r in rows
+                                if r["dataset"] == dataset and r["size_bin"] == "all" and r["dice"] is not None
+                                and r["method"].startswith(kind) and r["threshold_kind"] == threshold_kind)
+                if len(points) > 1:
+                    ax.plot(*zip(*points), style, color=color, linewidth=0.8, alpha=0.6)
+        handles = [matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=c, label=l)
+                   for c, l in (("C0", "AutoDDPM"), ("C1", "AnoDDPM (fixed noise level)"), ("C2", "residual of the coarse reconstruction"))]
+        ax.legend(handles=handles, fontsize=7, loc="best")
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations per slice")
         ax.set_ylabel("pooled Dice (filled: oracle, hollow: calibrated)")
