@@ -135,6 +135,7 @@ def new_card(
     min_foreground_fraction: float = 0.05,
     license: str = "see the training data's license",
     description: str = "",
+    valid_for: str = "axial slices",
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A card for freshly trained weights; its thresholds are placeholders until calibration."""
@@ -145,6 +146,7 @@ def new_card(
         "name": name,
         "description": description,
         "modality": modality,
+        "valid_for": valid_for,
         "license": license,
         "unet": unet.to_dict(),
         "scheduler": {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 2e-2,

@@ -170,6 +170,7 @@ def _train(args: argparse.Namespace) -> int:
             name=args.name or Path(args.output).name,
             modality=args.modality,
             description=args.description,
+            valid_for=args.valid_for,
             license=args.license,
             unet=unet,
             percentiles=percentiles,
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", default=None, help="model name for its card (default: the output folder's name)")
     train.add_argument("--modality", default="unknown", help="e.g. FLAIR or T1, recorded in the card")
     train.add_argument("--description", default="", help="one line for the card")
+    train.add_argument("--valid-for", default="axial slices", help="what inputs the model suits, for its card, e.g. 'axial FLAIR, whole brain, all slice levels'")
     train.add_argument("--license", default="see the training data's license", help="license of the weights (follows the training data)")
     train.add_argument("--image-size", type=int, default=64, help="model grid in pixels (default 64)")
     train.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 128], help="UNet width per level; attention at the coarsest")

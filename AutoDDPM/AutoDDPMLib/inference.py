@@ -188,7 +188,7 @@ class AutoDDPM:
             warnings.append(
                 f"{100 * flagged_tissue:.0f}% of the tissue was flagged as anomalous; this usually means the "
                 f"input does not fit model {self.card.name} ({self.card.data['modality']}, "
-                f"{self.card.data.get('valid_for', {}).get('slices', 'axial slices')})"
+                f"{self.card.data.get('valid_for', 'axial slices')})"
             )
         return VolumeResult(
             pseudo_healthy=stack.to_image(pseudo_healthy.astype(np.float32)),

@@ -58,6 +58,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0: no limit; otherwise checkpoint and stop after this long
     seed: int = 0
     initialised_from: str = ""
+    valid_for: str = "axial slices"
     license: str = "see the training data's license"
     description: str = ""
 
@@ -230,7 +231,7 @@ class Trainer:
         save_unet(self.ema, self.output)
         write_card(self.output, new_card(
             c.name, c.modality, c.unet, max_timestep=c.max_timestep - 1, percentiles=c.percentiles,
-            min_foreground_fraction=c.min_foreground_fraction, license=c.license, description=c.description,
+            min_foreground_fraction=c.min_foreground_fraction, license=c.license, description=c.description, valid_for=c.valid_for,
             training={"data": c.data, "slices": len(self.slices), "steps": self.step,
                       "validation_mse_t200": validation_mse, "config": c.to_dict()},
         ))
