@@ -93,7 +93,22 @@ def test_benchmark_smoke(tiny_model, data_root, tmp_path):
     lgg = [r for r in rows if r["dataset"] == "lgg" and r["size_bin"] == "all"]
     assert all(r["seconds_per_volume"] is not None and r["mae_lesion"] is None for r in lgg)
     oracle = [r for r in rows if r["threshold_kind"] == "oracle" and r["dice"] is not None]
-    assert all(0.0 <= r["threshold"] <= 1.0 for r in oracle)
+    assert all(r["threshold"] >= 0.0 for r in oracle)
+
+
+def test_oracle_thresholds_refine_the_reference_grid():
+    from AutoDDPMLib.benchmark import oracle_thresholds
+    from AutoDDPMLib.metrics import ORACLE_THRESHOLDS, best_dice
+
+    scores = np.zeros((2, 8, 8), np.float32)
+    truth = np.zeros((2, 8, 8), bool)
+    truth[0, :2] = True
+    scores[0, :2] = 0.004  # a map with a tiny range, like AutoDDPM's A
+    scores[1, :2] = 0.002
+    thresholds = oracle_thresholds(scores)
+    assert set(ORACLE_THRESHOLDS) <= set(thresholds)
+    assert best_dice(scores, truth)[0] < 1.0  # the 0.01 grid cannot separate 0.002 from 0.004
+    assert best_dice(scores, truth, thresholds)[0] == 1.0
 
 
 def test_cli_wiring(tiny_model):
