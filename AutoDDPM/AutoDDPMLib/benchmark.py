@@ -895,6 +895,10 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _fmt_threshold(value) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
 def _paired(rows: list[dict]) -> dict:
     """{(method, size bin): (calibrated row, oracle row)} in the rows' order."""
     pairs: dict = {}
@@ -944,7 +948,7 @@ def markdown_report(rows: list[dict], meta: dict, figures: list[str]) -> str:
                 continue
             vol = f"{_fmt(cal['volume_dice_median'])} [{_fmt(cal['volume_dice_q1'])}, {_fmt(cal['volume_dice_q3'])}]"
             lines.append(
-                f"| {method} | {_fmt(cal['dice'])} | {_fmt(orc['dice'])} @ {_fmt(orc['threshold'], 2)} | {_fmt(cal['auprc'])} | {vol} | "
+                f"| {method} | {_fmt(cal['dice'])} | {_fmt(orc['dice'])} @ {_fmt_threshold(orc['threshold'])} | {_fmt(cal['auprc'])} | {vol} | "
                 f"{_fmt(cal['fpr_pixels'], 4)} / {_fmt(cal['fpr_slices'], 2)} | {cal['evaluations_per_slice']} | "
                 f"{_fmt(cal['seconds_per_slice'], 3)} | {_fmt(cal['seconds_per_volume'], 1)} |"
             )
@@ -953,7 +957,7 @@ def markdown_report(rows: list[dict], meta: dict, figures: list[str]) -> str:
             lines += ["", "### Detection by lesion size (slices with a lesion of that size bin only)", "",
                       "| method | size bin | slices | Dice (calibrated) | Dice (**oracle**) @ threshold | AUPRC |", "|---|---|---|---|---|---|"]
             for (method, bin_name), (cal, orc) in sorted(by_bin, key=lambda kv: (BIN_ORDER.index(kv[0][1]), 0)):
-                lines.append(f"| {method} | {bin_name} | {cal['n_slices']} | {_fmt(cal['dice'])} | {_fmt(orc['dice'])} @ {_fmt(orc['threshold'], 2)} | {_fmt(cal['auprc'])} |")
+                lines.append(f"| {method} | {bin_name} | {cal['n_slices']} | {_fmt(cal['dice'])} | {_fmt(orc['dice'])} @ {_fmt_threshold(orc['threshold'])} | {_fmt(cal['auprc'])} |")
         known = any(r["mae_lesion"] is not None for r in ds_rows)
         title = "against the known healthy image" if known else "against the input, in healthy tissue only (no healthy image is known inside real lesions)"
         lines += ["", f"### Pseudo-healthy fidelity, {title}", "",
