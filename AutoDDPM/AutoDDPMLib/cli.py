@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.set_defaults(handler=_calibrate)
 
+    from .benchmark import add_benchmark_command
+
+    add_benchmark_command(commands)
+
     train = commands.add_parser("train", help="train a healthy-brain model and write a model bundle")
     train.add_argument("--data", action="append", default=[], help="folder of healthy images/volumes (with optional *_mask lesion masks) or a text file listing them; repeatable")
     train.add_argument("--output", required=True, help="model bundle folder to write (checkpoints go in its checkpoint/ subfolder)")
