@@ -55,7 +55,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -759,7 +758,7 @@ def run_benchmark(
     import torch
 
     from .bundle import read_card, resolve_model
-    from .devices import select_device
+    from .devices import describe_device, select_device
     from .errors import AutoDDPMError
 
     started = time.perf_counter()
@@ -858,7 +857,7 @@ def run_benchmark(
         "image_size": card.image_size,
         "thresholds": card.data.get("thresholds", {}),
         "commit": _git_commit(),
-        "device": str(torch_device) + (f" ({torch.cuda.get_device_name(torch_device)})" if torch_device.type == "cuda" else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "device": describe_device(torch_device),
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": quick,

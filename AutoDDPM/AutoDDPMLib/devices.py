@@ -26,6 +26,15 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def describe_device(device: torch.device) -> str:
+    """The device for a report: the GPU's name, or the CPU and its thread count."""
+    import platform
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is a device running out of memory (CUDA or MPS)."""
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()

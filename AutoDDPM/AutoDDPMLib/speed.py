@@ -24,7 +24,6 @@ import copy
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ def run_speed(
     import torch
 
     from .bundle import load_unet, read_card, resolve_model
-    from .devices import select_device
+    from .devices import describe_device, select_device
 
     folder = resolve_model(model)
     card = read_card(folder)
@@ -166,7 +165,7 @@ def run_speed(
         "model_path": str(folder),
         "image_size": n,
         "parameters": parameters,
-        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "device": describe_device(dev),
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "best": best,
