@@ -1,7 +1,6 @@
 """The ``autoddpm`` command line, end to end, and every kind of bad input."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
