@@ -32,6 +32,7 @@ from AutoDDPMLib.slicer_process import (
     EngineProcess,
     engine_command,
     engine_environment,
+    input_file_name,
     make_temp_dir,
     remove_temp_dir,
 )
@@ -492,6 +493,7 @@ class _ActiveRun:
     """What the Logic keeps while the engine process runs."""
 
     tempDir: Path
+    inputPath: Path
     result: AutoDDPMResult
     options: dict  # engine_command's keyword arguments but the device
     outputs: dict
@@ -664,12 +666,12 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
 
         result = AutoDDPMResult(inputVolume)
         tempDir = make_temp_dir(getattr(getattr(slicer, "app", None), "temporaryPath", None))
-        run = _ActiveRun(tempDir, result,
+        run = _ActiveRun(tempDir, tempDir / input_file_name(inputVolume.GetName()), result,
                          dict(model=str(modelFolder), schedule=schedule, seed=seed, threshold=threshold),
                          dict(pseudoHealthy=outputPseudoHealthy, anomalyMap=outputAnomalyMap, segmentation=outputSegmentation),
                          progressCallback, completedCallback)
         try:
-            write_volume(inputVolume, tempDir / "input.nrrd")
+            write_volume(inputVolume, run.inputPath)
             self._launch(run, device)
         except BaseException:
             remove_temp_dir(tempDir)
@@ -694,7 +696,7 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         return result
 
     def _launch(self, run: _ActiveRun, device: str) -> None:
-        args = engine_command(run.tempDir / "input.nrrd", run.tempDir / "output", device=device, **run.options)
+        args = engine_command(run.inputPath, run.tempDir / "output", device=device, **run.options)
         self.log(" ".join(args))
         # Inside Slicer the engine starts from the environment Slicer itself started with (PythonSlicer sets up
         # its own paths); outside Slicer from this process's environment.

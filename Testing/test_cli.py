@@ -183,9 +183,12 @@ def test_train_then_resume(tmp_path):
     assert card["training"]["slices"] == 8
     state = json.loads((bundle / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2
-    assert main(["train", "--output", str(bundle), "--resume", "--steps", "4"]) == 0
+    assert card["slice_levels"] == "all"
+    assert main(["train", "--output", str(bundle), "--resume", "--steps", "4", "--slice-levels", "mid-axial"]) == 0
     state = json.loads((bundle / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4 and len(state["history"]) == 4
+    # What the card says about the data can be corrected on resume; the recipe cannot.
+    assert state["config"]["slice_levels"] == "mid-axial"
 
 
 def test_cli_without_a_command_shows_usage():

@@ -14,6 +14,7 @@ from AutoDDPMLib.slicer_process import (
     EngineProcess,
     engine_command,
     engine_environment,
+    input_file_name,
     make_temp_dir,
     parse_event,
     remove_temp_dir,
@@ -87,6 +88,16 @@ def test_engine_process_kill_stops_the_whole_tree(tmp_path) -> None:
     engine.kill()
     assert engine.process.poll() is not None
     assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("node_name, file_name", [
+    ("TCGA_LGG_FLAIR", "TCGA_LGG_FLAIR.nrrd"),
+    ("IXI012 T1/brain", "IXI012_T1_brain.nrrd"),
+    ("../..", "input.nrrd"),
+    ("", "input.nrrd"),
+])
+def test_input_file_is_named_like_the_node(node_name: str, file_name: str) -> None:
+    assert input_file_name(node_name) == file_name
 
 
 def test_temp_dir_is_private_and_removed(tmp_path) -> None:

@@ -136,6 +136,7 @@ def new_card(
     license: str = "see the training data's license",
     description: str = "",
     valid_for: str = "axial slices",
+    slice_levels: str = "all",
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A card for freshly trained weights; its thresholds are placeholders until calibration."""
@@ -147,6 +148,8 @@ def new_card(
         "description": description,
         "modality": modality,
         "valid_for": valid_for,
+        # "all": any axial slice of a brain volume; "mid-axial": the one slice level the model was trained on.
+        "slice_levels": slice_levels,
         "license": license,
         "unet": unet.to_dict(),
         "scheduler": {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 2e-2,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import AutoDDPMError
+from .fit_checks import SLICE_LEVELS
 from .progress import make_reporter
 
 OUTPUT_SUFFIXES = {"pseudohealthy": "_pseudohealthy.nii.gz", "anomaly": "_anomaly.nii.gz", "mask": "_mask.nii.gz"}
@@ -42,7 +43,7 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter) -> tuple[di
             reporter.stage(path, "reading", 0.0)
             image = read_volume(path)
             reporter.start(path, engine, image)
-            result = engine.process_volume(image, lambda fraction, stage: reporter.stage(path, stage, 0.95 * fraction))
+            result = engine.process_volume(image, lambda fraction, stage: reporter.stage(path, stage, 0.95 * fraction), name=path.name)
             for warning in result.warnings:
                 reporter.warning(warning)
             reporter.stage(path, "writing", 0.97)
@@ -179,7 +180,7 @@ def _train(args: argparse.Namespace) -> int:
             learning_rate=args.learning_rate,
             seed=args.seed,
         )
-    for key in ("steps", "max_minutes", "checkpoint_minutes"):
+    for key in ("steps", "max_minutes", "checkpoint_minutes", "slice_levels"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
     trainer = Trainer(config, Path(args.output), device=args.device)
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--modality", default="unknown", help="e.g. FLAIR or T1, recorded in the card")
     train.add_argument("--description", default="", help="one line for the card")
     train.add_argument("--valid-for", default="axial slices", help="what inputs the model suits, for its card, e.g. 'axial FLAIR, whole brain, all slice levels'")
+    train.add_argument("--slice-levels", choices=SLICE_LEVELS, default=None,
+                       help="'all' (default) or 'mid-axial' when the data is one mid-axial slice per subject: then "
+                            "`autoddpm run` warns when given other levels (with --resume: corrects the card)")
     train.add_argument("--license", default="see the training data's license", help="license of the weights (follows the training data)")
     train.add_argument("--image-size", type=int, default=64, help="model grid in pixels (default 64)")
     train.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 128], help="UNet width per level; attention at the coarsest")

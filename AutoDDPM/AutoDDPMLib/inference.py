@@ -20,6 +20,7 @@ import torch
 from .bundle import ModelCard, load_unet, read_card, resolve_model
 from .devices import is_out_of_memory, select_device
 from .errors import AutoDDPMError
+from .fit_checks import fit_warnings
 from .lpips import load_lpips
 from .pipeline import SCHEDULES, AutoDDPMOutput, AutoDDPMPipeline, SamplingSchedule
 from .scheduler import DDPMScheduler
@@ -151,8 +152,11 @@ class AutoDDPM:
             evaluations=schedule.evaluations,
         )
 
-    def process_volume(self, image: sitk.Image, progress: VolumeProgress | None = None) -> VolumeResult:
-        """AutoDDPM on every axial slice with signal; outputs in the input's exact geometry."""
+    def process_volume(self, image: sitk.Image, progress: VolumeProgress | None = None, name: str = "") -> VolumeResult:
+        """AutoDDPM on every axial slice with signal; outputs in the input's exact geometry.
+
+        ``name`` (a file or node name) is only read for what it says about the input's contrast.
+        """
         started = time.perf_counter()
         preprocessing = self.card.data["preprocessing"]
         stack = AxialStack.from_image(image)
@@ -187,7 +191,7 @@ class AutoDDPM:
         flagged = int(mask.sum())
         tissue = slices01 > FOREGROUND_LEVEL
         flagged_tissue = float(mask[tissue].mean()) if tissue.any() else 0.0
-        warnings = []
+        warnings = fit_warnings(self.card, name, int(with_signal.sum()))
         if flagged_tissue > SUSPICIOUS_ANOMALY_FRACTION:
             warnings.append(
                 f"{100 * flagged_tissue:.0f}% of the tissue was flagged as anomalous; this usually means the "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,13 @@ def parse_event(line: str) -> Optional[dict[str, Any]]:
 def make_temp_dir(root: Optional[str | os.PathLike] = None) -> Path:
     """A fresh private folder for one run's input and outputs (under ``root``, else the system temp folder)."""
     return Path(tempfile.mkdtemp(prefix="AutoDDPM-", dir=None if root is None else str(root)))
+
+
+def input_file_name(node_name: str) -> str:
+    """The file the engine reads a node from: named like the node, because the engine reads what a
+    name says about the contrast (e.g. "T1" given to a FLAIR model) to warn about it."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", node_name).strip("._") or "input"
+    return stem[:100] + ".nrrd"
 
 
 def remove_temp_dir(folder: Optional[Path]) -> None:

@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     initialised_from: str = ""
     valid_for: str = "axial slices"
+    slice_levels: str = "all"
     license: str = "see the training data's license"
     description: str = ""
 
@@ -232,6 +233,7 @@ class Trainer:
         write_card(self.output, new_card(
             c.name, c.modality, c.unet, max_timestep=c.max_timestep - 1, percentiles=c.percentiles,
             min_foreground_fraction=c.min_foreground_fraction, license=c.license, description=c.description, valid_for=c.valid_for,
+            slice_levels=c.slice_levels,
             training={"data": c.data, "slices": len(self.slices), "steps": self.step,
                       "validation_mse_t200": validation_mse, "config": c.to_dict()},
         ))

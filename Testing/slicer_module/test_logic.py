@@ -159,6 +159,7 @@ def test_rethreshold_refuses_a_foreign_segmentation(scene, logic) -> None:
 
 def test_background_run_reports_completion(scene, logic, tiny_model, temp_root, tmp_path) -> None:
     volume = add_head_volume(scene, tmp_path, lesion=False, seed=1)
+    volume.SetName("IXI012 T1/brain")  # the engine sees the node's name: a T1 given to a FLAIR model
     # A registration transform on the input applies to the results too.
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
     volume.SetAndObserveTransformNodeID(transform.GetID())
@@ -170,6 +171,7 @@ def test_background_run_reports_completion(scene, logic, tiny_model, temp_root, 
         standins.process_events()
     assert finished == [result] and result.state == "done" and not logic.isRunning
     assert segment_voxels(result.segmentation) == result.engineSummary["anomalous_voxels"]
+    assert any("looks like a T1 image" in warning for warning in result.warnings)
     for node in (result.pseudoHealthyVolume, result.anomalyMapVolume, result.segmentation):
         assert node.GetTransformNodeID() == transform.GetID()
     assert list(temp_root.iterdir()) == []

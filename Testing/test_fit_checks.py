@@ -1,0 +1,67 @@
+"""Warnings for inputs a model does not fit: another contrast, other slice levels."""
+
+import json
+import shutil
+
+import pytest
+import SimpleITK as sitk
+
+from AutoDDPMLib.bundle import read_card
+from AutoDDPMLib.fit_checks import fit_warnings, modality_from_name
+from AutoDDPMLib.inference import AutoDDPM
+
+from conftest import make_head_volume
+
+
+@pytest.mark.parametrize("name, modality", [
+    ("TCGA_CS_4941_19960909_flair.nii.gz", "FLAIR"),
+    ("sub-01_T2-FLAIR.nrrd", "FLAIR"),  # "T2" too, but a FLAIR is what it is
+    ("IXI002-Guys-0828-T1.nii.gz", "T1"),
+    ("BraTS_00012_t1ce.nii.gz", "T1c"),
+    ("patient 7 MPRAGE", "T1"),
+    ("sub-02_T2w.nii.gz", "T2"),
+    ("case3_adc", "DWI"),
+    ("IXI002.png", None),  # names no contrast
+    ("head.nii.gz", None),
+    ("t1_and_t2_overlay", None),  # names two: no guess
+    ("dt1x", None),  # a contrast's letters inside another word are not a contrast
+])
+def test_modality_from_name(name, modality):
+    assert modality_from_name(name) == modality
+
+
+def test_other_contrast_warns(tiny_model):
+    card = read_card(tiny_model)  # a FLAIR model
+    assert fit_warnings(card, "brain_flair.nii.gz", 30) == []
+    assert fit_warnings(card, "scan.nii.gz", 30) == []
+    (warning,) = fit_warnings(card, "IXI012-HH-1211-T1.nii.gz", 30)
+    assert "looks like a T1 image" in warning and "trained on FLAIR" in warning
+
+
+def test_mid_axial_model_warns_for_volumes(tiny_model, tmp_path):
+    folder = tmp_path / "midaxial"
+    shutil.copytree(tiny_model, folder)
+    card = json.loads((folder / "model.json").read_text())
+    card.update(modality="T1", slice_levels="mid-axial")
+    (folder / "model.json").write_text(json.dumps(card))
+    card = read_card(folder)
+    assert fit_warnings(card, "IXI002.png", 1) == []
+    (warning,) = fit_warnings(card, "IXI002_T1.nii.gz", 36)
+    assert "one mid-axial slice" in warning and "35 of the 36 slices" in warning
+
+
+def test_engine_reports_fit_warnings_with_its_result(tiny_model):
+    result = AutoDDPM(tiny_model).process_volume(make_head_volume(), name="subject_T2w.nii.gz")
+    assert any("looks like a T2 image" in w for w in result.warnings)
+    assert not any("looks like" in w for w in AutoDDPM(tiny_model).process_volume(make_head_volume()).warnings)
+
+
+def test_cli_prints_the_warning(tiny_model, tmp_path, capsys):
+    from AutoDDPMLib.cli import main
+
+    path = tmp_path / "subject_T1w.nii.gz"
+    sitk.WriteImage(make_head_volume(), str(path))
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_model),
+                 "--progress", "json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert any(e["event"] == "warning" and "looks like a T1 image" in e["message"] for e in events)
