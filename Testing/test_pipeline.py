@@ -98,6 +98,18 @@ def test_same_seed_same_output_bit_for_bit(unet, slices):
     assert not torch.equal(a.reconstruction, c.reconstruction)
 
 
+def test_a_given_coarse_reconstruction_is_reused(unet, slices):
+    # Calibration measures tau on one coarse reconstruction, then re-samples that same one.
+    pipeline = make_pipeline(unet)
+    first = pipeline(slices, torch.Generator().manual_seed(0))
+    pipeline.unet.calls = 0
+    again = pipeline(slices, torch.Generator().manual_seed(1), reconstruction=first.reconstruction)
+    s = SCHEDULES["fast"]
+    assert pipeline.unet.calls == s.resample_steps * s.resample_jumps  # no coarse stage
+    assert again.reconstruction is first.reconstruction
+    assert torch.equal(again.likelihood_map, first.likelihood_map) and torch.equal(again.mask, first.mask)
+
+
 def test_fixed_noise_baseline_reconstruction(unet, slices):
     pipeline = make_pipeline(unet)
     rec = pipeline.reconstruct(slices, 100, 4, torch.Generator().manual_seed(0))

@@ -52,22 +52,31 @@ def calibrate(
     if len(slices) > max_slices:  # an even spread over all patients and levels
         slices = slices[torch.linspace(0, len(slices) - 1, max_slices).round().long()]
     engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed)
+    pipeline, coarse = engine.pipeline, engine.pipeline.schedule
     tissue = slices > FOREGROUND_LEVEL
-
-    # tau depends only on the coarse reconstruction, which does not depend on tau.
     generator = torch.Generator().manual_seed(seed)
-    coarse = engine.pipeline.schedule
-    likelihood = torch.cat([
-        engine.pipeline.likelihood_map(
-            batch.to(engine.device),
-            engine.pipeline.reconstruct(batch.to(engine.device), coarse.coarse_start, coarse.coarse_steps, generator),
-        ).cpu()
-        for batch in slices.split(engine.batch_size)
-    ])
+    batches = [batch.to(engine.device) for batch in slices.split(engine.batch_size)]
+
+    def report(done: int, stage: str) -> None:
+        if progress is not None:
+            progress(done / (2 * len(batches)), stage)
+
+    # tau depends only on the coarse reconstruction (step 1), which does not depend on tau:
+    # reconstruct once, choose tau, then stitch and re-sample those same reconstructions.
+    reconstructions, likelihoods = [], []
+    for i, batch in enumerate(batches):
+        reconstructions.append(pipeline.reconstruct(batch, coarse.coarse_start, coarse.coarse_steps, generator))
+        likelihoods.append(pipeline.likelihood_map(batch, reconstructions[-1]).cpu())
+        report(i + 1, "coarse reconstruction")
+    likelihood = torch.cat(likelihoods)
     tau = _quantile(likelihood[tissue], 1 - mask_fraction)
 
-    engine.pipeline.mask_threshold = tau
-    anomaly = engine.process_slices(slices, progress).anomaly_map
+    pipeline.mask_threshold = tau
+    anomalies = []
+    for i, (batch, reconstruction) in enumerate(zip(batches, reconstructions)):
+        anomalies.append(pipeline(batch, generator, reconstruction=reconstruction).anomaly_map.cpu())
+        report(len(batches) + i + 1, "stitch and re-sample")
+    anomaly = torch.cat(anomalies)
     threshold = _quantile(anomaly[tissue], 1 - healthy_fpr)
 
     thresholds = {

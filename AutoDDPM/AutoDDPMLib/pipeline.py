@@ -91,12 +91,16 @@ class AutoDDPMPipeline:
         x: torch.Tensor,
         generator: torch.Generator | None = None,
         progress: ProgressCallback | None = None,
+        reconstruction: torch.Tensor | None = None,
     ) -> AutoDDPMOutput:
+        """All three steps on a batch ``x``; a coarse ``reconstruction`` of ``x`` made before is reused."""
         s = self.schedule
         self.evaluations_done, self._progress = 0, progress
         try:
             # 1. Mask.
-            x_rec = self.reconstruct(x, s.coarse_start, s.coarse_steps, generator)
+            if reconstruction is None:
+                reconstruction = self.reconstruct(x, s.coarse_start, s.coarse_steps, generator)
+            x_rec = reconstruction
             likelihood = self.likelihood_map(x, x_rec)
             mask = self.binary_mask(likelihood)
             # 2. Stitch and 3. re-sample.
@@ -112,6 +116,7 @@ class AutoDDPMPipeline:
             evaluations=s.evaluations,
         )
 
+    @torch.no_grad()
     def reconstruct(
         self, x: torch.Tensor, start: int, steps: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -125,6 +130,7 @@ class AutoDDPMPipeline:
             x_t = self.scheduler.step(self._eps(x_t, t), t, x_t, s, generator, eta=self.schedule.eta)
         return x_t.clamp(0, 1)
 
+    @torch.no_grad()
     def likelihood_map(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
         """M = clip(|x - x_rec| / P95, 0, 1) * LPIPS(x, x_rec), P95 taken per image."""
         residual = (x - x_rec).abs()
@@ -136,6 +142,7 @@ class AutoDDPMPipeline:
         """m = dilate(M > tau) with a 3x3 kernel: a margin of healthy tissue around each anomaly."""
         return F.max_pool2d((likelihood > self.mask_threshold).float(), 3, stride=1, padding=1)
 
+    @torch.no_grad()
     def stitch_and_resample(
         self, x: torch.Tensor, x_rec: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
