@@ -371,7 +371,11 @@ def build_methods(card, quick: bool, baseline_steps: Optional[int], notes: list[
     if not quick:
         methods.append(Method("Residual (coarse, reference)", "residual", "reference", evaluations=reference.coarse_steps))
     for t in ANODDPM_LEVELS:
-        if t > card.max_timestep:
+        if t == card.max_timestep + 1:
+            # Models trained on levels 0..499 cover the reference's t=500 up to one level (alpha_bar 0.0786 vs 0.0778).
+            notes.append(f"AnoDDPM t={t} runs from level {card.max_timestep}, the highest the model was trained on.")
+            t = card.max_timestep
+        elif t > card.max_timestep:
             notes.append(f"AnoDDPM t={t} skipped: the model was trained on noise levels up to {card.max_timestep} only.")
             continue
         steps = t + 1 if baseline_steps is None else min(int(baseline_steps), t + 1)
