@@ -96,6 +96,18 @@ def test_benchmark_smoke(tiny_model, data_root, tmp_path):
     assert all(r["threshold"] >= 0.0 for r in oracle)
 
 
+def test_dev_set_is_the_unseen_tumour_slices_of_training_patients(tiny_model, data_root):
+    from AutoDDPMLib.benchmark import _load_dataset, load_lgg
+    from AutoDDPMLib.bundle import read_card
+
+    card = read_card(tiny_model)
+    dev = _load_dataset("lgg-dev", data_root, card, dict(max_volumes=None), seed=0)
+    whole = load_lgg(data_root / "lgg_flair" / "train", card, None)
+    assert dev.name == "lgg-dev" and len(whole) == 2 and len(dev) == 1  # the tumour slice only
+    assert dev.truth.any(axis=(1, 2)).all() and torch.equal(dev.x[0], whole.x[1])
+    assert "tumour slices" in dev.description
+
+
 def test_oracle_thresholds_refine_the_reference_grid():
     from AutoDDPMLib.benchmark import oracle_thresholds
     from AutoDDPMLib.metrics import ORACLE_THRESHOLDS, best_dice

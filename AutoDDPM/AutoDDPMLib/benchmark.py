@@ -13,6 +13,11 @@ Datasets (under the data root, ``../shared/data`` of the repository by default):
   (:mod:`lesions`), one per size bin per slice, plus the clean slices.
 * ``ixi``: IXI T1 validation slices (``ixi_t1_midaxial/val``) with synthetic
   lesions, one per size bin per slice, plus the clean slices.
+* ``lgg-dev``: the tumour slices of every 8th LGG training patient
+  (``lgg_flair/train``). Training only ever sees lesion-free slices, so these
+  tumours are unseen: a development set for choosing a recipe without looking
+  at the validation patients. Never a default; its lesion-free slices are left
+  out (their healthy tissue was trained on).
 
 By default the datasets follow the model card's modality (FLAIR: lgg and
 lgg-synth; T1: ixi; otherwise all three): a model is benchmarked on the
@@ -67,7 +72,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-DATASETS = ("lgg", "lgg-synth", "ixi")
+DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev")
+DEV_PATIENT_STRIDE = 8  # lgg-dev: every 8th training patient (10 of 80)
 ANODDPM_LEVELS = (50, 100, 200, 300, 500)
 BIN_ORDER = ("all", "small", "medium", "large")
 
@@ -150,39 +156,45 @@ def _volume_slices(image_path: Path, mask_path: Optional[Path], card):
     return grid, truth, keep
 
 
-def load_lgg(folder: Path, card, max_volumes: Optional[int]) -> EvalSet:
-    """LGG FLAIR patients: every slice with signal of each volume, tumour and tumour-free."""
+def load_lgg(folder: Path, card, max_volumes: Optional[int], name: str = "lgg", stride: int = 1,
+             lesion_only: bool = False) -> EvalSet:
+    """LGG FLAIR patients (every ``stride``-th): every slice with signal, tumour and tumour-free (or tumour only)."""
     import torch
 
     from .metrics import size_bin
     from .training_data import find_training_images
 
-    pairs = [p for p in find_training_images(folder) if p[1] is not None]
+    pairs = [p for p in find_training_images(folder) if p[1] is not None][::stride]
     if max_volumes:
         pairs = pairs[:max_volumes]
     xs, truths, volumes = [], [], []
     for image, mask in pairs:
         grid, truth, _ = _volume_slices(image, mask, card)
+        if grid is not None and lesion_only:
+            keep = truth.any(axis=(1, 2))
+            grid, truth = (grid[torch.as_tensor(keep)], truth[keep]) if keep.any() else (None, None)
         if grid is None:
             continue
-        name = image.name.split("_flair")[0] if "_flair" in image.name else image.name.split(".")[0]
+        patient = image.name.split("_flair")[0] if "_flair" in image.name else image.name.split(".")[0]
         xs.append(grid)
         truths.append(truth)
-        volumes += [name] * len(grid)
+        volumes += [patient] * len(grid)
     if not xs:
         from .errors import AutoDDPMError
 
         raise AutoDDPMError(f"no image/mask pairs with signal in {folder}")
     truth = np.concatenate(truths)
     n = card.image_size
+    which = f"every {stride}th patient" if stride > 1 else "patients"
+    slices = f"their {len(volumes)} tumour slices" if lesion_only else f"all {len(volumes)} slices with signal"
     return EvalSet(
-        name="lgg",
+        name=name,
         x=torch.cat(xs),
         truth=truth,
         healthy=None,
         volumes=volumes,
         bins=[size_bin(int(t.sum()), n) for t in truth],
-        description=f"LGG FLAIR ({folder}): {len(pairs)} patients, all {len(volumes)} slices with signal, expert masks",
+        description=f"LGG FLAIR ({folder}): {len(pairs)} {which}, {slices}, expert masks",
         per_volume=True,
     )
 
@@ -700,6 +712,7 @@ DATASET_FOLDERS = {
     "lgg": lambda root: root / "lgg_flair" / "val",
     "lgg-synth": lambda root: root / "lgg_flair" / "val",
     "ixi": lambda root: root / "ixi_t1_midaxial" / "val",
+    "lgg-dev": lambda root: root / "lgg_flair" / "train",
 }
 
 
@@ -722,6 +735,9 @@ def _load_dataset(name: str, root: Path, card, sizes: dict, seed: int) -> EvalSe
         return load_lgg_synthetic(root / "lgg_flair" / "val", card, sizes["max_images"], seed)
     if name == "ixi":
         return load_ixi(root / "ixi_t1_midaxial" / "val", card, sizes["max_images"], seed)
+    if name == "lgg-dev":
+        return load_lgg(root / "lgg_flair" / "train", card, sizes["max_volumes"], name="lgg-dev",
+                        stride=DEV_PATIENT_STRIDE, lesion_only=True)
     from .errors import AutoDDPMError
 
     raise AutoDDPMError(f"unknown dataset '{name}': choose from {', '.join(DATASETS)}")
