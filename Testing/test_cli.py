@@ -191,6 +191,24 @@ def test_train_then_resume(tmp_path):
     assert state["config"]["slice_levels"] == "mid-axial"
 
 
+def test_train_with_torchrun_on_two_processes(tmp_path):
+    # DistributedDataParallel for real, on the CPU (gloo): the path users take on a multi-GPU node.
+    data = tmp_path / "train"
+    data.mkdir()
+    sitk.WriteImage(make_head_volume(lesion=False), str(data / "h_flair.nii.gz"))
+    bundle = tmp_path / "bundle"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "AutoDDPMLib.cli", "--threads", "1", "train", "--data", str(data), "--output", str(bundle),
+         "--image-size", "32", "--channels", "8", "16", "--batch-size", "2", "--steps", "3", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((bundle / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and len(state["history"]) == 1  # written once, by rank 0
+    assert json.loads((bundle / "model.json").read_text())["training"]["steps"] == 3
+
+
 def test_cli_without_a_command_shows_usage():
     proc = run_cli()
     assert proc.returncode == 2 and "usage" in proc.stderr
