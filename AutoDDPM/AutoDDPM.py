@@ -275,9 +275,9 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasLoader = combo.count > 0 and combo.itemData(combo.count - 1) is None
         index = combo.count - 1 if hasLoader else combo.count
         combo.insertItem(index, f"{card.name} ({card.data.get('modality', '?')})", str(card.path.parent))
-        combo.setItemData(index, _("{description}\nLicense: {license}\nFolder: {folder}").format(
-            description=card.data.get("description", ""), license=card.data.get("license", "?"),
-            folder=card.path.parent), qt.Qt.ToolTipRole)
+        combo.setItemData(index, _("{description}\nValid for: {validFor}\nLicense: {license}\nFolder: {folder}").format(
+            description=card.data.get("description", ""), validFor=card.data.get("valid_for", "?"),
+            license=card.data.get("license", "?"), folder=card.path.parent), qt.Qt.ToolTipRole)
 
     def selectModel(self, model: str) -> None:
         """Show the parameter node's model (a bundled model's name or a folder) in the combo box."""
@@ -306,9 +306,10 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not folder:
             return
         card = read_card(folder)
-        self.ui.modelInfoLabel.text = _("{modality} model, calibrated threshold {threshold:.3g}. {description}").format(
+        # What the model is valid for is what a user most needs before pressing Apply.
+        self.ui.modelInfoLabel.text = _("{modality} model, calibrated threshold {threshold:.3g}. Valid for: {validFor}.").format(
             modality=card.data.get("modality", "?"), threshold=card.anomaly_threshold,
-            description=card.data.get("description", ""))
+            validFor=card.data.get("valid_for", "?"))
 
     def onModelActivated(self, index: int) -> None:
         folder = self.ui.modelComboBox.itemData(index)
