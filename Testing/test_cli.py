@@ -146,8 +146,38 @@ def test_demo_runs_on_the_shipped_sample(tiny_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     figure = tmp_path / "autoddpm-demo.png"
     assert figure.is_file() and figure.stat().st_size > 10_000
-    assert str(figure.resolve()) in printed and "Dice against the expert tumour mask" in printed
+    assert str(figure.resolve()) in printed and "Dice against the lesion masks" in printed
     assert (tmp_path / "TCGA_LGG_FLAIR_mask.nii.gz").is_file()
+
+
+def with_card(model: Path, folder: Path, **changes) -> Path:
+    shutil.copytree(model, folder)
+    card = json.loads((folder / "model.json").read_text())
+    card.update(changes)
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_demo_of_a_t1_model_runs_the_paper_setting(tiny_model, tmp_path, capsys):
+    model = with_card(tiny_model, tmp_path / "t1", modality="T1", slice_levels="mid-axial")
+    out = tmp_path / "out"
+    assert main(["demo", "--output-dir", str(out), "--model", str(model), "--progress", "json"]) == 0
+    printed = capsys.readouterr().out
+    # three single mid-axial slices, one synthetic lesion each: no warning about slice levels or contrast
+    events = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]  # then the summary
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert not any("mid-axial" in w or "looks like" in w for w in warnings)
+    for size in ("small", "medium", "large"):
+        mask = sitk.ReadImage(str(out / f"IXI_T1_midaxial_{size}_mask.nii.gz"))
+        assert mask.GetSize() == (197, 233, 1)  # a 2D input is read as a one-slice volume
+    assert (out / "autoddpm-demo.png").is_file()
+
+
+def test_demo_of_a_model_without_a_sample_fails_clearly(tiny_model, tmp_path, capsys):
+    model = with_card(tiny_model, tmp_path / "dwi", modality="DWI")
+    assert main(["demo", "--output-dir", str(tmp_path / "out"), "--model", str(model)]) == 2
+    assert "no sample ships for DWI models" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_calibrate_sets_thresholds_from_healthy_data(tiny_model, tmp_path, capsys):

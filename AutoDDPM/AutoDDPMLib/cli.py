@@ -18,7 +18,12 @@ from .fit_checks import SLICE_LEVELS
 from .progress import make_reporter
 
 OUTPUT_SUFFIXES = {"pseudohealthy": "_pseudohealthy.nii.gz", "anomaly": "_anomaly.nii.gz", "mask": "_mask.nii.gz"}
-DEMO_VOLUME = "TCGA_LGG_FLAIR.nii.gz"
+# What `autoddpm demo` runs, by the model's modality: a real LGG patient for FLAIR; for T1, the paper's
+# setting, one IXI subject's mid-axial slice with a synthetic lesion of each size (tools/make_t1_samples.py).
+DEMO_SAMPLES = {
+    "FLAIR": ["TCGA_LGG_FLAIR.nii.gz"],
+    "T1": [f"IXI_T1_midaxial_{size}.nii.gz" for size in ("small", "medium", "large")],
+}
 
 
 def _engine(args: argparse.Namespace):
@@ -75,31 +80,47 @@ def _demo(args: argparse.Namespace) -> int:
     from .figures import FigureRow, save_overview
     from .resources import resources_dir
 
-    volume = resources_dir() / "SampleData" / DEMO_VOLUME
-    truth_path = volume.with_name(volume.name.replace(".nii.gz", "_mask.nii.gz"))
-    if not volume.is_file():
-        raise AutoDDPMError(f"the demo volume {volume} is missing; reinstall AutoDDPM")
-    output_dir = Path(args.output_dir)
     engine = _engine(args)
-    done, _ = _process(engine, [volume], output_dir, make_reporter(args.progress))
-    outputs = done[volume]["outputs"]
-    arrays = {key: sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for key, path in outputs.items()}
-    image = sitk.GetArrayFromImage(done[volume]["image"])
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) > 0
-    # The three slices with the most tumour, as the expert outlined it.
-    levels = sorted(np.argsort(truth.reshape(len(truth), -1).sum(1))[-3:])
-    rows = [FigureRow(f"slice {z}", image[z], arrays["pseudohealthy"][z], arrays["anomaly"][z], arrays["mask"][z], truth[z])
-            for z in levels]
+    modality = str(engine.card.data["modality"])
+    if modality.upper() not in DEMO_SAMPLES:
+        raise AutoDDPMError(f"no sample ships for {modality} models (only {', '.join(DEMO_SAMPLES)}); "
+                            f"try `autoddpm run` on your own {modality} data")
+    samples = [resources_dir() / "SampleData" / name for name in DEMO_SAMPLES[modality.upper()]]
+    missing = [str(path) for path in samples if not path.is_file()]
+    if missing:
+        raise AutoDDPMError(f"the demo data {', '.join(missing)} is missing; reinstall AutoDDPM")
+    output_dir = Path(args.output_dir)
+    done, _ = _process(engine, samples, output_dir, make_reporter(args.progress))
+    rows, overlap, flagged, truth_voxels = [], 0, 0, 0
+    for path in samples:
+        outputs = done[path]["outputs"]
+        arrays = {key: _slices(sitk.ReadImage(str(output))) for key, output in outputs.items()}
+        image = _slices(done[path]["image"])
+        truth = _slices(sitk.ReadImage(str(path).replace(".nii.gz", "_mask.nii.gz"))) > 0
+        # The slices with the most lesion, as the expert outlined it (three in all).
+        for z in sorted(np.argsort(truth.reshape(len(truth), -1).sum(1))[-max(1, 3 // len(samples)):]):
+            label = f"slice {z}" if len(truth) > 1 else path.name.replace(".nii.gz", "")
+            rows.append(FigureRow(label, image[z], arrays["pseudohealthy"][z], arrays["anomaly"][z], arrays["mask"][z], truth[z]))
+        mask = arrays["mask"] > 0
+        overlap, flagged, truth_voxels = overlap + (mask & truth).sum(), flagged + mask.sum(), truth_voxels + truth.sum()
     figure = output_dir / "autoddpm-demo.png"
     save_overview(rows, figure)
-    mask = arrays["mask"] > 0
-    dice = 2 * (mask & truth).sum() / max(mask.sum() + truth.sum(), 1)
-    print(f"\nAutoDDPM demo on {volume.name} (model {engine.card.name}, schedule {engine.schedule_name}):")
-    for key, path in outputs.items():
-        print(f"  {key:14s} {path.resolve()}")
+    print(f"\nAutoDDPM demo on {', '.join(p.name for p in samples)} (model {engine.card.name}, schedule {engine.schedule_name}):")
+    for path in samples:
+        for key, output in done[path]["outputs"].items():
+            print(f"  {key:14s} {output.resolve()}")
     print(f"  {'figure':14s} {figure.resolve()}")
-    print(f"Dice against the expert tumour mask: {dice:.3f} (threshold {engine.threshold:.4g} from the model card)")
+    dice = 2 * overlap / max(flagged + truth_voxels, 1)
+    print(f"Dice against the lesion masks: {dice:.3f} (threshold {engine.threshold:.4g} from the model card)")
     return 0
+
+
+def _slices(image):
+    """The image's voxels as [slices, rows, columns]; a 2D image is one slice."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)
+    return array[None] if array.ndim == 2 else array
 
 
 def _models(args: argparse.Namespace) -> int:

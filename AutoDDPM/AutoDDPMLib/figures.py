@@ -10,7 +10,7 @@ import numpy as np
 
 @dataclass
 class FigureRow:
-    """One case: 2D arrays of the same shape; ``truth`` adds the expert outline to the mask panel."""
+    """One case: 2D arrays of the same shape; ``truth`` (expert or synthetic) adds its outline to the mask panel."""
 
     title: str
     image: np.ndarray
@@ -45,7 +45,7 @@ def save_overview(rows: list[FigureRow], path: str | os.PathLike, anomaly_max: f
         for a in ax:
             a.set_xticks([])
             a.set_yticks([])
-    titles = ["input", "pseudo-healthy", "anomaly map", "mask" + (" (cyan: expert)" if any(r.truth is not None for r in rows) else "")]
+    titles = ["input", "pseudo-healthy", "anomaly map", "mask" + (" (cyan: true lesion)" if any(r.truth is not None for r in rows) else "")]
     for a, title in zip(axes[0], titles):
         a.set_title(title)
     figure.tight_layout()
