@@ -178,6 +178,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._schedule = None  # the schedule the threshold slider was last set for
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -216,7 +217,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         # The run's input and outputs are about to disappear with the scene.
@@ -232,7 +233,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not parameterNode.model:
             # First use in this scene: the default model, with its calibrated threshold.
             try:
-                parameterNode.threshold = read_card(resolve_model(None)).anomaly_threshold
+                parameterNode.threshold = self.logic.calibratedThreshold(None, parameterNode.schedule)
                 parameterNode.model = DEFAULT_MODEL
             except AutoDDPMError as error:
                 self.addLog(str(error))
@@ -245,11 +246,12 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode: Optional[AutoDDPMParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self._schedule = self._parameterNode.schedule
             self.selectModel(self._parameterNode.model)
             self.updateApplyButton()
             self.updateSummary()
@@ -326,11 +328,10 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.selectModel(folder)
         # Bundled models are saved with the scene by name, so the scene also opens on another computer.
-        card = read_card(folder)
         bundled = Path(folder).resolve().parent == bundled_models_dir().resolve()
         self._parameterNode.model = Path(folder).name if bundled else folder
         # A new model brings its own calibrated threshold.
-        self._parameterNode.threshold = card.anomaly_threshold
+        self._parameterNode.threshold = self.logic.calibratedThreshold(folder, self._parameterNode.schedule)
         self.showModelInfo(self.ui.modelComboBox.currentIndex)
 
     def onInputChanged(self, inputVolume) -> None:
@@ -344,6 +345,15 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.outputSegmentation = None
 
     # Running
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self.updateApplyButton()
+        schedule = self._parameterNode.schedule
+        if schedule != self._schedule:
+            # Thresholds are calibrated per schedule: another schedule brings its own.
+            self._schedule = schedule
+            if self._parameterNode.model:
+                self._parameterNode.threshold = self.logic.calibratedThreshold(self._parameterNode.model, schedule)
 
     def updateApplyButton(self, caller=None, event=None) -> None:
         if self.logic.isRunning:
@@ -620,6 +630,11 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         except AutoDDPMError as error:
             raise ValueError(str(error)) from None
         return folder
+
+    @staticmethod
+    def calibratedThreshold(model: Union[str, os.PathLike, None], schedule: Union[str, "Schedule"] = "fast") -> float:
+        """The model card's anomaly threshold for ``schedule``: what a run uses unless given another."""
+        return read_card(AutoDDPMLogic.modelFolder(model)).thresholds_for(str(getattr(schedule, "value", schedule)))[1]
 
     def process(
         self,

@@ -134,7 +134,8 @@ def test_models_lists_bundled_models(tiny_model, tmp_path, monkeypatch, capsys):
     shutil.copytree(tiny_model, resources / "Models" / "tiny")
     monkeypatch.setenv("AUTODDPM_RESOURCES", str(resources))
     assert main(["models"]) == 0
-    assert "tiny" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "tiny" in listed and "NOTHING" in listed  # its thresholds are placeholders
     assert main(["models", "--json"]) == 0
     cards = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in cards] == ["tiny"] and cards[0]["path"].endswith("tiny")
@@ -194,6 +195,31 @@ def test_calibrate_sets_thresholds_from_healthy_data(tiny_model, tmp_path, capsy
     assert info["flagged_by_tau"] <= 0.05 + 1e-3
     assert info["flagged_by_anomaly_threshold"] <= 0.02 + 1e-3
     assert info["healthy_slices"] == 12
+
+
+def test_each_schedule_gets_its_own_thresholds(tiny_model, tmp_path, capsys):
+    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.inference import AutoDDPM
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    data = tmp_path / "healthy"
+    data.mkdir()
+    sitk.WriteImage(make_head_volume(lesion=False), str(data / "h_flair.nii.gz"))
+    assert main(["calibrate", str(model), "--data", str(data)]) == 0
+    fast = read_card(model).thresholds_for("fast")
+    assert fast[2] and not read_card(model).thresholds_for("reference")[2]
+    assert AutoDDPM(model, schedule="reference").threshold_warning is not None
+    assert main(["calibrate", str(model), "--data", str(data), "--schedule", "reference", "--max-slices", "3"]) == 0
+    card = read_card(model)
+    assert card.thresholds_for("fast") == fast  # untouched
+    tau, anomaly, calibrated = card.thresholds_for("reference")
+    assert calibrated and card.data["thresholds"]["schedules"]["reference"]["calibration"]["healthy_slices"] == 3
+    engine = AutoDDPM(model, schedule="reference")
+    assert engine.threshold == anomaly and engine.pipeline.mask_threshold == tau and engine.threshold_warning is None
+    # Re-calibrating the default schedule keeps the others.
+    assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3"]) == 0
+    assert read_card(model).thresholds_for("reference") == (tau, anomaly, True)
 
 
 def test_train_then_resume(tmp_path):

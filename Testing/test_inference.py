@@ -86,9 +86,12 @@ def test_threshold_override(tiny_model):
     low = AutoDDPM(tiny_model, threshold=0.0).process_volume(image)
     high = AutoDDPM(tiny_model, threshold=1e9).process_volume(image)
     assert high.anomalous_voxels == 0 and low.anomalous_voxels > 0
+    # The tiny model's card is not calibrated: every run says so.
+    uncalibrated = [w for w in low.warnings if "no thresholds calibrated for the fast schedule" in w]
+    assert len(uncalibrated) == 1 and high.warnings == uncalibrated
     # Flagging (nearly) everything means the input does not fit the model: say so, with a sane share.
-    assert not high.warnings and len(low.warnings) == 1
-    share = float(low.warnings[0].split("%")[0])
+    (flagged,) = [w for w in low.warnings if w not in uncalibrated]
+    share = float(flagged.split("%")[0])
     assert 20 < share <= 100
 
 

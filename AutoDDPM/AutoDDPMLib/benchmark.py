@@ -413,7 +413,7 @@ class Runner:
         unet = load_unet(card, device)
         self.lpips = load_lpips(device)
         self.pipelines = {
-            name: AutoDDPMPipeline(unet, DDPMScheduler(), self.lpips, card.mask_threshold, schedule=schedule)
+            name: AutoDDPMPipeline(unet, DDPMScheduler(), self.lpips, card.thresholds_for(name)[0], schedule=schedule)
             for name, schedule in _all_schedules().items()
         }
         self.torch = torch
@@ -806,6 +806,10 @@ def run_benchmark(
     if not card.data.get("thresholds", {}).get("calibrated", False):
         notes.append("The model card's thresholds are NOT calibrated (placeholders): the 'calibrated' rows use them as they are.")
     methods = build_methods(card, quick, sizes["baseline_steps"], notes)
+    for schedule in sorted({m.schedule for m in methods if m.kind == "autoddpm"}):
+        if not card.thresholds_for(schedule)[2]:
+            notes.append(f"AutoDDPM {schedule} runs with thresholds NOT calibrated for it (the card's main ones): its "
+                         f"calibrated rows are not what the schedule can do (`autoddpm calibrate --schedule {schedule}`).")
     if sizes["baseline_steps"]:
         notes.append(f"AnoDDPM reconstructions take {sizes['baseline_steps']} strided reverse steps (the reference takes all t+1 ancestral steps).")
     output_dir = Path(output_dir)
@@ -848,7 +852,8 @@ def run_benchmark(
             indices = subset if method.subset_only else np.arange(len(evalset))
             t0 = time.perf_counter()
             run = runner.run(method, i, dataset_name, evalset.x, indices, evalset.groups())
-            run.threshold = card.anomaly_threshold if method.kind == "autoddpm" else thresholds.get(method.name, float("nan"))
+            run.threshold = (card.thresholds_for(method.schedule)[1] if method.kind == "autoddpm"
+                             else thresholds.get(method.name, float("nan")))
             if math.isnan(run.threshold) and method.name == "Residual (coarse, reference)":
                 run.threshold = thresholds.get("Residual (coarse, fast)", float("nan"))
             run.fidelity = fidelity_maps(run, evalset, runner.lpips, torch_device)

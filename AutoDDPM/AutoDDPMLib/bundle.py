@@ -66,6 +66,21 @@ class ModelCard:
         """The threshold on the final anomaly map A that makes the output mask."""
         return float(self.data["thresholds"]["anomaly"])
 
+    def thresholds_for(self, schedule: str) -> tuple[float, float, bool]:
+        """(tau, anomaly threshold, whether calibration used ``schedule``) for runs with ``schedule``.
+
+        Both depend on the schedule: a 201-step reconstruction differs from the
+        input by other amounts than a 10-step one. A card holds the thresholds of
+        the schedule it was calibrated with, and may hold more under
+        ``thresholds.schedules``.
+        """
+        thresholds = self.data["thresholds"]
+        own = thresholds.get("schedules", {}).get(schedule)
+        if own:
+            return float(own["mask_tau"]), float(own["anomaly"]), True
+        matched = bool(thresholds.get("calibrated")) and thresholds.get("calibration", {}).get("schedule") == schedule
+        return self.mask_threshold, self.anomaly_threshold, matched
+
     @property
     def max_timestep(self) -> int:
         """The highest noise level the network was trained on."""
@@ -115,9 +130,15 @@ def read_card(folder: str | os.PathLike) -> ModelCard:
     if not problems and data["format"] != CARD_FORMAT:
         problems.append(f"format is '{data['format']}', expected '{CARD_FORMAT}'")
     if not problems:
-        for key in ("mask_tau", "anomaly"):
-            if not isinstance(data["thresholds"].get(key), (int, float)):
-                problems.append(f"thresholds.{key} missing or not a number")
+        per_schedule = data["thresholds"].get("schedules", {})
+        if not isinstance(per_schedule, dict):
+            problems.append("thresholds.schedules should be a dict")
+            per_schedule = {}
+        for where, thresholds in [("thresholds", data["thresholds"])] + [
+                (f"thresholds.schedules.{name}", entry) for name, entry in per_schedule.items()]:
+            for key in ("mask_tau", "anomaly"):
+                if not isinstance(thresholds, dict) or not isinstance(thresholds.get(key), (int, float)):
+                    problems.append(f"{where}.{key} missing or not a number")
         if not isinstance(data["unet"].get("image_size"), int):
             problems.append("unet.image_size missing or not an integer")
     if problems:

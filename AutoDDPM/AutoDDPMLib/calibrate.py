@@ -41,7 +41,7 @@ def calibrate(
     seed: int = 0,
     progress: Callable[[float, str], None] | None = None,
 ) -> dict:
-    """Measure tau and the anomaly threshold on healthy ``data`` and write them into the card."""
+    """Measure tau and the anomaly threshold for ``schedule`` on healthy ``data`` and write them into the card."""
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
         raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
     card = read_card(model_dir)
@@ -79,7 +79,7 @@ def calibrate(
     anomaly = torch.cat(anomalies)
     threshold = _quantile(anomaly[tissue], 1 - healthy_fpr)
 
-    thresholds = {
+    calibrated = {
         "mask_tau": tau,
         "anomaly": threshold,
         "calibrated": True,
@@ -96,6 +96,12 @@ def calibrate(
             "date": time.strftime("%Y-%m-%d"),
         },
     }
-    updated = dict(card.data, thresholds=thresholds)
-    write_card(model_dir, updated)
-    return thresholds
+    # The card's main thresholds are those of the schedule `autoddpm run` uses by default;
+    # other schedules keep theirs beside them (see ModelCard.thresholds_for).
+    current = card.data["thresholds"]
+    if schedule == "fast":
+        thresholds = dict(calibrated, **({"schedules": current["schedules"]} if "schedules" in current else {}))
+    else:
+        thresholds = dict(current, schedules={**current.get("schedules", {}), schedule: calibrated})
+    write_card(model_dir, dict(card.data, thresholds=thresholds))
+    return calibrated

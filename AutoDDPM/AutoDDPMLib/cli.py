@@ -133,11 +133,11 @@ def _models(args: argparse.Namespace) -> int:
     if not cards:
         print("no bundled models")
         return 0
-    print(f"{'name':18s} {'modality':9s} {'grid':>7s} {'tau':>7s} {'threshold':>9s}  calibrated  license")
+    print(f"{'name':18s} {'modality':9s} {'grid':>7s} {'tau':>7s} {'threshold':>9s}  {'calibrated for':16s}  license")
     for card in cards:
-        t = card.data["thresholds"]
+        calibrated = ", ".join(s for s in ("fast", "reference") if card.thresholds_for(s)[2]) or "NOTHING"
         print(f"{card.name:18s} {card.data['modality']:9s} {card.image_size:>4d} px {card.mask_threshold:7.4f} "
-              f"{card.anomaly_threshold:9.4f}  {'yes' if t.get('calibrated') else 'NO':10s}  {card.data.get('license', '?')}")
+              f"{card.anomaly_threshold:9.4f}  {calibrated:16s}  {card.data.get('license', '?')}")
     return 0
 
 

@@ -89,7 +89,14 @@ class AutoDDPM:
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
         if self.batch_size < 1:
             raise AutoDDPMError("--batch-size must be at least 1")
-        self.threshold = self.card.anomaly_threshold if threshold is None else threshold
+        tau, anomaly, calibrated = self.card.thresholds_for(schedule)
+        self.threshold = anomaly if threshold is None else threshold
+        self.threshold_warning = None
+        if not calibrated and (threshold is None or mask_threshold is None):
+            self.threshold_warning = (
+                f"model {self.card.name} has no thresholds calibrated for the {schedule} schedule, so its mask and "
+                f"anomaly threshold are not what its card promises; run `autoddpm calibrate MODEL_DIR --schedule {schedule} "
+                "--data HEALTHY_DATA` or give --threshold")
         scheduler_settings = {k: v for k, v in self.card.data["scheduler"].items()
                               if k in ("num_train_timesteps", "beta_start", "beta_end")}
         unet = load_unet(self.card, self.device)
@@ -100,7 +107,7 @@ class AutoDDPM:
             unet,
             DDPMScheduler(**scheduler_settings),
             load_lpips(self.device),
-            self.card.mask_threshold if mask_threshold is None else mask_threshold,
+            tau if mask_threshold is None else mask_threshold,
             _schedule_from_card(self.card, schedule),
         )
 
@@ -192,6 +199,8 @@ class AutoDDPM:
         tissue = slices01 > FOREGROUND_LEVEL
         flagged_tissue = float(mask[tissue].mean()) if tissue.any() else 0.0
         warnings = fit_warnings(self.card, name, int(with_signal.sum()))
+        if self.threshold_warning:
+            warnings.append(self.threshold_warning)
         if flagged_tissue > SUSPICIOUS_ANOMALY_FRACTION:
             warnings.append(
                 f"{100 * flagged_tissue:.0f}% of the tissue was flagged as anomalous; this usually means the "

@@ -308,6 +308,23 @@ def test_unknown_model_fails_clearly(scene, logic, temp_root, tmp_path) -> None:
     assert node_ids(scene) == before and list(temp_root.iterdir()) == []
 
 
+def test_each_schedule_has_its_calibrated_threshold(logic, tiny_model, tmp_path) -> None:
+    import json
+    import shutil
+
+    from AutoDDPM import Schedule
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    card = json.loads((model / "model.json").read_text())
+    card["thresholds"]["schedules"] = {"reference": {"mask_tau": 0.2, "anomaly": 0.3}}
+    (model / "model.json").write_text(json.dumps(card))
+    assert logic.calibratedThreshold(str(model), Schedule.reference) == 0.3
+    assert logic.calibratedThreshold(str(model), "fast") == card["thresholds"]["anomaly"]
+    with pytest.raises(ValueError, match="unknown model"):
+        logic.calibratedThreshold("no-such-model")
+
+
 def test_second_run_while_running_is_refused(scene, logic, tiny_model, temp_root, tmp_path) -> None:
     volume = add_head_volume(scene, tmp_path)
     logic.process(volume, model=str(tiny_model), waitForCompletion=False)
