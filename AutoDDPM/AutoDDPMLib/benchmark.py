@@ -25,8 +25,10 @@ contrast it was trained for.
 
 Methods: AutoDDPM with the ``fast`` and ``reference`` schedules (the final map
 A), fixed-noise DDPM reconstruction ("AnoDDPM", map |x - x_rec|) from t = 50,
-100, 200, 300, 500, and the plain residual |x - x_rec| of AutoDDPM's own coarse
-reconstruction (no extra network evaluations).
+100, 200, 300, 500, the plain residual |x - x_rec| of AutoDDPM's own coarse
+reconstruction (no extra network evaluations), and, as a reference point for
+how hard a dataset is, the input intensity itself (no model: a bright lesion
+on a dark background is found by a threshold alone; a dark one is not).
 
 Thresholds, each reported separately:
 
@@ -75,6 +77,7 @@ import numpy as np
 DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev")
 DEV_PATIENT_STRIDE = 8  # lgg-dev: every 8th training patient (10 of 80)
 ANODDPM_LEVELS = (50, 100, 200, 300, 500)
+INTENSITY_METHOD = "Input intensity (no model)"
 BIN_ORDER = ("all", "small", "medium", "large")
 
 # Sizes of a --quick run (about 15 minutes for a 64x64 4.5M-parameter model on 2 CPU cores).
@@ -338,7 +341,7 @@ def _calibration_family(card, dataset_name: str) -> str:
 @dataclass
 class Method:
     name: str
-    kind: str  # "autoddpm" | "anoddpm" | "residual"
+    kind: str  # "autoddpm" | "anoddpm" | "residual" | "intensity"
     schedule: str = "fast"  # AutoDDPM schedule (autoddpm, residual)
     level: int = 0  # AnoDDPM start level
     steps: int = 0  # AnoDDPM reverse steps
@@ -392,6 +395,7 @@ def build_methods(card, quick: bool, baseline_steps: Optional[int], notes: list[
             continue
         steps = t + 1 if baseline_steps is None else min(int(baseline_steps), t + 1)
         methods.append(Method(f"AnoDDPM t={t}", "anoddpm", level=t, steps=steps, evaluations=steps))
+    methods.append(Method(INTENSITY_METHOD, "intensity"))
     return methods
 
 
@@ -508,6 +512,10 @@ class Runner:
                 scores, ph, group_seconds = out["anomaly"], out["ph"], times["total"]
             else:
                 scores, ph, group_seconds = np.abs(x_np - out["rec"]), out["rec"], times["coarse"]
+        elif method.kind == "intensity":  # the image is its own map; there is no pseudo-healthy image
+            scores, ph = np.full_like(x_np, np.nan), np.full_like(x_np, np.nan)
+            scores[indices] = x_np[indices]
+            group_seconds = [0.0] * len(groups)
         else:
             rec, group_seconds = self.run_anoddpm(method.level, method.steps, x, groups, method_index)
             scores, ph = np.abs(x_np - rec), rec
@@ -594,9 +602,9 @@ def evaluate_rows(run: MethodRun, evalset: EvalSet, indices: np.ndarray, dataset
     healthy_region = fg & ~near_lesion
     fidelity = {}
     for key in ("mae", "ssim", "lpips"):
-        values = run.fidelity[key][indices]
-        fidelity[f"{key}_healthy"] = _region_mean(values, healthy_region)
-        fidelity[f"{key}_lesion"] = _region_mean(values, truth) if evalset.healthy is not None else None
+        values = run.fidelity[key][indices] if key in run.fidelity else None
+        fidelity[f"{key}_healthy"] = None if values is None else _region_mean(values, healthy_region)
+        fidelity[f"{key}_lesion"] = None if values is None or evalset.healthy is None else _region_mean(values, truth)
 
     n_slices = len(indices)
     if evalset.per_volume and len(run.indices) == len(evalset):  # whole volumes were run
@@ -856,7 +864,7 @@ def run_benchmark(
                              else thresholds.get(method.name, float("nan")))
             if math.isnan(run.threshold) and method.name == "Residual (coarse, reference)":
                 run.threshold = thresholds.get("Residual (coarse, fast)", float("nan"))
-            run.fidelity = fidelity_maps(run, evalset, runner.lpips, torch_device)
+            run.fidelity = fidelity_maps(run, evalset, runner.lpips, torch_device) if method.kind != "intensity" else {}
             runs[method.name] = run
             _log(f"{dataset_name}: {method.name}: {len(indices)} slices in {time.perf_counter() - t0:.1f} s")
 
@@ -988,6 +996,8 @@ def markdown_report(rows: list[dict], meta: dict, figures: list[str]) -> str:
                   "| method | size bin | MAE healthy | SSIM healthy | LPIPS healthy | MAE lesion | SSIM lesion | LPIPS lesion |",
                   "|---|---|---|---|---|---|---|---|"]
         for (method, bin_name), (cal, _) in sorted(pairs.items(), key=lambda kv: BIN_ORDER.index(kv[0][1])):
+            if method == INTENSITY_METHOD:  # it makes no pseudo-healthy image
+                continue
             lines.append(
                 f"| {method} | {bin_name} | {_fmt(cal['mae_healthy'], 4)} | {_fmt(cal['ssim_healthy'])} | {_fmt(cal['lpips_healthy'], 4)} | "
                 f"{_fmt(cal['mae_lesion'], 4)} | {_fmt(cal['ssim_lesion'])} | {_fmt(cal['lpips_lesion'], 4)} |"
@@ -1058,7 +1068,7 @@ def write_figures(output_dir: Path, rows: list[dict], examples: dict) -> list[st
         ax.axis("off")
     for ax, dataset in zip(axes.flat, datasets):
         for r in rows:
-            if r["dataset"] != dataset or r["size_bin"] != "all" or r["dice"] is None:
+            if r["dataset"] != dataset or r["size_bin"] != "all" or r["dice"] is None or not r["evaluations_per_slice"]:
                 continue
             oracle = r["threshold_kind"] == "oracle"
             color = "C0" if r["method"].startswith("AutoDDPM") else ("C1" if r["method"].startswith("AnoDDPM") else "C2")
