@@ -28,6 +28,7 @@ from slicer.util import VTKObservationMixin
 from AutoDDPMLib.bundle import DEFAULT_MODEL, ModelCard, bundled_models_dir, list_bundled_models, read_card, resolve_model
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.resources import resources_dir
+from AutoDDPMLib.sampling_schedules import DEFAULT_SCHEDULE
 from AutoDDPMLib.slicer_process import (
     EngineProcess,
     engine_command,
@@ -155,7 +156,7 @@ class AutoDDPMParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = ""
-    schedule: Schedule = Schedule.fast
+    schedule: Schedule = Schedule(DEFAULT_SCHEDULE)
     device: Device = Device.auto
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
@@ -632,7 +633,7 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         return folder
 
     @staticmethod
-    def calibratedThreshold(model: Union[str, os.PathLike, None], schedule: Union[str, "Schedule"] = "fast") -> float:
+    def calibratedThreshold(model: Union[str, os.PathLike, None], schedule: Union[str, "Schedule"] = DEFAULT_SCHEDULE) -> float:
         """The model card's anomaly threshold for ``schedule``: what a run uses unless given another."""
         return read_card(AutoDDPMLogic.modelFolder(model)).thresholds_for(str(getattr(schedule, "value", schedule)))[1]
 
@@ -640,7 +641,7 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         self,
         inputVolume: vtkMRMLScalarVolumeNode,
         model: Union[str, os.PathLike, None] = None,
-        schedule: str = "fast",
+        schedule: str = DEFAULT_SCHEDULE,
         device: str = "auto",
         seed: int = 0,
         threshold: Optional[float] = None,

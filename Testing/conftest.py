@@ -6,13 +6,16 @@ bundle (safetensors + card): every code path runs for real, in seconds.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 # The test models are tiny: one thread is as fast as two, and it keeps the
 # suite from fighting a training job (or the CLI subprocesses) for the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -43,6 +46,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     card["thresholds"].update(mask_tau=0.05, anomaly=0.05)
     write_card(folder, card)
     return folder
+
+
+@pytest.fixture
+def tiny_model_with(tiny_model: Path, tmp_path: Path) -> Callable[..., Path]:
+    """A copy of the tiny model whose card has the given top-level fields replaced, e.g. modality="T1"."""
+
+    def copy(name: str, **card_changes: Any) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tiny_model, folder)
+        card = json.loads((folder / "model.json").read_text())
+        card.update(card_changes)
+        (folder / "model.json").write_text(json.dumps(card))
+        return folder
+
+    return copy
 
 
 def make_head_volume(shape=(6, 40, 48), spacing=(1.0, 1.0, 2.0), lesion: bool = True, seed: int = 0) -> sitk.Image:

@@ -151,16 +151,8 @@ def test_demo_runs_on_the_shipped_sample(tiny_model, tmp_path, capsys):
     assert (tmp_path / "TCGA_LGG_FLAIR_mask.nii.gz").is_file()
 
 
-def with_card(model: Path, folder: Path, **changes) -> Path:
-    shutil.copytree(model, folder)
-    card = json.loads((folder / "model.json").read_text())
-    card.update(changes)
-    (folder / "model.json").write_text(json.dumps(card))
-    return folder
-
-
-def test_demo_of_a_t1_model_runs_the_paper_setting(tiny_model, tmp_path, capsys):
-    model = with_card(tiny_model, tmp_path / "t1", modality="T1", slice_levels="mid-axial")
+def test_demo_of_a_t1_model_runs_the_paper_setting(tiny_model_with, tmp_path, capsys):
+    model = tiny_model_with("t1", modality="T1", slice_levels="mid-axial")
     out = tmp_path / "out"
     assert main(["demo", "--output-dir", str(out), "--model", str(model), "--progress", "json"]) == 0
     printed = capsys.readouterr().out
@@ -174,8 +166,8 @@ def test_demo_of_a_t1_model_runs_the_paper_setting(tiny_model, tmp_path, capsys)
     assert (out / "autoddpm-demo.png").is_file()
 
 
-def test_demo_of_a_model_without_a_sample_fails_clearly(tiny_model, tmp_path, capsys):
-    model = with_card(tiny_model, tmp_path / "dwi", modality="DWI")
+def test_demo_of_a_model_without_a_sample_fails_clearly(tiny_model_with, tmp_path, capsys):
+    model = tiny_model_with("dwi", modality="DWI")
     assert main(["demo", "--output-dir", str(tmp_path / "out"), "--model", str(model)]) == 2
     assert "no sample ships for DWI models" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -5,7 +5,8 @@ import torch
 
 from AutoDDPMLib.bundle import load_unet, read_card
 from AutoDDPMLib.lpips import load_lpips
-from AutoDDPMLib.pipeline import SCHEDULES, AutoDDPMPipeline, SamplingSchedule
+from AutoDDPMLib.pipeline import AutoDDPMPipeline
+from AutoDDPMLib.sampling_schedules import SCHEDULES, SamplingSchedule
 from AutoDDPMLib.scheduler import DDPMScheduler
 
 

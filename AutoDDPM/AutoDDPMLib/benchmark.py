@@ -366,13 +366,13 @@ class MethodRun:
 
 def _all_schedules() -> dict:
     """The pipeline's schedules plus ``mid``: 50 coarse steps, 10 levels x 5 re-samples (100 evaluations)."""
-    from .pipeline import SCHEDULES, SamplingSchedule
+    from .sampling_schedules import SCHEDULES, SamplingSchedule
 
     return {**SCHEDULES, "mid": SamplingSchedule(coarse_steps=50, resample_steps=10, resample_jumps=5)}
 
 
 def build_methods(card, quick: bool, baseline_steps: Optional[int], notes: list[str]) -> list[Method]:
-    from .pipeline import SCHEDULES
+    from .sampling_schedules import SCHEDULES
 
     fast, reference = SCHEDULES["fast"], SCHEDULES["reference"]
     methods = [

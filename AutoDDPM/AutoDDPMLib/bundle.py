@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import AutoDDPMError
 from .resources import resources_dir
+from .sampling_schedules import SCHEDULES
 
 if TYPE_CHECKING:
     import torch
@@ -161,8 +162,6 @@ def new_card(
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A card for freshly trained weights; its thresholds are placeholders until calibration."""
-    from .pipeline import SCHEDULES
-
     return {
         "format": CARD_FORMAT,
         "name": name,

@@ -20,6 +20,7 @@ import torch
 from .bundle import read_card, write_card
 from .errors import AutoDDPMError
 from .inference import AutoDDPM
+from .sampling_schedules import DEFAULT_SCHEDULE
 from .slices import FOREGROUND_LEVEL
 from .training_data import load_healthy_slices
 
@@ -33,7 +34,7 @@ def _quantile(values: torch.Tensor, q: float) -> float:
 def calibrate(
     model_dir: str | os.PathLike,
     data: list[str | os.PathLike],
-    schedule: str = "fast",
+    schedule: str = DEFAULT_SCHEDULE,
     mask_fraction: float = 0.05,
     healthy_fpr: float = 0.01,
     max_slices: int = 256,
@@ -99,7 +100,7 @@ def calibrate(
     # The card's main thresholds are those of the schedule `autoddpm run` uses by default;
     # other schedules keep theirs beside them (see ModelCard.thresholds_for).
     current = card.data["thresholds"]
-    if schedule == "fast":
+    if schedule == DEFAULT_SCHEDULE:
         thresholds = dict(calibrated, **({"schedules": current["schedules"]} if "schedules" in current else {}))
     else:
         thresholds = dict(current, schedules={**current.get("schedules", {}), schedule: calibrated})

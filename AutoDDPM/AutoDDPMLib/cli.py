@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import AutoDDPMError
 from .fit_checks import SLICE_LEVELS
+from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .progress import make_reporter
 
 OUTPUT_SUFFIXES = {"pseudohealthy": "_pseudohealthy.nii.gz", "anomaly": "_anomaly.nii.gz", "mask": "_mask.nii.gz"}
@@ -135,7 +136,7 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     print(f"{'name':18s} {'modality':9s} {'grid':>7s} {'tau':>7s} {'threshold':>9s}  {'calibrated for':16s}  license")
     for card in cards:
-        calibrated = ", ".join(s for s in ("fast", "reference") if card.thresholds_for(s)[2]) or "NOTHING"
+        calibrated = ", ".join(s for s in SCHEDULES if card.thresholds_for(s)[2]) or "NOTHING"
         print(f"{card.name:18s} {card.data['modality']:9s} {card.image_size:>4d} px {card.mask_threshold:7.4f} "
               f"{card.anomaly_threshold:9.4f}  {calibrated:16s}  {card.data.get('license', '?')}")
     return 0
@@ -155,7 +156,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="bundled model name or model folder (default: flair-lgg; see `autoddpm models`)")
-    parser.add_argument("--schedule", default="fast", choices=["fast", "reference"],
+    parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=list(SCHEDULES),
                         help="fast: strided steps, 25 network evaluations per slice (default); reference: the paper's 451")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     parser.add_argument("--threshold", type=float, default=None, help="threshold on the anomaly map for the mask (default: the model card's calibrated value)")
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="set a model's thresholds from healthy held-out data")
     calibrate.add_argument("model_dir", metavar="MODEL_DIR")
     calibrate.add_argument("--data", action="append", required=True, help="healthy images/volumes (lesion slices excluded by *_mask files); repeatable")
-    calibrate.add_argument("--schedule", default="fast", choices=["fast", "reference"])
+    calibrate.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=list(SCHEDULES))
     calibrate.add_argument("--mask-fraction", type=float, default=0.05, help="share of healthy tissue tau marks for re-sampling (reference: 0.05)")
     calibrate.add_argument("--healthy-fpr", type=float, default=0.01, help="share of healthy tissue the output mask may flag (default 0.01)")
     calibrate.add_argument("--max-slices", type=int, default=256)

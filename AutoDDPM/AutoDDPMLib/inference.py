@@ -22,7 +22,8 @@ from .devices import is_out_of_memory, select_device
 from .errors import AutoDDPMError
 from .fit_checks import fit_warnings
 from .lpips import load_lpips
-from .pipeline import SCHEDULES, AutoDDPMOutput, AutoDDPMPipeline, SamplingSchedule
+from .pipeline import AutoDDPMOutput, AutoDDPMPipeline
+from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES, SamplingSchedule
 from .scheduler import DDPMScheduler
 from .slices import FOREGROUND_LEVEL, AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
 
@@ -75,7 +76,7 @@ class AutoDDPM:
     def __init__(
         self,
         model: str | os.PathLike | None = None,
-        schedule: str = "fast",
+        schedule: str = DEFAULT_SCHEDULE,
         device: str = "auto",
         seed: int = 0,
         batch_size: int | None = None,

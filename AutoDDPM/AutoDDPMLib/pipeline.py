@@ -19,39 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .lpips import LPIPS
+from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES, SamplingSchedule
 from .scheduler import DDPMScheduler, gaussian_noise, strided_levels
 from .unet import UNet
 
 # Called after every network evaluation with (evaluations done, evaluations in all).
 ProgressCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class SamplingSchedule:
-    """How many reverse steps each stage takes, and from which noise level."""
-
-    coarse_start: int = 200
-    coarse_steps: int = 201
-    resample_start: int = 50
-    resample_steps: int = 50
-    resample_jumps: int = 5
-    eta: float = 1.0
-
-    @property
-    def evaluations(self) -> int:
-        """Network evaluations per slice."""
-        return self.coarse_steps + self.resample_steps * self.resample_jumps
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-SCHEDULES = {
-    # The paper: all 201 ancestral steps from 200, then 50 levels x 5 re-samples (451 evaluations).
-    "reference": SamplingSchedule(),
-    # Strided steps in both stages: 10 + 5 x 3 = 25 evaluations.
-    "fast": SamplingSchedule(coarse_steps=10, resample_steps=5, resample_jumps=3),
-}
 
 
 @dataclass
@@ -75,7 +48,7 @@ class AutoDDPMPipeline:
         scheduler: DDPMScheduler,
         lpips: LPIPS,
         mask_threshold: float,
-        schedule: SamplingSchedule = SCHEDULES["fast"],
+        schedule: SamplingSchedule = SCHEDULES[DEFAULT_SCHEDULE],
     ) -> None:
         self.unet = unet
         self.scheduler = scheduler

@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .sampling_schedules import DEFAULT_SCHEDULE
+
 # The folder that holds the AutoDDPMLib package: it goes on the engine's PYTHONPATH.
 MODULE_DIR = Path(__file__).resolve().parents[1]
 
@@ -41,7 +43,7 @@ def engine_command(
     output_dir: str | os.PathLike,
     *,
     model: Optional[str] = None,
-    schedule: str = "fast",
+    schedule: str = DEFAULT_SCHEDULE,
     device: str = "auto",
     seed: int = 0,
     threshold: Optional[float] = None,

@@ -308,19 +308,13 @@ def test_unknown_model_fails_clearly(scene, logic, temp_root, tmp_path) -> None:
     assert node_ids(scene) == before and list(temp_root.iterdir()) == []
 
 
-def test_each_schedule_has_its_calibrated_threshold(logic, tiny_model, tmp_path) -> None:
-    import json
-    import shutil
-
+def test_each_schedule_has_its_calibrated_threshold(logic, tiny_model_with) -> None:
     from AutoDDPM import Schedule
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model, model)
-    card = json.loads((model / "model.json").read_text())
-    card["thresholds"]["schedules"] = {"reference": {"mask_tau": 0.2, "anomaly": 0.3}}
-    (model / "model.json").write_text(json.dumps(card))
+    fast = {"mask_tau": 0.05, "anomaly": 0.05}
+    model = tiny_model_with("model", thresholds=dict(fast, schedules={"reference": {"mask_tau": 0.2, "anomaly": 0.3}}))
     assert logic.calibratedThreshold(str(model), Schedule.reference) == 0.3
-    assert logic.calibratedThreshold(str(model), "fast") == card["thresholds"]["anomaly"]
+    assert logic.calibratedThreshold(str(model), "fast") == 0.05
     with pytest.raises(ValueError, match="unknown model"):
         logic.calibratedThreshold("no-such-model")
 
