@@ -187,6 +187,8 @@ def test_calibrate_sets_thresholds_from_healthy_data(tiny_model, tmp_path, capsy
     assert info["flagged_by_tau"] <= 0.05 + 1e-3
     assert info["flagged_by_anomaly_threshold"] <= 0.02 + 1e-3
     assert info["healthy_slices"] == 12
+    bar = capsys.readouterr().err
+    assert "calibrating (fast): 100%" in bar and "stitch and re-sample" in bar
 
 
 def test_each_schedule_gets_its_own_thresholds(tiny_model, tmp_path, capsys):

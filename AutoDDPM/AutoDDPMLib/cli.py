@@ -143,10 +143,20 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .calibrate import calibrate
 
-    thresholds = calibrate(args.model_dir, args.data, schedule=args.schedule, mask_fraction=args.mask_fraction,
-                           healthy_fpr=args.healthy_fpr, max_slices=args.max_slices, device=args.device, seed=args.seed)
+    # Calibrating the reference schedule takes hours on a CPU: show how far it is.
+    with tqdm(total=100, desc=f"calibrating ({args.schedule})", unit="%",
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]") as bar:
+        def progress(fraction: float, stage: str) -> None:
+            bar.update(round(100 * fraction) - bar.n)
+            bar.set_postfix_str(stage)
+
+        thresholds = calibrate(args.model_dir, args.data, schedule=args.schedule, mask_fraction=args.mask_fraction,
+                               healthy_fpr=args.healthy_fpr, max_slices=args.max_slices, device=args.device,
+                               seed=args.seed, progress=progress)
     info = thresholds["calibration"]
     print(f"tau = {thresholds['mask_tau']:.5f} (flags {100 * info['flagged_by_tau']:.2f}% of healthy tissue), "
           f"anomaly threshold = {thresholds['anomaly']:.5f} (flags {100 * info['flagged_by_anomaly_threshold']:.2f}%), "
