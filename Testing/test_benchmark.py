@@ -147,6 +147,30 @@ def test_speed_table(tiny_model, tmp_path):
     assert "ms / slice" in (tmp_path / "speed.md").read_text()
 
 
+def test_speed_onnxruntime_matches_eager(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")  # torch.onnx.export needs it
+    rows = run_speed(str(tiny_model), "cpu", batch_sizes=(1, 3), backends=("eager", "onnxruntime"),
+                     min_seconds=0.0, max_repeats=3, output_dir=tmp_path)
+    onnx_rows = [r for r in rows if r["backend"] == "onnxruntime"]
+    # exported at batch 2: the dynamic batch axis runs batch 1 (and 3 unless dropped as much slower than eager)
+    assert onnx_rows and onnx_rows[0]["batch_size"] == 1
+    assert all(r["ms_per_slice"] > 0 and r["max_abs_deviation_from_eager"] < 1e-3 for r in onnx_rows)
+    assert not any("onnxruntime" in note for note in json.loads((tmp_path / "speed.json").read_text())["meta"]["notes"])
+
+
+def test_speed_onnxruntime_skipped_with_a_note_when_missing(tiny_model, tmp_path, monkeypatch):
+    import AutoDDPMLib.onnx_backend as onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "missing_onnx_packages", lambda: ["onnxruntime"])
+    rows = run_speed(str(tiny_model), "cpu", batch_sizes=(1,), backends=("eager", "onnxruntime"),
+                     min_seconds=0.0, max_repeats=3, output_dir=tmp_path)
+    assert [r["backend"] for r in rows] == ["eager"]
+    notes = json.loads((tmp_path / "speed.json").read_text())["meta"]["notes"]
+    assert any(n.startswith("onnxruntime: skipped, onnxruntime not installed") for n in notes)
+    assert "autoddpm[onnx]" in (tmp_path / "speed.md").read_text()
+
+
 def test_baseline_calibration_follows_the_card(tiny_model, data_root):
     from AutoDDPMLib.benchmark import _calibrated_on, _calibration_family, calibration_slices, card_healthy_fpr
     from AutoDDPMLib.bundle import read_card

@@ -9,12 +9,18 @@ one forward on a batch of slices), for each backend
 * ``compile``: ``torch.compile`` of the float32 network (with ``--compile``:
   compiling takes minutes per batch size on a small CPU, reported as
   ``first_call_seconds``; skipped with a note when it is unavailable or fails,
-  e.g. without a C++ compiler),
+  e.g. without a C++ compiler);
+* ``onnxruntime`` (CPU only): the float32 network exported to ONNX and run by
+  ONNX Runtime's CPUExecutionProvider with as many threads as PyTorch; needs the
+  optional packages ``pip install "autoddpm[onnx]"`` (onnxruntime and onnx),
+  skipped with a note when they are missing, the export fails or the device is
+  not the CPU,
 
 and each batch size (1, 4, 8, 16, 32 by default). Prints a table and writes
 speed.json and speed.md; the recommendation is the fastest (backend, batch size)
 per slice, and the smallest batch within 10% of it. Half precision changes the
-numbers a little: its largest deviation from the float32 output is reported.
+numbers a little, and ONNX Runtime very little: each backend's largest
+deviation from the float32 eager output is reported.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ def run_speed(
     model: Optional[str] = None,
     device: str = "auto",
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32),
-    backends: tuple[str, ...] = ("eager", "channels_last", "half", "compile"),
+    backends: tuple[str, ...] = ("eager", "channels_last", "half", "compile", "onnxruntime"),
     min_seconds: float = 1.0,
     max_repeats: int = 20,
     output_dir: Optional[str | Path] = None,
@@ -50,6 +56,7 @@ def run_speed(
 
     from .bundle import load_unet, read_card, resolve_model
     from .devices import describe_device, select_device
+    from .onnx_backend import missing_onnx_packages, onnxruntime_forward
 
     folder = resolve_model(model)
     card = read_card(folder)
@@ -96,6 +103,20 @@ def run_speed(
             except Exception as error:  # any backend failure: report it, keep the other results
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
                 notes.append(f"torch.compile failed and was skipped: {type(error).__name__}: {first}")
+                return None
+        if backend == "onnxruntime":
+            if dev.type != "cpu":
+                notes.append(f"onnxruntime: skipped on {dev.type} (this benchmark runs ONNX Runtime on the CPU only)")
+                return None
+            missing = missing_onnx_packages()
+            if missing:
+                notes.append(f"onnxruntime: skipped, {' and '.join(missing)} not installed (pip install \"autoddpm[onnx]\")")
+                return None
+            try:
+                return onnxruntime_forward(network, n, network.config.in_channels)
+            except Exception as error:  # export or session failure: report it, keep the other results
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                notes.append(f"onnxruntime failed and was skipped: {type(error).__name__}: {first}")
                 return None
         raise ValueError(f"unknown backend '{backend}'")
 
@@ -216,6 +237,6 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def speed_main(args: argparse.Namespace) -> int:
-    backends = ("eager", "channels_last", "half") + (("compile",) if args.compile else ())
+    backends = ("eager", "channels_last", "half") + (("compile",) if args.compile else ()) + ("onnxruntime",)
     run_speed(args.model, args.device, tuple(args.batch_sizes), backends, args.min_seconds, output_dir=args.output_dir)
     return 0
