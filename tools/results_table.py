@@ -7,7 +7,7 @@
 One row per method: for each dataset (all slices) the pooled Dice at the
 calibrated threshold, at the oracle threshold and the AUPRC; then network
 evaluations, seconds per slice and the healthy-tissue MAE of the first dataset.
-``--by-size DATASET``: oracle Dice and AUPRC per lesion-size bin instead.
+``--by-size DATASET``: Dice calibrated / oracle and AUPRC per lesion-size bin instead.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ def summary(results: list[dict]) -> str:
 def by_size(results: list[dict], dataset: str) -> str:
     bins = ("small", "medium", "large")
     methods = list(dict.fromkeys(r["method"] for r in results if r["dataset"] == dataset))
-    header = ["method"] + [f"{b}: Dice oracle, AUPRC" for b in bins] + ["MAE healthy / in lesion"]
+    header = ["method"] + [f"{b}: Dice calibrated / oracle, AUPRC" for b in bins] + ["MAE healthy / in lesion"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         cells = [method]
         for b in bins:
-            orc = _rows(results, dataset, b, "oracle").get(method)
-            cells.append("–" if orc is None else f"{_fmt(orc['dice'])}, {_fmt(orc['auprc'])}")
+            cal, orc = _rows(results, dataset, b, "calibrated").get(method), _rows(results, dataset, b, "oracle").get(method)
+            cells.append("–" if cal is None else f"{_fmt(cal['dice'])} / {_fmt(orc['dice'])}, {_fmt(cal['auprc'])}")
         own = _rows(results, dataset, "all", "calibrated").get(method) or {}
         cells.append(f"{_fmt(own.get('mae_healthy'), 4)} / {_fmt(own.get('mae_lesion'), 4)}")
         lines.append("| " + " | ".join(cells) + " |")
