@@ -21,13 +21,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_run_end_to_end_with_json_progress(tiny_model, head_volume, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("run", str(head_volume), "--output-dir", str(out), "--model", str(tiny_model), "--progress", "json")
+    proc = run_cli("run", str(head_volume), "--output-dir", str(out), "--model", str(tiny_model), "--progress", "json",
+                   "--backend", "torch")
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "progress" and "start" in kinds and kinds[-2:] == ["done", "finished"]
     start = next(e for e in events if e["event"] == "start")
     assert start["evaluations_per_slice"] == 25 and start["schedule"] == "fast" and start["model"] == "tiny"
+    assert start["backend"] == "torch" and start["backend_note"] is None
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
     assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
     done = events[-2]
@@ -37,6 +39,21 @@ def test_run_end_to_end_with_json_progress(tiny_model, head_volume, tmp_path):
     mask = sitk.ReadImage(done["outputs"]["mask"])
     assert mask.GetSize() == original.GetSize() and mask.GetSpacing() == original.GetSpacing()
     assert int(sitk.GetArrayFromImage(mask).sum()) == done["anomalous_voxels"]
+
+
+def test_backend_onnxruntime_without_the_packages_is_one_clear_line(tiny_model, head_volume, tmp_path, capsys, monkeypatch):
+    import AutoDDPMLib.onnx_backend as onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "missing_onnx_packages", lambda: ["onnxruntime"])
+    assert main(["run", str(head_volume), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_model),
+                 "--backend", "onnxruntime", "--progress", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("autoddpm: error: backend 'onnxruntime' cannot run: onnxruntime is not installed; "
+                   "pip install \"autoddpm[onnx]\" or use --backend torch")
+    assert not (tmp_path / "out").exists()
+    # Under auto the run goes on with torch, and the bar's first line says so.
+    assert main(["run", str(head_volume), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_model)]) == 0
+    assert "backend torch" in capsys.readouterr().err
 
 
 def test_same_seed_same_files(tiny_model, head_volume, tmp_path):

@@ -113,7 +113,75 @@ def test_volume_smaller_than_the_model_grid_is_refused(engine):
     (dict(device="tpu"), "unknown device"),
     (dict(model="no-such-model"), "unknown model"),
     (dict(batch_size=-1), "batch-size"),
+    (dict(backend="tensorrt"), "unknown backend 'tensorrt'"),
 ])
 def test_bad_options(tiny_model, kwargs, message):
     with pytest.raises(AutoDDPMError, match=message):
         AutoDDPM(kwargs.pop("model", tiny_model), **kwargs)
+
+
+@pytest.fixture
+def without_onnx(monkeypatch):
+    """onnx and onnxruntime look uninstalled (as in CI)."""
+    import AutoDDPMLib.onnx_backend as onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "missing_onnx_packages", lambda: ["onnx", "onnxruntime"])
+
+
+def test_onnxruntime_backend_gives_the_torch_results(tiny_model):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")  # torch.onnx.export needs it
+    from AutoDDPMLib.onnx_backend import OnnxRuntimeUNet
+
+    image = make_head_volume()
+    ort = AutoDDPM(tiny_model, seed=3, batch_size=4, backend="onnxruntime")
+    assert ort.backend_name == "onnxruntime" and ort.backend_note is None
+    assert isinstance(ort.pipeline.unet, OnnxRuntimeUNet)
+    auto = AutoDDPM(tiny_model, seed=3, batch_size=4)  # the CPU with the packages installed: ONNX Runtime
+    assert auto.backend_name == "onnxruntime" and auto.backend_note is None
+    torch_engine = AutoDDPM(tiny_model, seed=3, batch_size=4, backend="torch")
+    assert torch_engine.backend_name == "torch" and torch_engine.backend_note is None
+    a, b = ort.process_volume(image), torch_engine.process_volume(image)
+    anomaly_a, anomaly_b = sitk.GetArrayFromImage(a.anomaly_map), sitk.GetArrayFromImage(b.anomaly_map)
+    assert anomaly_b.max() > 0.01  # the maps compared are not all zero
+    assert np.abs(anomaly_a - anomaly_b).max() < 1e-4
+    assert np.array_equal(sitk.GetArrayFromImage(a.mask), sitk.GetArrayFromImage(b.mask))
+
+
+def test_onnxruntime_backend_without_the_packages_says_what_to_install(tiny_model, without_onnx):
+    with pytest.raises(AutoDDPMError, match=r"onnx and onnxruntime are not installed; pip install \"autoddpm\[onnx\]\""):
+        AutoDDPM(tiny_model, backend="onnxruntime")
+
+
+def test_onnxruntime_backend_is_cpu_only(tiny_model):
+    import torch
+
+    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.inference import load_network
+
+    with pytest.raises(AutoDDPMError, match="CPU only and the device is cuda"):
+        load_network(read_card(tiny_model), torch.device("cuda"), "onnxruntime")
+
+
+def test_auto_backend_without_the_packages_runs_torch(tiny_model, without_onnx):
+    from AutoDDPMLib.unet import UNet
+
+    engine = AutoDDPM(tiny_model, batch_size=4)
+    assert engine.backend_name == "torch" and "not installed" in engine.backend_note
+    assert isinstance(engine.pipeline.unet, UNet)
+    assert engine.process_volume(make_head_volume(shape=(2, 40, 48))).slices == 2
+
+
+def test_a_failed_export_falls_back_to_torch_under_auto_only(tiny_model, monkeypatch):
+    import AutoDDPMLib.onnx_backend as onnx_backend
+
+    def fail(network, threads=None):
+        raise RuntimeError("unsupported operator\nmore details")
+
+    monkeypatch.setattr(onnx_backend, "missing_onnx_packages", lambda: [])
+    monkeypatch.setattr(onnx_backend, "OnnxRuntimeUNet", fail)
+    engine = AutoDDPM(tiny_model)
+    assert engine.backend_name == "torch"
+    assert engine.backend_note == "exporting model tiny to ONNX Runtime failed (RuntimeError: unsupported operator)"
+    with pytest.raises(AutoDDPMError, match="to ONNX Runtime failed .*; use --backend torch"):
+        AutoDDPM(tiny_model, backend="onnxruntime")

@@ -891,6 +891,8 @@ def run_benchmark(
         "thresholds": card.data.get("thresholds", {}),
         "commit": _git_commit(),
         "device": describe_device(torch_device),
+        # Runner runs the torch UNet as loaded (float32, default memory format), whatever `autoddpm run` picks.
+        "backend": "torch",
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": quick,
@@ -947,7 +949,7 @@ def markdown_report(rows: list[dict], meta: dict, figures: list[str]) -> str:
         f"- Command: `{meta['command']}`",
         f"- Model: `{meta['model']}` ({meta['model_path']}), {meta['image_size']}x{meta['image_size']} grid, thresholds {json.dumps(meta['thresholds'])}",
         f"- Commit: `{meta['commit']}`",
-        f"- Device: {meta['device']}, torch {meta['torch']}, batch size {meta['batch_size']}, seed {meta['seed']}",
+        f"- Device: {meta['device']}, torch {meta['torch']} (backend {meta.get('backend', 'torch')}), batch size {meta['batch_size']}, seed {meta['seed']}",
         f"- Date: {meta['date']}; wall time {meta['wall_seconds']:.0f} s; peak memory (process RSS) {meta['peak_rss_mb']:.0f} MB",
         "",
         "Datasets:",

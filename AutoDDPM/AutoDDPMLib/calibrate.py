@@ -41,6 +41,7 @@ def calibrate(
     device: str = "auto",
     seed: int = 0,
     progress: Callable[[float, str], None] | None = None,
+    backend: str = "auto",
 ) -> dict:
     """Measure tau and the anomaly threshold for ``schedule`` on healthy ``data`` and write them into the card."""
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
@@ -52,7 +53,8 @@ def calibrate(
     )
     if len(slices) > max_slices:  # an even spread over all patients and levels
         slices = slices[torch.linspace(0, len(slices) - 1, max_slices).round().long()]
-    engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed)
+    # The backend `autoddpm run` takes by default too (see AutoDDPM), recorded below.
+    engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed, backend=backend)
     pipeline, coarse = engine.pipeline, engine.pipeline.schedule
     tissue = slices > FOREGROUND_LEVEL
     generator = torch.Generator().manual_seed(seed)
@@ -94,6 +96,7 @@ def calibrate(
             "flagged_by_tau": float((likelihood[tissue] > tau).float().mean()),
             "flagged_by_anomaly_threshold": float((anomaly[tissue] > threshold).float().mean()),
             "seed": seed,
+            "backend": engine.backend_name,
             "date": time.strftime("%Y-%m-%d"),
         },
     }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import AutoDDPMError
 from .fit_checks import SLICE_LEVELS
+from .onnx_backend import BACKENDS
 from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .progress import make_reporter
 
@@ -31,7 +32,7 @@ def _engine(args: argparse.Namespace):
     from .inference import AutoDDPM
 
     return AutoDDPM(args.model, schedule=args.schedule, device=args.device, seed=args.seed,
-                    batch_size=args.batch_size, threshold=args.threshold)
+                    batch_size=args.batch_size, threshold=args.threshold, backend=args.backend)
 
 
 def _process(engine, inputs: list[Path], output_dir: Path, reporter) -> tuple[dict[Path, dict], list[str]]:
@@ -106,7 +107,8 @@ def _demo(args: argparse.Namespace) -> int:
         overlap, flagged, truth_voxels = overlap + (mask & truth).sum(), flagged + mask.sum(), truth_voxels + truth.sum()
     figure = output_dir / "autoddpm-demo.png"
     save_overview(rows, figure)
-    print(f"\nAutoDDPM demo on {', '.join(p.name for p in samples)} (model {engine.card.name}, schedule {engine.schedule_name}):")
+    print(f"\nAutoDDPM demo on {', '.join(p.name for p in samples)} (model {engine.card.name}, schedule {engine.schedule_name}, "
+          f"backend {engine.backend_name}):")
     for path in samples:
         for key, output in done[path]["outputs"].items():
             print(f"  {key:14s} {output.resolve()}")
@@ -156,7 +158,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
         thresholds = calibrate(args.model_dir, args.data, schedule=args.schedule, mask_fraction=args.mask_fraction,
                                healthy_fpr=args.healthy_fpr, max_slices=args.max_slices, device=args.device,
-                               seed=args.seed, progress=progress)
+                               seed=args.seed, progress=progress, backend=args.backend)
     info = thresholds["calibration"]
     print(f"tau = {thresholds['mask_tau']:.5f} (flags {100 * info['flagged_by_tau']:.2f}% of healthy tissue), "
           f"anomaly threshold = {thresholds['anomaly']:.5f} (flags {100 * info['flagged_by_anomaly_threshold']:.2f}%), "
@@ -164,11 +166,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                        help="what runs the network: torch, onnxruntime (CPU only; pip install \"autoddpm[onnx]\") or "
+                             "auto (default: onnxruntime on the CPU when installed, else torch)")
+
+
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="bundled model name or model folder (default: flair-lgg; see `autoddpm models`)")
     parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=list(SCHEDULES),
                         help="fast: strided steps, 25 network evaluations per slice (default); reference: the paper's 451")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    _add_backend_option(parser)
     parser.add_argument("--threshold", type=float, default=None, help="threshold on the anomaly map for the mask (default: the model card's calibrated value)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same result")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default 16 on CPU, 64 on GPU; halved on out-of-memory)")
@@ -256,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--healthy-fpr", type=float, default=0.01, help="share of healthy tissue the output mask may flag (default 0.01)")
     calibrate.add_argument("--max-slices", type=int, default=256)
     calibrate.add_argument("--device", default="auto")
+    _add_backend_option(calibrate)
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.set_defaults(handler=_calibrate)
 

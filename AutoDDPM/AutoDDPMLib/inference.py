@@ -22,6 +22,7 @@ from .devices import is_out_of_memory, select_device
 from .errors import AutoDDPMError
 from .fit_checks import fit_warnings
 from .lpips import load_lpips
+from .onnx_backend import BACKENDS
 from .pipeline import AutoDDPMOutput, AutoDDPMPipeline
 from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES, SamplingSchedule
 from .scheduler import DDPMScheduler
@@ -66,11 +67,58 @@ def _schedule_from_card(card: ModelCard, name: str) -> SamplingSchedule:
     return schedule
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def load_network(card: ModelCard, device: torch.device, backend: str = "auto") -> tuple[Callable, str, str | None]:
+    """The card's network as ``unet(x, t) -> epsilon`` for ``backend``; returns (network, backend run, why).
+
+    ``torch``: the UNet module, in channels_last on the CPU. ``onnxruntime``:
+    exported to ONNX and run by ONNX Runtime (CPU only, needs the optional
+    packages; else an AutoDDPMError says what is missing). ``auto``: ONNX Runtime
+    where it can run, else torch; "why" says why torch runs instead (None when
+    ONNX Runtime runs or torch was asked for).
+    """
+    from . import onnx_backend
+
+    if backend not in BACKENDS:
+        raise AutoDDPMError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    reason = hint = None
+    if backend != "torch":
+        missing = onnx_backend.missing_onnx_packages()
+        if device.type != "cpu":
+            reason = f"ONNX Runtime runs on the CPU only and the device is {device}"
+            hint = "use --device cpu or --backend torch"
+        elif missing:
+            reason = f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed"
+            hint = 'pip install "autoddpm[onnx]" or use --backend torch'
+        if reason and backend == "onnxruntime":
+            raise AutoDDPMError(f"backend 'onnxruntime' cannot run: {reason}; {hint}")
+    unet = load_unet(card, device)
+    if backend != "torch" and reason is None:
+        try:
+            return onnx_backend.OnnxRuntimeUNet(unet), "onnxruntime", None
+        except Exception as error:  # an export or session failure: an error if asked for, else torch runs
+            reason = f"exporting model {card.name} to ONNX Runtime failed ({_first_line(error)})"
+            if backend == "onnxruntime":
+                raise AutoDDPMError(f"backend 'onnxruntime' cannot run: {reason}; use --backend torch") from error
+    if device.type == "cpu":
+        # Measured with `autoddpm benchmark-speed`: 1.4x faster per slice on a CPU, same results to 5e-6.
+        unet = unet.to(memory_format=torch.channels_last)
+    return unet, "torch", reason
+
+
 class AutoDDPM:
     """A loaded model bundle, ready to run AutoDDPM on slices or volumes.
 
     ``threshold`` (on the anomaly map) and ``mask_threshold`` (tau, on the
-    likelihood map) default to the model card's calibrated values.
+    likelihood map) default to the model card's calibrated values. ``backend``
+    runs the network with ``torch``, ``onnxruntime`` (CPU only, ``pip install
+    "autoddpm[onnx]"``) or, by default, ``auto``: ONNX Runtime where it can run,
+    else torch. ``backend_name`` says which runs and ``backend_note`` why torch
+    runs under ``auto`` (None otherwise).
     """
 
     def __init__(
@@ -82,6 +130,7 @@ class AutoDDPM:
         batch_size: int | None = None,
         threshold: float | None = None,
         mask_threshold: float | None = None,
+        backend: str = "auto",
     ) -> None:
         self.card = read_card(resolve_model(model))
         self.schedule_name = schedule
@@ -100,10 +149,7 @@ class AutoDDPM:
                 "--data HEALTHY_DATA` or give --threshold")
         scheduler_settings = {k: v for k, v in self.card.data["scheduler"].items()
                               if k in ("num_train_timesteps", "beta_start", "beta_end")}
-        unet = load_unet(self.card, self.device)
-        if self.device.type == "cpu":
-            # Measured with `autoddpm benchmark-speed`: 1.4x faster per slice on a CPU, same results to 5e-6.
-            unet = unet.to(memory_format=torch.channels_last)
+        unet, self.backend_name, self.backend_note = load_network(self.card, self.device, backend)
         self.pipeline = AutoDDPMPipeline(
             unet,
             DDPMScheduler(**scheduler_settings),
@@ -117,6 +163,7 @@ class AutoDDPM:
         return self.pipeline.schedule.evaluations
 
     def _fall_back_to_cpu(self) -> None:
+        # Only a GPU runs out of memory, and only the torch backend runs there: the network is a module.
         self.device = torch.device("cpu")
         self.pipeline.unet = self.pipeline.unet.to(self.device, memory_format=torch.channels_last)
         self.pipeline.lpips = load_lpips(self.device)

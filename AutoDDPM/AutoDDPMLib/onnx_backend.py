@@ -7,6 +7,11 @@ axis, and run by an ``onnxruntime.InferenceSession`` with the
 CPUExecutionProvider and as many intra-op threads as PyTorch uses. Inputs are
 ``x`` [B, C, N, N] float32 and ``t`` [B] int64, the output is epsilon like
 ``UNet.forward``. Install the packages with ``pip install "autoddpm[onnx]"``.
+
+``OnnxRuntimeUNet`` wraps that forward as a stand-in for the UNet, which is how
+``AutoDDPM(backend="onnxruntime")`` (``autoddpm run --backend``) runs the
+pipeline through ONNX Runtime. This file imports torch only when a function
+needs it, so the command line can name the backends without loading PyTorch.
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ import importlib.util
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # What the export and the session need; torch itself is always there.
 ONNX_PACKAGES: tuple[str, ...] = ("onnx", "onnxruntime")
 ONNX_OPSET = 17
+# How the engine may run its network: "auto" is ONNX Runtime when the device is the CPU and
+# the packages are installed (faster per slice there, see `autoddpm benchmark-speed`), else torch.
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime")
 
 
 def missing_onnx_packages() -> list[str]:
@@ -47,6 +56,7 @@ def onnxruntime_forward(
     if missing:
         raise ImportError(f"the onnxruntime backend needs {' and '.join(missing)}: pip install \"autoddpm[onnx]\"")
     import onnxruntime as ort
+    import torch
 
     net = copy.deepcopy(network).to(device="cpu", dtype=torch.float32).eval()
     x = torch.zeros(2, in_channels, image_size, image_size, dtype=torch.float32)
@@ -78,3 +88,23 @@ def onnxruntime_forward(
         return torch.from_numpy(session.run(None, feeds)[0])
 
     return forward
+
+
+class OnnxRuntimeUNet:
+    """A UNet stand-in for the pipeline: ``unet(x, t) -> epsilon``, run by ONNX Runtime on the CPU.
+
+    It has the network's ``config``, and ``device``/``dtype`` say where its
+    inputs and outputs live (the CPU, float32); it cannot be moved to another
+    device: build the torch network there instead.
+    """
+
+    def __init__(self, network: nn.Module, threads: Optional[int] = None) -> None:
+        import torch
+
+        self.config = network.config
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self._forward = onnxruntime_forward(network, network.config.image_size, network.config.in_channels, threads)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, t)

@@ -39,12 +39,17 @@ class AutoDDPMOutput:
     evaluations: int  # network evaluations per slice
 
 
+# The network as the pipeline calls it: epsilon = unet(x_t, t), t a long tensor [B] on x_t's device.
+# A UNet module, or a stand-in with the same call (onnx_backend.OnnxRuntimeUNet).
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class AutoDDPMPipeline:
-    """Mask, stitch and re-sample with one trained epsilon-prediction UNet."""
+    """Mask, stitch and re-sample with one trained epsilon-prediction UNet (any ``NoisePredictor``)."""
 
     def __init__(
         self,
-        unet: UNet,
+        unet: UNet | NoisePredictor,
         scheduler: DDPMScheduler,
         lpips: LPIPS,
         mask_threshold: float,

@@ -1,7 +1,7 @@
 """Progress of ``autoddpm run``: a bar for people, JSON lines for programs (the Slicer module).
 
 JSON events, one object per stdout line:
-``start`` (input, evaluations_per_slice, schedule, device, model, threshold),
+``start`` (input, evaluations_per_slice, schedule, device, backend, backend_note, model, threshold),
 ``progress`` (input, fraction 0..1 of that input, stage: reading | mask | resample | writing),
 ``warning`` (message), ``done`` (input, outputs, threshold, anomalous_voxels, anomalous_volume_ml, seconds),
 ``finished`` (seconds).
@@ -51,7 +51,8 @@ class BarReporter(Reporter):
         from tqdm import tqdm
 
         print(f"{path.name}: model {engine.card.name}, schedule {engine.schedule_name} "
-              f"({engine.evaluations_per_slice} network evaluations per slice), device {engine.device}", file=sys.stderr)
+              f"({engine.evaluations_per_slice} network evaluations per slice), device {engine.device}, "
+              f"backend {engine.backend_name}", file=sys.stderr)
         self._bar = tqdm(total=100, desc=path.name, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
 
     def stage(self, path: Path, stage: str, fraction: float) -> None:
@@ -77,7 +78,8 @@ class JsonReporter(Reporter):
 
     def start(self, path: Path, engine: Any, image: Any) -> None:
         self._emit("start", input=str(path), evaluations_per_slice=engine.evaluations_per_slice,
-                   schedule=engine.schedule_name, device=str(engine.device), model=engine.card.name,
+                   schedule=engine.schedule_name, device=str(engine.device), backend=engine.backend_name,
+                   backend_note=engine.backend_note, model=engine.card.name,
                    threshold=engine.threshold)
 
     def stage(self, path: Path, stage: str, fraction: float) -> None:
