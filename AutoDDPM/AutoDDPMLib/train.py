@@ -129,6 +129,9 @@ class Trainer:
         self.validation = self.validation.to(self.device)
 
         self.network = UNet(config.unet).to(self.device)
+        if self.device.type == "cpu":
+            # Measured with tools/training_cost.py: 1.1x faster training steps on a CPU at the shipped size.
+            self.network = self.network.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.network).requires_grad_(False)
         self.model = self.network
         if self.world_size > 1:
