@@ -144,7 +144,9 @@ def test_speed_table(tiny_model, tmp_path):
     assert all(r["ms_per_slice"] > 0 for r in rows)
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved["meta"]["best"] in saved["rows"]
-    assert "ms / slice" in (tmp_path / "speed.md").read_text()
+    report = (tmp_path / "speed.md").read_text()
+    assert "ms / slice" in report
+    assert f"- Commit: `{saved['meta']['commit']}`" in report  # provenance of the numbers
 
 
 def test_speed_onnxruntime_matches_eager(tiny_model, tmp_path):

@@ -63,8 +63,6 @@ import json
 import math
 import os
 import resource
-import shlex
-import subprocess
 import sys
 import time
 import zlib
@@ -73,6 +71,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from .provenance import command_line, git_commit
 
 DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev")
 DEV_PATIENT_STRIDE = 8  # lgg-dev: every 8th training patient (10 of 80)
@@ -695,18 +695,6 @@ def calibrate_baselines(runs: dict[str, MethodRun], card, foreground: np.ndarray
 # ----------------------------------------------------------------------------- the harness
 
 
-def _git_commit() -> str:
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
-        return commit.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _default_datasets(card) -> list[str]:
     modality = str(card.data.get("modality", "")).lower()
     if "flair" in modality:
@@ -889,7 +877,7 @@ def run_benchmark(
         "model_path": str(folder),
         "image_size": card.image_size,
         "thresholds": card.data.get("thresholds", {}),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "device": describe_device(torch_device),
         # Runner runs the torch UNet as loaded (float32, default memory format), whatever `autoddpm run` picks.
         "backend": "torch",
@@ -1136,7 +1124,7 @@ def benchmark_main(args: argparse.Namespace) -> int:
         calibration_slices_count=args.calibration_slices,
         baseline_steps=args.baseline_steps,
         figures=not args.no_figures,
-        command="autoddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if "benchmark" in sys.argv[1:] else None,
+        command=command_line("benchmark"),
     )
     return 0
 

@@ -37,6 +37,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .provenance import command_line, git_commit
+
 
 def _log(message: str) -> None:
     print(f"[speed] {message}", file=sys.stderr, flush=True)
@@ -50,6 +52,7 @@ def run_speed(
     min_seconds: float = 1.0,
     max_repeats: int = 20,
     output_dir: Optional[str | Path] = None,
+    command: Optional[str] = None,
 ) -> list[dict]:
     """Time the card's network forward for each backend and batch size; returns the rows."""
     import torch
@@ -182,6 +185,8 @@ def run_speed(
         same = [r for r in rows if r["backend"] == best["backend"] and r["ms_per_slice"] <= 1.1 * best["ms_per_slice"]]
         good_enough = min(same, key=lambda r: r["batch_size"])
     meta = {
+        "command": command or "autoddpm benchmark-speed",
+        "commit": git_commit(),
         "model": card.name,
         "model_path": str(folder),
         "image_size": n,
@@ -209,6 +214,8 @@ def speed_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# AutoDDPM network speed",
         "",
+        f"- Command: `{meta['command']}`",
+        f"- Commit: `{meta['commit']}`",
         f"- Model: `{meta['model']}`, {meta['image_size']}x{meta['image_size']}, {meta['parameters'] / 1e6:.2f} M parameters",
         f"- Device: {meta['device']}, torch {meta['torch']}, {meta['date']}",
         "",
@@ -238,5 +245,6 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def speed_main(args: argparse.Namespace) -> int:
     backends = ("eager", "channels_last", "half") + (("compile",) if args.compile else ()) + ("onnxruntime",)
-    run_speed(args.model, args.device, tuple(args.batch_sizes), backends, args.min_seconds, output_dir=args.output_dir)
+    run_speed(args.model, args.device, tuple(args.batch_sizes), backends, args.min_seconds, output_dir=args.output_dir,
+              command=command_line("benchmark-speed"))
     return 0
