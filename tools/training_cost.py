@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from AutoDDPMLib.provenance import git_commit
 from AutoDDPMLib.unet import UNet, UNetConfig
 
 SIZES = [  # (grid, channels per level); attention at the coarsest level
@@ -71,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}, float32\n")
+    print(f"`python tools/training_cost.py --threads {args.threads} --steps {args.steps}` (commit {git_commit()}): "
+          f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}, float32\n")
     print("| grid | UNet channels | parameters | training step, eager | training step, channels_last "
           f"| {TRAINING_STEPS:,} steps (best layout) | fast schedule, {VOLUME_SLICES}-slice volume (channels_last) |")
     print("|---|---|---|---|---|---|---|")
