@@ -413,9 +413,10 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProgress(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "start":
-            self.addLog(_("Model {model}, {schedule} schedule ({evaluations} network evaluations per slice) on {device}.").format(
+            self.addLog(_("Model {model}, {schedule} schedule ({evaluations} network evaluations per slice) on {device}, "
+                          "network run by {backend}.").format(
                 model=event.get("model"), schedule=event.get("schedule"),
-                evaluations=event.get("evaluations_per_slice"), device=event.get("device")))
+                evaluations=event.get("evaluations_per_slice"), device=event.get("device"), backend=event.get("backend")))
         elif kind == "progress":
             self.ui.progressBar.value = int(round(100 * float(event.get("fraction", 0.0))))
             stage = {"reading": _("Reading"), "mask": _("Masking"), "resample": _("Re-sampling"),

@@ -122,6 +122,8 @@ def test_input_is_untouched(finished_run) -> None:
 def test_progress_events_arrive_in_order(finished_run) -> None:
     kinds = [event["event"] for event in finished_run["events"]]
     assert kinds.index("start") < kinds.index("done")
+    # what the panel's log names: the engine says which backend runs the network
+    assert finished_run["result"].engineStart["backend"] in ("torch", "onnxruntime")
     fractions = [event["fraction"] for event in finished_run["events"] if event["event"] == "progress"]
     assert len(fractions) >= 3 and fractions == sorted(fractions) and fractions[-1] <= 1.0
 
