@@ -810,6 +810,8 @@ def run_benchmark(
         notes.append(f"AnoDDPM reconstructions take {sizes['baseline_steps']} strided reverse steps (the reference takes all t+1 ancestral steps).")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    # The code that runs is the checkout as it is now: edits made while the run goes on do not count.
+    commit = git_commit()
     runner = Runner(card, torch_device, batch_size, seed)
     _log(f"model {card.name} ({folder}), device {torch_device}, datasets {', '.join(datasets)}, {'quick' if quick else 'full'} run")
 
@@ -877,7 +879,7 @@ def run_benchmark(
         "model_path": str(folder),
         "image_size": card.image_size,
         "thresholds": card.data.get("thresholds", {}),
-        "commit": git_commit(),
+        "commit": commit,
         "device": describe_device(torch_device),
         # Runner runs the torch UNet as loaded (float32, default memory format), whatever `autoddpm run` picks.
         "backend": "torch",
