@@ -43,10 +43,14 @@ def _seconds(fn, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def measure(grid: int, channels: tuple[int, ...], layout: torch.memory_format, steps: int) -> tuple[int, float, float]:
-    """Parameters, seconds per training step, seconds per inference forward of one batch."""
+def _network(grid: int, channels: tuple[int, ...], layout: torch.memory_format) -> UNet:
     config = UNetConfig(image_size=grid, channels=channels, attention_levels=(False,) * (len(channels) - 1) + (True,))
-    network = UNet(config).to(memory_format=layout)
+    return UNet(config).to(memory_format=layout)
+
+
+def training_step_seconds(network: UNet, layout: torch.memory_format, steps: int) -> float:
+    """Seconds per AdamW training step (forward, backward, update) at batch 16."""
+    grid = network.config.image_size
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     x = torch.rand(BATCH, 1, grid, grid).contiguous(memory_format=layout)
     t = torch.randint(500, (BATCH,))
@@ -57,12 +61,16 @@ def measure(grid: int, channels: tuple[int, ...], layout: torch.memory_format, s
         F.mse_loss(network(x, t), noise).backward()
         optimizer.step()
 
-    @torch.no_grad()
-    def forward() -> None:
-        network(x, t)
+    return _seconds(train_step, steps)
 
-    parameters = sum(p.numel() for p in network.parameters())
-    return parameters, _seconds(train_step, steps), _seconds(forward, steps)
+
+@torch.no_grad()
+def forward_seconds(network: UNet, layout: torch.memory_format, steps: int) -> float:
+    """Seconds per inference forward of one batch of 16."""
+    grid = network.config.image_size
+    x = torch.rand(BATCH, 1, grid, grid).contiguous(memory_format=layout)
+    t = torch.randint(500, (BATCH,))
+    return _seconds(lambda: network(x, t), steps)
 
 
 def main() -> None:
@@ -78,8 +86,12 @@ def main() -> None:
           f"| {TRAINING_STEPS:,} steps (best layout) | fast schedule, {VOLUME_SLICES}-slice volume (channels_last) |")
     print("|---|---|---|---|---|---|---|")
     for grid, channels in SIZES:
-        parameters, eager, _ = measure(grid, channels, torch.contiguous_format, args.steps)
-        _, nhwc, forward = measure(grid, channels, torch.channels_last, args.steps)
+        network = _network(grid, channels, torch.contiguous_format)
+        parameters = sum(p.numel() for p in network.parameters())
+        eager = training_step_seconds(network, torch.contiguous_format, args.steps)
+        network = _network(grid, channels, torch.channels_last)
+        nhwc = training_step_seconds(network, torch.channels_last, args.steps)
+        forward = forward_seconds(network, torch.channels_last, args.steps)  # inference runs channels_last
         hours = TRAINING_STEPS * min(eager, nhwc) / 3600
         volume = FAST_EVALUATIONS * VOLUME_SLICES * forward / BATCH
         print(f"| {grid} | {'/'.join(map(str, channels))} | {parameters / 1e6:.1f} M | {eager:.2f} s | {nhwc:.2f} s "

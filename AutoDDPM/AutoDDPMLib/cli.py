@@ -16,8 +16,8 @@ from pathlib import Path
 from .errors import AutoDDPMError
 from .fit_checks import SLICE_LEVELS
 from .onnx_backend import BACKENDS
-from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .progress import make_reporter
+from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 
 OUTPUT_SUFFIXES = {"pseudohealthy": "_pseudohealthy.nii.gz", "anomaly": "_anomaly.nii.gz", "mask": "_mask.nii.gz"}
 # What `autoddpm demo` runs, by the model's modality: a real LGG patient for FLAIR; for T1, the paper's

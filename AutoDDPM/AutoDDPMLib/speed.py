@@ -44,6 +44,12 @@ def _log(message: str) -> None:
     print(f"[speed] {message}", file=sys.stderr, flush=True)
 
 
+def _failure_note(backend: str, error: Exception) -> str:
+    """One line for the report when a backend cannot be built: the others' results are kept."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return f"{backend} failed and was skipped: {type(error).__name__}: {first}"
+
+
 def run_speed(
     model: Optional[str] = None,
     device: str = "auto",
@@ -104,8 +110,7 @@ def run_speed(
                 compiled(x0, torch.zeros(2, dtype=torch.long, device=dev))
                 return lambda x, t: compiled(x, t)
             except Exception as error:  # any backend failure: report it, keep the other results
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-                notes.append(f"torch.compile failed and was skipped: {type(error).__name__}: {first}")
+                notes.append(_failure_note("torch.compile", error))
                 return None
         if backend == "onnxruntime":
             if dev.type != "cpu":
@@ -118,8 +123,7 @@ def run_speed(
             try:
                 return onnxruntime_forward(network, n, network.config.in_channels)
             except Exception as error:  # export or session failure: report it, keep the other results
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-                notes.append(f"onnxruntime failed and was skipped: {type(error).__name__}: {first}")
+                notes.append(_failure_note("onnxruntime", error))
                 return None
         raise ValueError(f"unknown backend '{backend}'")
 
