@@ -234,13 +234,7 @@ def test_each_schedule_gets_its_own_thresholds(tiny_model, tmp_path, capsys):
 
 
 def test_train_then_resume(tmp_path):
-    data = tmp_path / "train"
-    data.mkdir()
-    for seed in range(2):
-        sitk.WriteImage(make_head_volume(lesion=False, seed=seed), str(data / f"h{seed}_flair.nii.gz"))
-        lesion = np.zeros((6, 40, 48), np.uint8)
-        lesion[3, 10:14, 10:14] = 1  # this slice must be left out of training
-        write(data / f"h{seed}_mask.nii.gz", lesion)
+    data = _healthy_cohort(tmp_path / "train")
     bundle = tmp_path / "bundle"
     args = ["train", "--data", str(data), "--output", str(bundle), "--image-size", "32", "--channels", "8", "16",
             "--batch-size", "4", "--checkpoint-minutes", "0"]
@@ -291,7 +285,45 @@ def test_train_from_a_trained_model(tiny_model, tmp_path):
     card = json.loads((bundle / "model.json").read_text())
     assert card["unet"] == json.loads((tiny_model / "model.json").read_text())["unet"]
     assert card["training"]["config"]["initialised_from"].startswith("tiny")
+    assert card["training"]["steps_in_all"] == 1  # the tiny model was never trained
     from safetensors.torch import load_file
     before, after = load_file(str(tiny_model / "model.safetensors")), load_file(str(bundle / "model.safetensors"))
     # With a zero learning rate the EMA of the start weights is the start weights.
     assert all(np.allclose(before[k].numpy(), after[k].numpy()) for k in before)
+
+
+def _healthy_cohort(folder: Path) -> Path:
+    """Two head volumes, each with one lesion slice that training must leave out."""
+    folder.mkdir()
+    for seed in range(2):
+        sitk.WriteImage(make_head_volume(lesion=False, seed=seed), str(folder / f"h{seed}_flair.nii.gz"))
+        lesion = np.zeros((6, 40, 48), np.uint8)
+        lesion[3, 10:14, 10:14] = 1
+        write(folder / f"h{seed}_mask.nii.gz", lesion)
+    return folder
+
+
+def test_train_from_a_prepared_slice_file_where_simpleitk_is_missing(tmp_path, capsys):
+    from AutoDDPMLib.slice_file import read_slice_file
+    from AutoDDPMLib.training_data import load_healthy_slices
+
+    data = _healthy_cohort(tmp_path / "train")
+    slices = tmp_path / "cohort.safetensors"
+    assert main(["prepare-slices", "--data", str(data), "--output", str(slices), "--image-size", "32"]) == 0
+    from_volumes = load_healthy_slices([data], 32, (0.5, 99.5), 0.05)
+    from_file = read_slice_file(slices, 32, (0.5, 99.5), 0.05)
+    assert from_file.shape == from_volumes.shape and (from_file - from_volumes).abs().max() < 5e-4
+    # Training reads the file where SimpleITK cannot even be imported (a GPU node without the data stack).
+    bundle = tmp_path / "bundle"
+    no_simpleitk = "import sys; sys.modules['SimpleITK'] = None; from AutoDDPMLib.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", no_simpleitk, "--threads", "1", "train", "--data", str(slices), "--output", str(bundle),
+         "--image-size", "32", "--channels", "8", "16", "--batch-size", "4", "--steps", "1", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((bundle / "model.json").read_text())["training"]["slices"] == 8  # as from the volumes
+    # A file prepared for another grid is refused with what to do.
+    assert main(["train", "--data", str(slices), "--output", str(tmp_path / "other"), "--image-size", "48",
+                 "--channels", "8", "16", "--steps", "1"]) == 2
+    assert "prepare it again" in capsys.readouterr().err

@@ -234,6 +234,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_slices(args: argparse.Namespace) -> int:
+    from .bundle import read_card, resolve_model
+    from .slice_file import write_slice_file
+    from .train import TrainConfig
+    from .training_data import load_healthy_slices
+
+    defaults = TrainConfig(data=[])
+    size, percentiles, min_foreground = args.image_size, defaults.percentiles, defaults.min_foreground_fraction
+    if args.like:
+        card = read_card(resolve_model(args.like))
+        size = card.data["unet"]["image_size"]
+        percentiles = tuple(card.data["preprocessing"]["intensity_percentiles"])
+        min_foreground = card.data["preprocessing"]["min_foreground_fraction"]
+    sources = [str(Path(d).resolve()) for d in args.data]
+    slices = load_healthy_slices(sources, size, percentiles, min_foreground)
+    write_slice_file(args.output, slices, percentiles, min_foreground, sources)
+    print(f"{len(slices)} healthy slices on the {size}x{size} grid: {Path(args.output).resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoddpm",
@@ -273,8 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_benchmark_command(commands)
 
+    prepare = commands.add_parser("prepare-slices", help="write a cohort's healthy training slices to one file, to train where the data is not")
+    prepare.add_argument("--data", action="append", required=True, help="folder of healthy images/volumes (with optional *_mask lesion masks) or a text file listing them; repeatable")
+    prepare.add_argument("--output", required=True, help="slice file to write (.safetensors); give it to `autoddpm train --data`")
+    prepare.add_argument("--like", default=None, metavar="MODEL", help="take the grid and preprocessing of this model (for `train --init-from MODEL`)")
+    prepare.add_argument("--image-size", type=int, default=64, help="model grid in pixels, without --like (default 64)")
+    prepare.set_defaults(handler=_prepare_slices)
+
     train = commands.add_parser("train", help="train a healthy-brain model and write a model bundle")
-    train.add_argument("--data", action="append", default=[], help="folder of healthy images/volumes (with optional *_mask lesion masks) or a text file listing them; repeatable")
+    train.add_argument("--data", action="append", default=[], help="folder of healthy images/volumes (with optional *_mask lesion masks), a text file listing them, or a file from `autoddpm prepare-slices`; repeatable")
     train.add_argument("--output", required=True, help="model bundle folder to write (checkpoints go in its checkpoint/ subfolder)")
     train.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --output")
     train.add_argument("--init-from", default=None, metavar="MODEL", help="start from a trained model's weights (name or folder), e.g. to fine-tune on your own healthy cohort; its architecture and preprocessing are kept")

@@ -30,7 +30,7 @@ from .devices import select_device
 from .errors import AutoDDPMError
 from .pipeline import SCHEDULES
 from .scheduler import DDPMScheduler, gaussian_noise, strided_levels
-from .training_data import load_healthy_slices
+from .slice_file import is_slice_file, read_slice_file
 from .unet import UNet, UNetConfig
 
 CHECKPOINT_DIR = "checkpoint"
@@ -58,6 +58,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0: no limit; otherwise checkpoint and stop after this long
     seed: int = 0
     initialised_from: str = ""
+    earlier_training: dict = field(default_factory=dict)  # the start model's card "training", when continued
     valid_for: str = "axial slices"
     slice_levels: str = "all"
     license: str = "see the training data's license"
@@ -78,6 +79,30 @@ def read_checkpoint_config(output: str | os.PathLike) -> TrainConfig:
     saved["unet"] = UNetConfig.from_dict(saved["unet"])
     saved["percentiles"] = tuple(saved["percentiles"])
     return TrainConfig(**saved)
+
+
+def steps_in_all(training: dict) -> int:
+    """Optimiser steps behind a model card's weights, counting the runs it was continued from."""
+    return training.get("steps_in_all", training.get("steps", 0))
+
+
+def load_training_slices(
+    sources: list[str],
+    image_size: int,
+    percentiles: tuple[float, float],
+    min_foreground_fraction: float,
+) -> torch.Tensor:
+    """Healthy slices on the model grid, [N, 1, size, size], from slice files and image folders alike."""
+    parts = []
+    for source in sources:
+        if is_slice_file(source):
+            parts.append(read_slice_file(source, image_size, percentiles, min_foreground_fraction))
+        else:
+            # Imported here: training from slice files alone needs no SimpleITK (a GPU node without the data stack).
+            from .training_data import load_healthy_slices
+
+            parts.append(load_healthy_slices([source], image_size, percentiles, min_foreground_fraction))
+    return torch.cat(parts)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -114,10 +139,10 @@ class Trainer:
             raise AutoDDPMError(f"--max-timestep must be at most {self.scheduler.num_train_timesteps}")
 
         grid = config.unet.image_size
-        slices = load_healthy_slices(config.data, grid, config.percentiles, config.min_foreground_fraction)
+        slices = load_training_slices(config.data, grid, config.percentiles, config.min_foreground_fraction)
         generator = torch.Generator().manual_seed(config.seed)
         if config.validation_data:
-            self.validation = load_healthy_slices(
+            self.validation = load_training_slices(
                 config.validation_data, grid, config.percentiles, config.min_foreground_fraction
             )[: config.validation_slices]
         else:  # hold a few training slices aside, never more than a quarter of them
@@ -174,7 +199,9 @@ class Trainer:
         weights = load_unet(card)
         self.network.load_state_dict(weights.state_dict())
         self.ema.load_state_dict(weights.state_dict())
-        self.config.initialised_from = f"{card.name} ({card.path.parent}, {card.data.get('training', {}).get('steps', '?')} steps)"
+        earlier = card.data.get("training", {})
+        self.config.initialised_from = f"{card.name} ({card.path.parent}, {steps_in_all(earlier)} steps)"
+        self.config.earlier_training = earlier
 
     def load_checkpoint(self) -> None:
         folder = self.output / CHECKPOINT_DIR
@@ -246,6 +273,7 @@ class Trainer:
             min_foreground_fraction=c.min_foreground_fraction, license=c.license, description=c.description, valid_for=c.valid_for,
             slice_levels=c.slice_levels,
             training={"data": c.data, "slices": len(self.slices), "steps": self.step,
+                      "steps_in_all": self.step + steps_in_all(c.earlier_training),
                       "validation_mse_t200": validation_mse, "config": c.to_dict()},
         ))
 
