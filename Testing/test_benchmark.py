@@ -169,7 +169,7 @@ def test_speed_onnxruntime_skipped_with_a_note_when_missing(tiny_model, tmp_path
                      min_seconds=0.0, max_repeats=3, output_dir=tmp_path)
     assert [r["backend"] for r in rows] == ["eager"]
     notes = json.loads((tmp_path / "speed.json").read_text())["meta"]["notes"]
-    assert any(n.startswith("onnxruntime: skipped, onnxruntime not installed") for n in notes)
+    assert any(n.startswith("onnxruntime: skipped, onnxruntime is not installed") for n in notes)
     assert "autoddpm[onnx]" in (tmp_path / "speed.md").read_text()
 
 

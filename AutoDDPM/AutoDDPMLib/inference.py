@@ -85,17 +85,9 @@ def load_network(card: ModelCard, device: torch.device, backend: str = "auto") -
 
     if backend not in BACKENDS:
         raise AutoDDPMError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
-    reason = hint = None
-    if backend != "torch":
-        missing = onnx_backend.missing_onnx_packages()
-        if device.type != "cpu":
-            reason = f"ONNX Runtime runs on the CPU only and the device is {device}"
-            hint = "use --device cpu or --backend torch"
-        elif missing:
-            reason = f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed"
-            hint = 'pip install "autoddpm[onnx]" or use --backend torch'
-        if reason and backend == "onnxruntime":
-            raise AutoDDPMError(f"backend 'onnxruntime' cannot run: {reason}; {hint}")
+    reason = None if backend == "torch" else onnx_backend.unavailable_reason(device)
+    if reason and backend == "onnxruntime":
+        raise AutoDDPMError(f"backend 'onnxruntime' cannot run: {reason} or use --backend torch")
     unet = load_unet(card, device)
     if backend != "torch" and reason is None:
         try:

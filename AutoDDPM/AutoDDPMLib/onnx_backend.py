@@ -40,6 +40,16 @@ def missing_onnx_packages() -> list[str]:
     return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
 
+def unavailable_reason(device: "torch.device") -> Optional[str]:
+    """Why ONNX Runtime cannot run the network on ``device``, with what to do (None when it can)."""
+    if device.type != "cpu":
+        return f"ONNX Runtime runs on the CPU only and the device is {device}; use --device cpu"
+    missing = missing_onnx_packages()
+    if missing:
+        return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; pip install \"autoddpm[onnx]\""
+    return None
+
+
 def onnxruntime_forward(
     network: nn.Module,
     image_size: int,

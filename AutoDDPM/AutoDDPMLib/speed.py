@@ -65,7 +65,7 @@ def run_speed(
 
     from .bundle import load_unet, read_card, resolve_model
     from .devices import describe_device, select_device
-    from .onnx_backend import missing_onnx_packages, onnxruntime_forward
+    from .onnx_backend import onnxruntime_forward, unavailable_reason
 
     folder = resolve_model(model)
     card = read_card(folder)
@@ -113,12 +113,9 @@ def run_speed(
                 notes.append(_failure_note("torch.compile", error))
                 return None
         if backend == "onnxruntime":
-            if dev.type != "cpu":
-                notes.append(f"onnxruntime: skipped on {dev.type} (this benchmark runs ONNX Runtime on the CPU only)")
-                return None
-            missing = missing_onnx_packages()
-            if missing:
-                notes.append(f"onnxruntime: skipped, {' and '.join(missing)} not installed (pip install \"autoddpm[onnx]\")")
+            reason = unavailable_reason(dev)
+            if reason:
+                notes.append(f"onnxruntime: skipped, {reason}")
                 return None
             try:
                 return onnxruntime_forward(network, n, network.config.in_channels)
