@@ -13,15 +13,22 @@ from pathlib import Path
 from typing import Optional
 
 
-def git_commit() -> str:
-    """The short commit of this checkout, "+uncommitted changes" when tracked files differ, or "unknown"."""
-    repo = Path(__file__).resolve().parents[2]
+REPOSITORY = Path(__file__).resolve().parents[2]
+# What a result depends on: the engine and the module, the weights they load and the package's pins.
+# Edits elsewhere (results being written, the README) do not make a result "uncommitted".
+RESULT_INPUTS: tuple[str, ...] = ("AutoDDPM", "Resources/Models", "Resources/LPIPS", "Resources/SampleData", "pyproject.toml")
+
+
+def git_commit(repository: Path = REPOSITORY) -> str:
+    """The short commit of this checkout, "+uncommitted changes" when tracked inputs of a result differ from it,
+    or "unknown" outside a git checkout."""
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(["git", "-C", str(repository), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(repository), "status", "--porcelain", "--untracked-files=no", "--",
+                                *RESULT_INPUTS], capture_output=True, text=True, timeout=10)
         return commit.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
