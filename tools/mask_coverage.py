@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Which synthetic lesions does AutoDDPM's mask step reach? Step 1 diagnostics per lesion-size bin.
+"""Which lesions does AutoDDPM's mask step reach? Step 1 diagnostics per lesion-size bin.
 
     python tools/mask_coverage.py t1-ixi-midaxial ../shared/data/ixi_t1_midaxial/val --max-images 8
+    python tools/mask_coverage.py flair-lgg ../shared/data/lgg_flair/train --dataset lgg-dev
 
 Runs the fast schedule on the benchmark's IXI cases (the same seeded lesions as
-``autoddpm benchmark --quick``) and prints, per size bin: the lesion sizes on
+``autoddpm benchmark --quick``), or on its LGG development set (the tumour slices
+of every 8th training patient, expert masks), and prints, per size bin: the lesion sizes on
 the model grid, the likelihood map M inside the lesion against tau, how much of
 the lesion (and of healthy tissue) the dilated mask sends to re-sampling, and
 the anomaly map inside the lesion against the card's threshold.
@@ -18,20 +20,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from AutoDDPMLib.benchmark import load_ixi
+from AutoDDPMLib.benchmark import DEV_PATIENT_STRIDE, load_ixi, load_lgg
 from AutoDDPMLib.inference import AutoDDPM
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="bundled model name or model folder")
-    parser.add_argument("data", type=Path, help="folder of healthy IXI PNG slices")
+    parser.add_argument("data", type=Path, help="folder of healthy IXI PNG slices, or of LGG training volumes with --dataset lgg-dev")
+    parser.add_argument("--dataset", choices=("ixi", "lgg-dev"), default="ixi")
     parser.add_argument("--max-images", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     engine = AutoDDPM(args.model, device="cpu", seed=args.seed)
-    cases = load_ixi(args.data, engine.card, args.max_images, args.seed)
+    if args.dataset == "ixi":
+        cases = load_ixi(args.data, engine.card, args.max_images, args.seed)
+    else:
+        cases = load_lgg(args.data, engine.card, None, name="lgg-dev", stride=DEV_PATIENT_STRIDE, lesion_only=True)
     out = engine.pipeline(cases.x, torch.Generator().manual_seed(args.seed))
     likelihood, mask, anomaly = (t[:, 0].numpy() for t in (out.likelihood_map, out.mask, out.anomaly_map))
     tissue = cases.foreground
@@ -41,6 +47,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for size in ("small", "medium", "large"):
         idx = [i for i, b in enumerate(cases.bins) if b == size]
+        if not idx:
+            continue
         lesion = cases.truth[idx]
         healthy = tissue[idx] & ~lesion
         peak = np.mean([likelihood[i][cases.truth[i]].max() for i in idx])
