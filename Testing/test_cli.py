@@ -327,3 +327,18 @@ def test_train_from_a_prepared_slice_file_where_simpleitk_is_missing(tmp_path, c
     assert main(["train", "--data", str(slices), "--output", str(tmp_path / "other"), "--image-size", "48",
                  "--channels", "8", "16", "--steps", "1"]) == 2
     assert "prepare it again" in capsys.readouterr().err
+
+
+def test_a_slice_file_prepared_like_a_model_trains_from_that_model(tiny_model_with, tmp_path):
+    # The card's whole preprocessing travels: prepare-slices --like and train --init-from must agree on it.
+    start = tiny_model_with("strict", preprocessing={"orientation": "axial", "intensity_percentiles": [1.0, 99.0],
+                                                     "min_foreground_fraction": 0.2})
+    data = _healthy_cohort(tmp_path / "train")
+    slices = tmp_path / "cohort.safetensors"
+    assert main(["prepare-slices", "--data", str(data), "--output", str(slices), "--like", str(start)]) == 0
+    bundle = tmp_path / "continued"
+    assert main(["train", "--data", str(slices), "--output", str(bundle), "--init-from", str(start),
+                 "--steps", "1", "--batch-size", "2"]) == 0
+    card = json.loads((bundle / "model.json").read_text())
+    assert card["preprocessing"]["min_foreground_fraction"] == 0.2
+    assert card["preprocessing"]["intensity_percentiles"] == [1.0, 99.0]

@@ -128,18 +128,12 @@ class EvalSet:
         return [np.flatnonzero(ids == v) for v in dict.fromkeys(self.volumes)]
 
 
-def _preprocessing(card) -> tuple[tuple[float, float], float]:
-    pre = card.data.get("preprocessing", {})
-    low, high = pre.get("intensity_percentiles", (0.5, 99.5))
-    return (float(low), float(high)), float(pre.get("min_foreground_fraction", 0.05))
-
-
 def _volume_slices(image_path: Path, mask_path: Optional[Path], card):
     """All slices with signal of a volume on the model grid, and the mask on the same grid (> 0.5)."""
     from .slices import AxialStack, has_signal, intensity_window, normalize, to_model_grid
     from .volume_io import read_volume
 
-    percentiles, min_fraction = _preprocessing(card)
+    percentiles, min_fraction = card.intensity_percentiles, card.min_foreground_fraction
     stack = AxialStack.from_image(read_volume(image_path))
     slices01 = normalize(stack.array, intensity_window(stack.array, percentiles))
     keep = np.array([has_signal(s, min_fraction) for s in slices01], dtype=bool)
@@ -308,7 +302,7 @@ def calibration_slices(family: str, root: Path, card, count: int):
 
     from .training_data import find_training_images, healthy_slices
 
-    percentiles, min_fraction = _preprocessing(card)
+    percentiles, min_fraction = card.intensity_percentiles, card.min_foreground_fraction
     if family == "card":
         sources = [Path(d) for d in card.data["thresholds"]["calibration"]["data"]]
         pairs = [pair for source in sources for pair in find_training_images(source)]

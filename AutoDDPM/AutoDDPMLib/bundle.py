@@ -58,6 +58,17 @@ class ModelCard:
         return int(self.data["unet"]["image_size"])
 
     @property
+    def intensity_percentiles(self) -> tuple[float, float]:
+        """The foreground intensity percentiles that preprocessing maps to 0 and 1."""
+        low, high = self.data["preprocessing"].get("intensity_percentiles", (0.5, 99.5))
+        return float(low), float(high)
+
+    @property
+    def min_foreground_fraction(self) -> float:
+        """Slices with signal in less than this share of their pixels are left out (and passed through)."""
+        return float(self.data["preprocessing"].get("min_foreground_fraction", 0.05))
+
+    @property
     def mask_threshold(self) -> float:
         """tau: pixels of the likelihood map M above it are re-sampled."""
         return float(self.data["thresholds"]["mask_tau"])

@@ -47,10 +47,7 @@ def calibrate(
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
         raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
     card = read_card(model_dir)
-    preprocessing = card.data["preprocessing"]
-    slices = load_healthy_slices(
-        list(data), card.image_size, tuple(preprocessing["intensity_percentiles"]), preprocessing["min_foreground_fraction"]
-    )
+    slices = load_healthy_slices(list(data), card.image_size, card.intensity_percentiles, card.min_foreground_fraction)
     if len(slices) > max_slices:  # an even spread over all patients and levels
         slices = slices[torch.linspace(0, len(slices) - 1, max_slices).round().long()]
     # The backend `autoddpm run` takes by default too (see AutoDDPM), recorded below.

@@ -200,11 +200,12 @@ def _train(args: argparse.Namespace) -> int:
             attention_levels=tuple(i == len(args.channels) - 1 for i in range(len(args.channels))),
             layers_per_block=args.layers_per_block,
         )
-        percentiles, max_timestep = (0.5, 99.5), args.max_timestep
+        defaults = TrainConfig(data=[])
+        percentiles, min_foreground, max_timestep = defaults.percentiles, defaults.min_foreground_fraction, args.max_timestep
         if args.init_from:
             start = read_card(resolve_model(args.init_from))
             unet = UNetConfig.from_dict(start.data["unet"])
-            percentiles = tuple(start.data["preprocessing"]["intensity_percentiles"])
+            percentiles, min_foreground = start.intensity_percentiles, start.min_foreground_fraction
             max_timestep = start.max_timestep + 1
         config = TrainConfig(
             data=[str(Path(d).resolve()) for d in args.data],
@@ -216,6 +217,7 @@ def _train(args: argparse.Namespace) -> int:
             license=args.license,
             unet=unet,
             percentiles=percentiles,
+            min_foreground_fraction=min_foreground,
             max_timestep=max_timestep,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
@@ -244,9 +246,7 @@ def _prepare_slices(args: argparse.Namespace) -> int:
     size, percentiles, min_foreground = args.image_size, defaults.percentiles, defaults.min_foreground_fraction
     if args.like:
         card = read_card(resolve_model(args.like))
-        size = card.data["unet"]["image_size"]
-        percentiles = tuple(card.data["preprocessing"]["intensity_percentiles"])
-        min_foreground = card.data["preprocessing"]["min_foreground_fraction"]
+        size, percentiles, min_foreground = card.image_size, card.intensity_percentiles, card.min_foreground_fraction
     sources = [str(Path(d).resolve()) for d in args.data]
     slices = load_healthy_slices(sources, size, percentiles, min_foreground)
     write_slice_file(args.output, slices, percentiles, min_foreground, sources)

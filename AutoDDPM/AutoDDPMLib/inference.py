@@ -206,7 +206,6 @@ class AutoDDPM:
         ``name`` (a file or node name) is only read for what it says about the input's contrast.
         """
         started = time.perf_counter()
-        preprocessing = self.card.data["preprocessing"]
         stack = AxialStack.from_image(image)
         rows, cols = stack.array.shape[1:]
         size = self.card.image_size
@@ -215,10 +214,9 @@ class AutoDDPM:
                 f"the slices are {rows} x {cols} pixels, smaller than the model grid of {size} x {size}; "
                 "this model needs larger images"
             )
-        window = intensity_window(stack.array, tuple(preprocessing.get("intensity_percentiles", (0.5, 99.5))))
+        window = intensity_window(stack.array, self.card.intensity_percentiles)
         slices01 = normalize(stack.array, window)
-        min_fraction = preprocessing.get("min_foreground_fraction", 0.05)
-        with_signal = np.array([has_signal(s, min_fraction) for s in slices01], dtype=bool)
+        with_signal = np.array([has_signal(s, self.card.min_foreground_fraction) for s in slices01], dtype=bool)
         if not with_signal.any():
             raise AutoDDPMError("no slice of the volume has enough signal to process; check that this is a brain MRI")
         grid, transform = to_model_grid(slices01[with_signal], stack.pixel_spacing, size)
