@@ -188,3 +188,42 @@ def test_baseline_calibration_follows_the_card(tiny_model, data_root):
     assert _calibrated_on(card, data_root / "ixi_t1_midaxial" / "val") is None
     slices, where = calibration_slices("card", data_root, card, 2)
     assert slices.shape == (1, 1, 32, 32) and "calibration data" in where  # the one lesion-free val slice
+
+
+def test_a_prepared_file_runs_the_same_benchmark_where_simpleitk_is_missing(tiny_model, data_root, tmp_path):
+    import subprocess
+    import sys
+
+    from AutoDDPMLib.benchmark import prepare_benchmark_data
+
+    settings = dict(quick=True, datasets=["lgg", "ixi"], max_images=1, calibration_slices_count=2)
+    prepared = prepare_benchmark_data(tmp_path / "cases.safetensors", model=str(tiny_model), data=data_root, **settings)
+    from_folder = run_benchmark(model=str(tiny_model), output_dir=tmp_path / "folder", data=data_root, device="cpu",
+                                reference_cases=1, figures=False, **settings)
+    # The file is all a GPU node needs: the run there cannot even import SimpleITK.
+    no_simpleitk = "import sys; sys.modules['SimpleITK'] = None; from AutoDDPMLib.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", no_simpleitk, "--threads", "1", "benchmark", "--model", str(tiny_model), "--quick",
+         "--data", str(prepared), "--output-dir", str(tmp_path / "file"), "--device", "cpu", "--reference-cases", "1",
+         "--no-figures"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from_file = json.loads((tmp_path / "file" / "results.json").read_text())
+
+    def detection(rows):
+        return {(r["method"], r["dataset"], r["size_bin"], r["threshold_kind"]): (r["dice"], r["auprc"]) for r in rows}
+
+    assert detection(from_file) == detection(from_folder) and len(from_file) == len(from_folder)
+
+
+def test_a_prepared_file_is_refused_by_another_model(tiny_model, tiny_model_with, data_root, tmp_path):
+    from AutoDDPMLib.benchmark import prepare_benchmark_data
+    from AutoDDPMLib.errors import AutoDDPMError
+
+    prepared = prepare_benchmark_data(tmp_path / "cases.safetensors", model=str(tiny_model), data=data_root,
+                                      quick=True, datasets=["ixi"], max_images=1, calibration_slices_count=2)
+    other = tiny_model_with("other", preprocessing={"orientation": "axial", "intensity_percentiles": [1.0, 99.0],
+                                                     "min_foreground_fraction": 0.05})
+    with pytest.raises(AutoDDPMError, match="was prepared for .* prepare it again"):
+        run_benchmark(model=str(other), output_dir=tmp_path / "out", data=prepared, quick=True, figures=False)

@@ -72,6 +72,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .benchmark_data import is_prepared_data, read_prepared_data, write_prepared_data
+from .errors import AutoDDPMError
 from .provenance import command_line, git_commit
 
 DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev")
@@ -145,8 +147,6 @@ def _volume_slices(image_path: Path, mask_path: Optional[Path], card):
     else:
         mask = AxialStack.from_image(read_volume(mask_path)).array
         if mask.shape != stack.array.shape:
-            from .errors import AutoDDPMError
-
             raise AutoDDPMError(f"mask {mask_path} has shape {mask.shape}, its image {image_path} {stack.array.shape}")
         mask_grid, _ = to_model_grid((mask[keep] > 0).astype(np.float32), stack.pixel_spacing, card.image_size)
         truth = mask_grid[:, 0].numpy() > 0.5
@@ -177,8 +177,6 @@ def load_lgg(folder: Path, card, max_volumes: Optional[int], name: str = "lgg", 
         truths.append(truth)
         volumes += [patient] * len(grid)
     if not xs:
-        from .errors import AutoDDPMError
-
         raise AutoDDPMError(f"no image/mask pairs with signal in {folder}")
     truth = np.concatenate(truths)
     n = card.image_size
@@ -249,8 +247,6 @@ def load_ixi(folder: Path, card, max_images: Optional[int], seed: int) -> EvalSe
             images.append(s)
             ids.append(p.stem)
     if not images:
-        from .errors import AutoDDPMError
-
         raise AutoDDPMError(f"no PNG slices with signal in {folder}")
     return synthetic_set("ixi", images, ids, seed, f"IXI T1 ({folder})")
 
@@ -283,8 +279,6 @@ def load_lgg_synthetic(folder: Path, card, max_images: Optional[int], seed: int)
             candidates.append(grid[k, 0].numpy())
             ids.append(f"{image.name.split('_flair')[0]}#{k}")
     if not candidates:
-        from .errors import AutoDDPMError
-
         raise AutoDDPMError(f"no lesion-free slices with signal in {folder}")
     pick = _spread(len(candidates), max_images or 40)
     return synthetic_set(
@@ -310,8 +304,6 @@ def calibration_slices(family: str, root: Path, card, count: int):
     else:
         folder = root / ("lgg_flair/train" if family == "lgg" else "ixi_t1_midaxial/train")
         if not folder.is_dir():
-            from .errors import AutoDDPMError
-
             raise AutoDDPMError(f"calibration data {folder} does not exist (the benchmark calibrates baselines on the training split)")
         pairs = find_training_images(folder)
         where = str(folder)
@@ -728,9 +720,52 @@ def _load_dataset(name: str, root: Path, card, sizes: dict, seed: int) -> EvalSe
     if name == "lgg-dev":
         return load_lgg(root / "lgg_flair" / "train", card, sizes["max_volumes"], name="lgg-dev",
                         stride=DEV_PATIENT_STRIDE, lesion_only=True)
-    from .errors import AutoDDPMError
-
     raise AutoDDPMError(f"unknown dataset '{name}': choose from {', '.join(DATASETS)}")
+
+
+def _load_with_provenance(name: str, root: Path, card, sizes: dict, seed: int) -> tuple[EvalSet, str, Optional[str]]:
+    """A dataset's cases, the family of healthy slices that calibrates its baselines, and the card's overlap with it."""
+    evalset = _load_dataset(name, root, card, sizes, seed)
+    return evalset, _calibration_family(card, name), _calibrated_on(card, DATASET_FOLDERS[name](root))
+
+
+def _inputs(model: Optional[str], data: Optional[str | Path], quick: bool, overrides: dict) -> tuple[Path, Any, Path, dict]:
+    """The model folder and card, the data root (or prepared file) and the run's sizes, checked."""
+    from .bundle import read_card, resolve_model
+
+    root = Path(data) if data else default_data_root()
+    if root is None or not (Path(root).is_dir() or is_prepared_data(root)):
+        raise AutoDDPMError("no benchmark data: give --data FOLDER (with lgg_flair/ and/or ixi_t1_midaxial/ as in "
+                            "shared/data) or a file from `autoddpm benchmark --prepare-data`")
+    folder = resolve_model(model)
+    sizes = dict(QUICK if quick else FULL)
+    sizes.update({key: value for key, value in overrides.items() if value is not None})
+    return folder, read_card(folder), Path(root), sizes
+
+
+def prepare_benchmark_data(
+    output: str | Path,
+    model: Optional[str] = None,
+    data: Optional[str | Path] = None,
+    quick: bool = False,
+    datasets: Optional[list[str]] = None,
+    seed: int = 0,
+    max_volumes: Optional[int] = None,
+    max_images: Optional[int] = None,
+    calibration_slices_count: Optional[int] = None,
+) -> Path:
+    """Load what a run of ``run_benchmark`` with these arguments would, and write it to ``output`` (.safetensors)."""
+    folder, card, root, sizes = _inputs(model, data, quick, dict(
+        max_volumes=max_volumes, max_images=max_images, calibration_slices=calibration_slices_count))
+    if is_prepared_data(root):
+        raise AutoDDPMError("--prepare-data reads a data folder, not a prepared file")
+    evalsets, families, overlaps = {}, {}, {}
+    for name in datasets or _default_datasets(card):
+        evalsets[name], families[name], overlaps[name] = _load_with_provenance(name, root, card, sizes, seed)
+        _log(f"{name}: {len(evalsets[name])} cases")
+    calibrations = {family: calibration_slices(family, root, card, sizes["calibration_slices"])
+                    for family in dict.fromkeys(families.values())}
+    return write_prepared_data(output, card, evalsets, families, overlaps, calibrations, sizes, seed)
 
 
 def _reference_subset(evalset: EvalSet, count: Optional[int]) -> np.ndarray:
@@ -764,28 +799,30 @@ def run_benchmark(
     figures: bool = True,
     command: Optional[str] = None,
 ) -> list[dict]:
-    """Run the benchmark and write results.json, results.md and figures into ``output_dir``; returns the rows."""
+    """Run the benchmark and write results.json, results.md and figures into ``output_dir``; returns the rows.
+
+    ``data`` is a data root (as ../shared/data) or a file from ``prepare_benchmark_data``.
+    """
     import torch
 
-    from .bundle import read_card, resolve_model
     from .devices import describe_device, select_device
-    from .errors import AutoDDPMError
 
     started = time.perf_counter()
-    root = Path(data) if data else default_data_root()
-    if root is None or not Path(root).is_dir():
-        raise AutoDDPMError("no benchmark data: give --data FOLDER (with lgg_flair/ and/or ixi_t1_midaxial/ as in shared/data)")
-    root = Path(root)
-    folder = resolve_model(model)
-    card = read_card(folder)
+    folder, card, root, sizes = _inputs(model, data, quick, dict(
+        max_volumes=max_volumes, max_images=max_images, reference_cases=reference_cases,
+        calibration_slices=calibration_slices_count, baseline_steps=baseline_steps))
     torch_device = select_device(device)
-    sizes = dict(QUICK if quick else FULL)
-    for key, value in (("max_volumes", max_volumes), ("max_images", max_images), ("reference_cases", reference_cases),
-                       ("calibration_slices", calibration_slices_count), ("baseline_steps", baseline_steps)):
-        if value is not None:
-            sizes[key] = value
-    datasets = list(datasets or _default_datasets(card))
     notes: list[str] = []
+    prepared = None
+    if is_prepared_data(root):
+        prepared = read_prepared_data(root, card)
+        sizes.update({key: prepared.sizes[key] for key in ("max_volumes", "max_images", "calibration_slices")})
+        seed = prepared.seed  # the synthetic lesions in the file were drawn with it
+        notes.append(f"Cases read from {root} (prepared by `autoddpm benchmark --prepare-data`, seed {seed}).")
+        missing = [d for d in datasets or [] if d not in prepared.datasets]
+        if missing:
+            raise AutoDDPMError(f"{root} holds {', '.join(prepared.datasets)}, not {', '.join(missing)}")
+    datasets = list(datasets or (prepared.datasets if prepared else _default_datasets(card)))
     try:
         load = os.getloadavg()[0]
         if load > 0.5:
@@ -814,17 +851,20 @@ def run_benchmark(
     thresholds_by_family: dict[str, dict[str, float]] = {}
     descriptions = []
     for dataset_name in datasets:
-        evalset = _load_dataset(dataset_name, root, card, sizes, seed)
-        overlap = _calibrated_on(card, DATASET_FOLDERS[dataset_name](root))
+        if prepared:
+            evalset = EvalSet(**prepared.datasets[dataset_name])
+            family, overlap = prepared.families[dataset_name], prepared.overlaps[dataset_name]
+        else:
+            evalset, family, overlap = _load_with_provenance(dataset_name, root, card, sizes, seed)
         if overlap:
             notes.append(f"WARNING: the card's thresholds were calibrated on {overlap}, which `{dataset_name}` evaluates: "
                          "its false-positive rates are optimistic.")
         descriptions.append(f"`{dataset_name}`: {evalset.description}")
         _log(f"{dataset_name}: {len(evalset)} cases")
 
-        family = _calibration_family(card, dataset_name)
         if family not in thresholds_by_family:
-            calib, calib_source = calibration_slices(family, root, card, sizes["calibration_slices"])
+            calib, calib_source = (prepared.calibrations[family] if prepared
+                                   else calibration_slices(family, root, card, sizes["calibration_slices"]))
             _log(f"calibrating baseline thresholds on {len(calib)} healthy slices ({calib_source})")
             all_idx = np.arange(len(calib))
             calib_runs = {}
@@ -1091,7 +1131,8 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="bundled model name or model bundle folder (default: the default model)")
     parser.add_argument("--quick", action="store_true", help="a ~15-minute run on a small CPU: fewer cases, the reference schedule on a subset")
     parser.add_argument("--output-dir", default="benchmark", help="folder for results.json, results.md and the figures (default ./benchmark)")
-    parser.add_argument("--data", default=None, help="data root with lgg_flair/ and/or ixi_t1_midaxial/ (default: the repository's ../shared/data)")
+    parser.add_argument("--data", default=None, help="data root with lgg_flair/ and/or ixi_t1_midaxial/ (default: the repository's ../shared/data), or a file from --prepare-data")
+    parser.add_argument("--prepare-data", default=None, metavar="FILE", help="only load the cases this run would use and write them to FILE (.safetensors), to run the benchmark on a machine without the data: --data FILE there")
     parser.add_argument("--datasets", default=None, help=f"comma-separated, from {', '.join(DATASETS)} (default: by the card's modality)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--seed", type=int, default=0)
@@ -1105,12 +1146,19 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def benchmark_main(args: argparse.Namespace) -> int:
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+    if args.prepare_data:
+        path = prepare_benchmark_data(args.prepare_data, model=args.model, data=args.data, quick=args.quick,
+                                      datasets=datasets, seed=args.seed, max_volumes=args.max_volumes,
+                                      max_images=args.max_images, calibration_slices_count=args.calibration_slices)
+        print(f"benchmark data: {path.resolve()} ({path.stat().st_size / 1e6:.1f} MB)")
+        return 0
     run_benchmark(
         model=args.model,
         output_dir=args.output_dir,
         data=args.data,
         quick=args.quick,
-        datasets=[d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None,
+        datasets=datasets,
         device=args.device,
         seed=args.seed,
         batch_size=args.batch_size,

@@ -15,14 +15,16 @@ LGG exports), intensities in [0, 1] on a square N x N grid. This module
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from .errors import AutoDDPMError
+
+if TYPE_CHECKING:  # imported where images are converted: grids and windows work without SimpleITK (a GPU node)
+    import SimpleITK as sitk
 
 # The orientation of an identity-direction image in DICOM's naming (index axes
 # i, j, k point to patient Left, Posterior, Superior): the training data's.
@@ -69,6 +71,8 @@ class AxialStack:
         resampling, so the mapping stays exactly invertible. An identity-direction
         image is returned unchanged.
         """
+        import SimpleITK as sitk
+
         if image.GetDimension() != 3:
             raise ValueError(f"AxialStack needs a 3D image, got {image.GetDimension()}D")
         oriented = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
@@ -111,6 +115,8 @@ class AxialStack:
             array = array.astype(np.uint8)
         elif array.dtype == np.float16:
             array = array.astype(np.float32)
+        import SimpleITK as sitk
+
         voxels = np.flip(np.transpose(array, self._axes), self._flips)
         image = sitk.GetImageFromArray(np.ascontiguousarray(voxels))
         size, spacing, origin, direction = self._geometry
