@@ -20,6 +20,7 @@ import torch
 from .bundle import read_card, write_card
 from .errors import AutoDDPMError
 from .inference import AutoDDPM
+from .pipeline import AutoDDPMPipeline
 from .sampling_schedules import DEFAULT_SCHEDULE
 from .slices import FOREGROUND_LEVEL
 from .training_data import load_healthy_slices
@@ -29,6 +30,48 @@ def _quantile(values: torch.Tensor, q: float) -> float:
     # torch.quantile refuses very large inputs; a sort is exact and cheap enough here.
     ordered = values.flatten().sort().values
     return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+
+def healthy_thresholds(
+    pipeline: AutoDDPMPipeline,
+    slices: torch.Tensor,
+    mask_fraction: float,
+    healthy_fpr: float,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator,
+    progress: Callable[[float, str], None] | None = None,
+) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """(tau, anomaly threshold, M, A) for ``pipeline``'s schedule on healthy ``slices`` [N, 1, S, S].
+
+    tau flags ``mask_fraction`` of their tissue pixels on the likelihood map M, the threshold
+    ``healthy_fpr`` of them on the anomaly map A that the pipeline makes with that tau.
+    """
+    schedule = pipeline.schedule
+    tissue = slices > FOREGROUND_LEVEL
+    batches = [batch.to(device) for batch in slices.split(batch_size)]
+
+    def report(done: int, stage: str) -> None:
+        if progress is not None:
+            progress(done / (2 * len(batches)), stage)
+
+    # tau depends only on the coarse reconstruction (step 1), which does not depend on tau:
+    # reconstruct once, choose tau, then stitch and re-sample those same reconstructions.
+    reconstructions, likelihoods = [], []
+    for i, batch in enumerate(batches):
+        reconstructions.append(pipeline.reconstruct(batch, schedule.coarse_start, schedule.coarse_steps, generator))
+        likelihoods.append(pipeline.likelihood_map(batch, reconstructions[-1]).cpu())
+        report(i + 1, "coarse reconstruction")
+    likelihood = torch.cat(likelihoods)
+    tau = _quantile(likelihood[tissue], 1 - mask_fraction)
+
+    pipeline.mask_threshold = tau
+    anomalies = []
+    for i, (batch, reconstruction) in enumerate(zip(batches, reconstructions)):
+        anomalies.append(pipeline(batch, generator, reconstruction=reconstruction).anomaly_map.cpu())
+        report(len(batches) + i + 1, "stitch and re-sample")
+    anomaly = torch.cat(anomalies)
+    return tau, _quantile(anomaly[tissue], 1 - healthy_fpr), likelihood, anomaly
 
 
 def calibrate(
@@ -52,33 +95,10 @@ def calibrate(
         slices = slices[torch.linspace(0, len(slices) - 1, max_slices).round().long()]
     # The backend `autoddpm run` takes by default too (see AutoDDPM), recorded below.
     engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed, backend=backend)
-    pipeline, coarse = engine.pipeline, engine.pipeline.schedule
     tissue = slices > FOREGROUND_LEVEL
-    generator = torch.Generator().manual_seed(seed)
-    batches = [batch.to(engine.device) for batch in slices.split(engine.batch_size)]
-
-    def report(done: int, stage: str) -> None:
-        if progress is not None:
-            progress(done / (2 * len(batches)), stage)
-
-    # tau depends only on the coarse reconstruction (step 1), which does not depend on tau:
-    # reconstruct once, choose tau, then stitch and re-sample those same reconstructions.
-    reconstructions, likelihoods = [], []
-    for i, batch in enumerate(batches):
-        reconstructions.append(pipeline.reconstruct(batch, coarse.coarse_start, coarse.coarse_steps, generator))
-        likelihoods.append(pipeline.likelihood_map(batch, reconstructions[-1]).cpu())
-        report(i + 1, "coarse reconstruction")
-    likelihood = torch.cat(likelihoods)
-    tau = _quantile(likelihood[tissue], 1 - mask_fraction)
-
-    pipeline.mask_threshold = tau
-    anomalies = []
-    for i, (batch, reconstruction) in enumerate(zip(batches, reconstructions)):
-        anomalies.append(pipeline(batch, generator, reconstruction=reconstruction).anomaly_map.cpu())
-        report(len(batches) + i + 1, "stitch and re-sample")
-    anomaly = torch.cat(anomalies)
-    threshold = _quantile(anomaly[tissue], 1 - healthy_fpr)
-
+    tau, threshold, likelihood, anomaly = healthy_thresholds(
+        engine.pipeline, slices, mask_fraction, healthy_fpr, engine.batch_size, engine.device,
+        torch.Generator().manual_seed(seed), progress)
     calibrated = {
         "mask_tau": tau,
         "anomaly": threshold,
