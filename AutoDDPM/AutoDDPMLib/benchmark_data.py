@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .bundle import save_tensors
 from .errors import AutoDDPMError
 
 PREPARED_SUFFIX = ".safetensors"
@@ -52,27 +53,23 @@ def write_prepared_data(path: str | os.PathLike, card, evalsets: dict, families:
                         sizes: dict[str, Any], seed: int) -> Path:
     """Write the loaded cases of ``evalsets`` (name -> EvalSet) and the baselines' calibration slices."""
     import torch
-    from safetensors.torch import save_file
 
     path = Path(path)
     if not is_prepared_data(path):
         raise AutoDDPMError(f"the prepared benchmark data must be a {PREPARED_SUFFIX} file: {path}")
     tensors, datasets = {}, {}
     for name, evalset in evalsets.items():
-        tensors[f"{name}/x"] = evalset.x.float().contiguous()
+        tensors[f"{name}/x"] = evalset.x.float()
         tensors[f"{name}/truth"] = torch.from_numpy(evalset.truth.astype(np.uint8))
         if evalset.healthy is not None:
             tensors[f"{name}/healthy"] = torch.from_numpy(np.ascontiguousarray(evalset.healthy, dtype=np.float32))
         datasets[name] = {"volumes": evalset.volumes, "bins": evalset.bins, "description": evalset.description,
                           "per_volume": evalset.per_volume, "family": families[name], "overlap": overlaps[name]}
     for family, (slices, _) in calibrations.items():
-        tensors[f"calibration/{family}"] = slices.float().contiguous()
+        tensors[f"calibration/{family}"] = slices.float()
     header = {"made_for": _identity(card), "sizes": sizes, "seed": seed, "datasets": datasets,
               "calibration_sources": {family: source for family, (_, source) in calibrations.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"autoddpm_benchmark": json.dumps(header)})
-    os.replace(tmp, path)
+    save_tensors(path, tensors, {"autoddpm_benchmark": json.dumps(header)})
     return path
 
 

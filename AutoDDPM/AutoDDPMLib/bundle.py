@@ -233,12 +233,17 @@ def load_unet(card: ModelCard, device: "str | torch.device" = "cpu") -> "UNet":
     return network.to(device).eval().requires_grad_(False)
 
 
-def save_unet(network: "UNet", folder: str | os.PathLike) -> None:
-    """Write the network's weights as ``model.safetensors`` (atomically)."""
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file, atomically: a reader never sees a half-written file."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_unet(network: "UNet", folder: str | os.PathLike) -> None:
+    """Write the network's weights as ``model.safetensors`` (atomically)."""
+    save_tensors(Path(folder) / WEIGHTS_FILE, network.state_dict())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .bundle import save_tensors
 from .errors import AutoDDPMError
 
 SLICE_FILE_SUFFIX = ".safetensors"
@@ -36,21 +37,15 @@ def write_slice_file(
     sources: list[str],
 ) -> None:
     """Write healthy slices [N, 1, S, S] in [0, 1] with the preprocessing that made them."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
     if not is_slice_file(path):
         raise AutoDDPMError(f"a slice file must end in {SLICE_FILE_SUFFIX}: {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "image_size": str(slices.shape[-1]),
         "intensity_percentiles": json.dumps(list(percentiles)),
         "min_foreground_fraction": str(min_foreground_fraction),
         "sources": json.dumps(sources),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"slices": slices.clamp(0, 1).to(STORED_DTYPE).contiguous()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_tensors(path, {"slices": slices.clamp(0, 1).to(STORED_DTYPE)}, metadata)
 
 
 def read_slice_file(

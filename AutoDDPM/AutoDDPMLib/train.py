@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .bundle import ModelCard, load_unet, new_card, save_unet, write_card
+from .bundle import ModelCard, load_unet, new_card, save_tensors, save_unet, write_card
 from .devices import select_device
 from .errors import AutoDDPMError
 from .pipeline import SCHEDULES
@@ -186,9 +186,7 @@ class Trainer:
         for index, state in self.optimizer.state_dict()["state"].items():
             for key, value in state.items():
                 tensors[f"optimizer.{index}.{key}"] = value.reshape(-1) if value.ndim == 0 else value
-        tmp = folder / "state.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, folder / "state.safetensors")
+        save_tensors(folder / "state.safetensors", tensors)
         meta = {"step": self.step, "best_validation": self.best_validation, "history": self.history,
                 "config": self.config.to_dict()}
         (folder / "state.json.tmp").write_text(json.dumps(meta, indent=1))
