@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from AutoDDPMLib.benchmark import DEV_PATIENT_STRIDE, load_lgg, oracle_thresholds
-from AutoDDPMLib.calibrate import healthy_thresholds
+from AutoDDPMLib.benchmark import load_lgg_dev, oracle_thresholds
+from AutoDDPMLib.calibrate import healthy_calibration_slices, healthy_thresholds
 from AutoDDPMLib.inference import AutoDDPM
 from AutoDDPMLib.metrics import average_precision, best_dice, dice_at_threshold
 from AutoDDPMLib.provenance import git_commit
-from AutoDDPMLib.training_data import load_healthy_slices
 
 
 def main() -> None:
@@ -43,9 +42,8 @@ def main() -> None:
 
     engine = AutoDDPM(args.model, device="cpu", seed=args.seed, backend="torch")
     card, pipeline = engine.card, engine.pipeline
-    dev = load_lgg(args.lgg / "train", card, None, name="lgg-dev", stride=DEV_PATIENT_STRIDE, lesion_only=True)
-    healthy = load_healthy_slices([args.lgg / "val"], card.image_size, card.intensity_percentiles, card.min_foreground_fraction)
-    healthy = healthy[torch.linspace(0, len(healthy) - 1, args.calibration_slices).round().long()]
+    dev = load_lgg_dev(args.lgg / "train", card)
+    healthy = healthy_calibration_slices([args.lgg / "val"], card, args.calibration_slices)
     fast = pipeline.schedule
 
     print(f"`python {' '.join(sys.argv)}` (commit {git_commit()}): model {card.name}, lgg-dev {len(dev)} tumour slices, "

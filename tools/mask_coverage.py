@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from AutoDDPMLib.benchmark import DEV_PATIENT_STRIDE, load_ixi, load_lgg
+from AutoDDPMLib.benchmark import load_ixi, load_lgg_dev
 from AutoDDPMLib.inference import AutoDDPM
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     if args.dataset == "ixi":
         cases = load_ixi(args.data, engine.card, args.max_images, args.seed)
     else:
-        cases = load_lgg(args.data, engine.card, None, name="lgg-dev", stride=DEV_PATIENT_STRIDE, lesion_only=True)
+        cases = load_lgg_dev(args.data, engine.card)
     out = engine.pipeline(cases.x, torch.Generator().manual_seed(args.seed))
     likelihood, mask, anomaly = (t[:, 0].numpy() for t in (out.likelihood_map, out.mask, out.anomaly_map))
     tissue = cases.foreground

@@ -194,6 +194,11 @@ def load_lgg(folder: Path, card, max_volumes: Optional[int], name: str = "lgg", 
     )
 
 
+def load_lgg_dev(train_folder: Path, card, max_volumes: Optional[int] = None) -> EvalSet:
+    """The development set: the tumour slices of every DEV_PATIENT_STRIDE-th training patient (training saw none)."""
+    return load_lgg(train_folder, card, max_volumes, name="lgg-dev", stride=DEV_PATIENT_STRIDE, lesion_only=True)
+
+
 def _png_slice(path: Path, card):
     grid, _, _ = _volume_slices(path, None, card)
     return None if grid is None else grid[0, 0].numpy()
@@ -718,8 +723,7 @@ def _load_dataset(name: str, root: Path, card, sizes: dict, seed: int) -> EvalSe
     if name == "ixi":
         return load_ixi(root / "ixi_t1_midaxial" / "val", card, sizes["max_images"], seed)
     if name == "lgg-dev":
-        return load_lgg(root / "lgg_flair" / "train", card, sizes["max_volumes"], name="lgg-dev",
-                        stride=DEV_PATIENT_STRIDE, lesion_only=True)
+        return load_lgg_dev(root / "lgg_flair" / "train", card, sizes["max_volumes"])
     raise AutoDDPMError(f"unknown dataset '{name}': choose from {', '.join(DATASETS)}")
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .bundle import read_card, write_card
+from .bundle import ModelCard, read_card, write_card
 from .errors import AutoDDPMError
 from .inference import AutoDDPM
 from .pipeline import AutoDDPMPipeline
@@ -30,6 +30,14 @@ def _quantile(values: torch.Tensor, q: float) -> float:
     # torch.quantile refuses very large inputs; a sort is exact and cheap enough here.
     ordered = values.flatten().sort().values
     return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+
+def healthy_calibration_slices(data: list[str | os.PathLike], card: ModelCard, max_slices: int) -> torch.Tensor:
+    """The healthy slices of ``data`` on ``card``'s grid, at most ``max_slices`` spread evenly over patients and levels."""
+    slices = load_healthy_slices(data, card.image_size, card.intensity_percentiles, card.min_foreground_fraction)
+    if len(slices) > max_slices:
+        slices = slices[torch.linspace(0, len(slices) - 1, max_slices).round().long()]
+    return slices
 
 
 def healthy_thresholds(
@@ -90,9 +98,7 @@ def calibrate(
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
         raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
     card = read_card(model_dir)
-    slices = load_healthy_slices(list(data), card.image_size, card.intensity_percentiles, card.min_foreground_fraction)
-    if len(slices) > max_slices:  # an even spread over all patients and levels
-        slices = slices[torch.linspace(0, len(slices) - 1, max_slices).round().long()]
+    slices = healthy_calibration_slices(list(data), card, max_slices)
     # The backend `autoddpm run` takes by default too (see AutoDDPM), recorded below.
     engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed, backend=backend)
     tissue = slices > FOREGROUND_LEVEL
