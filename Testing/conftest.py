@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 # The test models are tiny: one thread is as fast as two, and it keeps the
 # suite from fighting a training job (or the CLI subprocesses) for the cores.
@@ -85,3 +87,9 @@ def head_volume(tmp_path: Path) -> Path:
     path = tmp_path / "head.nii.gz"
     sitk.WriteImage(make_head_volume(), str(path))
     return path
+
+
+def run_cli_without_simpleitk(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``autoddpm ARGS`` in a process where SimpleITK cannot be imported: a GPU node without the data stack."""
+    code = "import sys; sys.modules['SimpleITK'] = None; from AutoDDPMLib.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, "--threads", "1", *args], capture_output=True, text=True, timeout=timeout)

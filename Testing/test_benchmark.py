@@ -13,6 +13,7 @@ import torch
 
 from AutoDDPMLib.benchmark import add_benchmark_command, benchmark_main, run_benchmark
 from AutoDDPMLib.speed import run_speed
+from conftest import run_cli_without_simpleitk
 
 
 def _head(shape, seed, lesion):
@@ -191,9 +192,6 @@ def test_baseline_calibration_follows_the_card(tiny_model, data_root):
 
 
 def test_a_prepared_file_runs_the_same_benchmark_where_simpleitk_is_missing(tiny_model, data_root, tmp_path):
-    import subprocess
-    import sys
-
     from AutoDDPMLib.benchmark import prepare_benchmark_data
 
     settings = dict(quick=True, datasets=["lgg", "ixi"], max_images=1, calibration_slices_count=2)
@@ -201,13 +199,9 @@ def test_a_prepared_file_runs_the_same_benchmark_where_simpleitk_is_missing(tiny
     from_folder = run_benchmark(model=str(tiny_model), output_dir=tmp_path / "folder", data=data_root, device="cpu",
                                 reference_cases=1, figures=False, **settings)
     # The file is all a GPU node needs: the run there cannot even import SimpleITK.
-    no_simpleitk = "import sys; sys.modules['SimpleITK'] = None; from AutoDDPMLib.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run(
-        [sys.executable, "-c", no_simpleitk, "--threads", "1", "benchmark", "--model", str(tiny_model), "--quick",
-         "--data", str(prepared), "--output-dir", str(tmp_path / "file"), "--device", "cpu", "--reference-cases", "1",
-         "--no-figures"],
-        capture_output=True, text=True, timeout=600,
-    )
+    proc = run_cli_without_simpleitk("benchmark", "--model", str(tiny_model), "--quick", "--data", str(prepared),
+                                     "--output-dir", str(tmp_path / "file"), "--device", "cpu", "--reference-cases", "1",
+                                     "--no-figures", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     from_file = json.loads((tmp_path / "file" / "results.json").read_text())
 

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from AutoDDPMLib.cli import main
 
-from conftest import make_head_volume
+from conftest import make_head_volume, run_cli_without_simpleitk
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -315,12 +315,8 @@ def test_train_from_a_prepared_slice_file_where_simpleitk_is_missing(tmp_path, c
     assert from_file.shape == from_volumes.shape and (from_file - from_volumes).abs().max() < 5e-4
     # Training reads the file where SimpleITK cannot even be imported (a GPU node without the data stack).
     bundle = tmp_path / "bundle"
-    no_simpleitk = "import sys; sys.modules['SimpleITK'] = None; from AutoDDPMLib.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run(
-        [sys.executable, "-c", no_simpleitk, "--threads", "1", "train", "--data", str(slices), "--output", str(bundle),
-         "--image-size", "32", "--channels", "8", "16", "--batch-size", "4", "--steps", "1", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = run_cli_without_simpleitk("train", "--data", str(slices), "--output", str(bundle), "--image-size", "32",
+                                     "--channels", "8", "16", "--batch-size", "4", "--steps", "1", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((bundle / "model.json").read_text())["training"]["slices"] == 8  # as from the volumes
     # A file prepared for another grid is refused with what to do.
