@@ -157,7 +157,7 @@ def test_onnxruntime_backend_is_cpu_only(tiny_model):
     import torch
 
     from AutoDDPMLib.bundle import read_card
-    from AutoDDPMLib.inference import load_network
+    from AutoDDPMLib.networks import load_network
 
     with pytest.raises(AutoDDPMError, match="CPU only and the device is cuda"):
         load_network(read_card(tiny_model), torch.device("cuda"), "onnxruntime")

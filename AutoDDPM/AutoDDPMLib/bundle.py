@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import AutoDDPMError
 from .resources import resources_dir
-from .sampling_schedules import SCHEDULES
+from .sampling_schedules import SCHEDULES, SamplingSchedule
 
 if TYPE_CHECKING:
     import torch
@@ -92,6 +92,22 @@ class ModelCard:
             return float(own["mask_tau"]), float(own["anomaly"]), True
         matched = bool(thresholds.get("calibrated")) and thresholds.get("calibration", {}).get("schedule") == schedule
         return self.mask_threshold, self.anomaly_threshold, matched
+
+    def schedule(self, name: str) -> SamplingSchedule:
+        """The sampling schedule ``name`` as this model runs it (the card's copy, else the engine's default)."""
+        if name not in SCHEDULES:
+            raise AutoDDPMError(f"unknown schedule '{name}': choose one of {', '.join(SCHEDULES)}")
+        saved = self.data["schedules"].get(name)
+        try:
+            schedule = SamplingSchedule(**saved) if saved else SCHEDULES[name]
+        except TypeError as exc:
+            raise AutoDDPMError(f"model card {self.path} has an invalid '{name}' schedule ({exc})") from None
+        if schedule.coarse_start > self.max_timestep:
+            raise AutoDDPMError(
+                f"the '{name}' schedule starts at noise level {schedule.coarse_start} but model {self.name} "
+                f"was trained up to {self.max_timestep} only"
+            )
+        return schedule
 
     @property
     def max_timestep(self) -> int:

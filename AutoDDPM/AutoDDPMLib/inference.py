@@ -17,14 +17,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .bundle import ModelCard, load_unet, read_card, resolve_model
+from .bundle import ModelCard, read_card, resolve_model
 from .devices import is_out_of_memory, select_device
 from .errors import AutoDDPMError
 from .fit_checks import fit_warnings
 from .lpips import load_lpips
-from .onnx_backend import BACKENDS
+from .networks import load_network
 from .pipeline import AutoDDPMOutput, AutoDDPMPipeline
-from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES, SamplingSchedule
+from .sampling_schedules import DEFAULT_SCHEDULE
 from .scheduler import DDPMScheduler
 from .slices import FOREGROUND_LEVEL, AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
 
@@ -49,58 +49,6 @@ class VolumeResult:
     anomalous_voxels: int
     anomalous_volume_ml: float
     warnings: list[str] = field(default_factory=list)
-
-
-def _schedule_from_card(card: ModelCard, name: str) -> SamplingSchedule:
-    if name not in SCHEDULES:
-        raise AutoDDPMError(f"unknown schedule '{name}': choose one of {', '.join(SCHEDULES)}")
-    saved = card.data["schedules"].get(name)
-    try:
-        schedule = SamplingSchedule(**saved) if saved else SCHEDULES[name]
-    except TypeError as exc:
-        raise AutoDDPMError(f"model card {card.path} has an invalid '{name}' schedule ({exc})") from None
-    if schedule.coarse_start > card.max_timestep:
-        raise AutoDDPMError(
-            f"the '{name}' schedule starts at noise level {schedule.coarse_start} but model {card.name} "
-            f"was trained up to {card.max_timestep} only"
-        )
-    return schedule
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def load_network(card: ModelCard, device: torch.device, backend: str = "auto") -> tuple[Callable, str, str | None]:
-    """The card's network as ``unet(x, t) -> epsilon`` for ``backend``; returns (network, backend run, why).
-
-    ``torch``: the UNet module, in channels_last on the CPU. ``onnxruntime``:
-    exported to ONNX and run by ONNX Runtime (CPU only, needs the optional
-    packages; else an AutoDDPMError says what is missing). ``auto``: ONNX Runtime
-    where it can run, else torch; "why" says why torch runs instead (None when
-    ONNX Runtime runs or torch was asked for).
-    """
-    from . import onnx_backend
-
-    if backend not in BACKENDS:
-        raise AutoDDPMError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
-    reason = None if backend == "torch" else onnx_backend.unavailable_reason(device)
-    if reason and backend == "onnxruntime":
-        raise AutoDDPMError(f"backend 'onnxruntime' cannot run: {reason} or use --backend torch")
-    unet = load_unet(card, device)
-    if backend != "torch" and reason is None:
-        try:
-            return onnx_backend.OnnxRuntimeUNet(unet), "onnxruntime", None
-        except Exception as error:  # an export or session failure: an error if asked for, else torch runs
-            reason = f"exporting model {card.name} to ONNX Runtime failed ({_first_line(error)})"
-            if backend == "onnxruntime":
-                raise AutoDDPMError(f"backend 'onnxruntime' cannot run: {reason}; use --backend torch") from error
-    if device.type == "cpu":
-        # Measured with `autoddpm benchmark-speed` (Resources/Benchmark/speed): 1.3-1.6x faster than the default
-        # layout at batch 16 on a 2-core CPU (32 vs 42 and 29 vs 45 ms per slice in two runs), same results to 6e-6.
-        unet = unet.to(memory_format=torch.channels_last)
-    return unet, "torch", reason
 
 
 class AutoDDPM:
@@ -148,7 +96,7 @@ class AutoDDPM:
             DDPMScheduler(**scheduler_settings),
             load_lpips(self.device),
             tau if mask_threshold is None else mask_threshold,
-            _schedule_from_card(self.card, schedule),
+            self.card.schedule(schedule),
         )
 
     @property
