@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,11 @@ def data_root(tmp_path_factory) -> Path:
 
 def _in_range(value, low, high):
     return value is None or low - 1e-6 <= value <= high + 1e-6
+
+
+def _detection(rows):
+    """Dice and AUPRC of every row, by what the row measures."""
+    return {(r["method"], r["dataset"], r["size_bin"], r["threshold_kind"]): (r["dice"], r["auprc"]) for r in rows}
 
 
 def test_benchmark_smoke(tiny_model, data_root, tmp_path):
@@ -205,10 +214,7 @@ def test_a_prepared_file_runs_the_same_benchmark_where_simpleitk_is_missing(tiny
     assert proc.returncode == 0, proc.stderr[-2000:]
     from_file = json.loads((tmp_path / "file" / "results.json").read_text())
 
-    def detection(rows):
-        return {(r["method"], r["dataset"], r["size_bin"], r["threshold_kind"]): (r["dice"], r["auprc"]) for r in rows}
-
-    assert detection(from_file) == detection(from_folder) and len(from_file) == len(from_folder)
+    assert _detection(from_file) == _detection(from_folder) and len(from_file) == len(from_folder)
 
 
 def test_a_prepared_file_is_refused_by_another_model(tiny_model, tiny_model_with, data_root, tmp_path):
@@ -221,3 +227,52 @@ def test_a_prepared_file_is_refused_by_another_model(tiny_model, tiny_model_with
                                                      "min_foreground_fraction": 0.05})
     with pytest.raises(AutoDDPMError, match="was prepared for .* prepare it again"):
         run_benchmark(model=str(other), output_dir=tmp_path / "out", data=prepared, quick=True, figures=False)
+
+
+def test_a_stopped_run_resumes_from_its_finished_method_runs(tiny_model, data_root, tmp_path):
+    settings = dict(quick=True, datasets=["ixi"], max_images=1, reference_cases=1, calibration_slices_count=2,
+                    device="cpu", backend="torch", figures=False)
+    out = tmp_path / "out"
+    parts = out / "partial"
+    # Stopped for real, as a laptop going to sleep or a session ending would: killed after two method runs.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "AutoDDPMLib.cli", "--threads", "1", "benchmark", "--model", str(tiny_model), "--quick",
+         "--data", str(data_root), "--datasets", "ixi", "--max-images", "1", "--reference-cases", "1",
+         "--calibration-slices", "2", "--device", "cpu", "--backend", "torch", "--no-figures", "--output-dir", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and len(list(parts.glob("*.safetensors"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    stored = len(list(parts.glob("*.safetensors")))
+    assert stored >= 2 and not (out / "results.json").exists()  # no report from a stopped run
+    kept = tmp_path / "kept"
+    shutil.copytree(parts, kept)
+
+    resumed = run_benchmark(model=str(tiny_model), output_dir=out, data=data_root, resume=True, **settings)
+    notes = json.loads((out / "meta.json").read_text())["notes"]
+    assert any(n.startswith(f"Resumed: {stored} method runs") for n in notes)
+    assert not parts.exists()  # the report is written: the parts are gone
+
+    fresh = run_benchmark(model=str(tiny_model), output_dir=tmp_path / "fresh", data=data_root, **settings)
+    assert _detection(resumed) == _detection(fresh) and len(resumed) == len(fresh)
+
+    # Without --resume an earlier run's parts are dropped, never mixed in.
+    shutil.copytree(kept, tmp_path / "again" / "partial")
+    run_benchmark(model=str(tiny_model), output_dir=tmp_path / "again", data=data_root, **settings)
+    assert not any(n.startswith("Resumed") for n in json.loads((tmp_path / "again" / "meta.json").read_text())["notes"])
+
+
+def test_the_benchmark_runs_the_schedules_of_the_card(tiny_model_with):
+    from AutoDDPMLib.benchmark import benchmark_schedules, build_methods
+    from AutoDDPMLib.bundle import read_card
+
+    card = read_card(tiny_model_with("early", schedules={
+        "fast": {"coarse_start": 150, "coarse_steps": 10, "resample_start": 50, "resample_steps": 5, "resample_jumps": 3},
+        "reference": {"coarse_start": 200, "coarse_steps": 201, "resample_start": 50, "resample_steps": 50, "resample_jumps": 5}}))
+    schedules = benchmark_schedules(card)
+    assert schedules["fast"].coarse_start == schedules["mid"].coarse_start == 150
+    assert schedules["reference"].coarse_start == 200
+    methods = {m.name: m for m in build_methods(card, quick=False, baseline_steps=None, notes=[])}
+    assert methods["AutoDDPM fast"].evaluations == 25 and methods["AutoDDPM mid (100 evals)"].evaluations == 100

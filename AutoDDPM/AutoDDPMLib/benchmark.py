@@ -23,8 +23,8 @@ By default the datasets follow the model card's modality (FLAIR: lgg and
 lgg-synth; T1: ixi; otherwise all three): a model is benchmarked on the
 contrast it was trained for.
 
-Methods: AutoDDPM with the ``fast`` and ``reference`` schedules (the final map
-A), fixed-noise DDPM reconstruction ("AnoDDPM", map |x - x_rec|) from t = 50,
+Methods: AutoDDPM with the card's ``fast`` and ``reference`` schedules (the final map
+A; a full run adds ``mid``, fast's start with 100 evaluations), fixed-noise DDPM reconstruction ("AnoDDPM", map |x - x_rec|) from t = 50,
 100, 200, 300, 500, the plain residual |x - x_rec| of AutoDDPM's own coarse
 reconstruction (no extra network evaluations), and, as a reference point for
 how hard a dataset is, the input intensity itself (no model: a bright lesion
@@ -53,6 +53,11 @@ cuda_peak_mb, peak_rss_mb and case counts (missing values are null);
 (the tables); ``examples.png`` and ``tradeoff.png`` (with matplotlib). With
 ``--quick`` the reference schedule runs on a subset of each dataset, reported
 as the dataset ``"<name> [reference subset]"`` with every method on the same cases.
+
+The network runs as ``autoddpm run`` runs it (``--backend``, ONNX Runtime on a
+CPU where installed). A full run takes hours on a laptop CPU: each finished
+method run is kept in ``OUTPUT_DIR/partial`` (:mod:`benchmark_parts`), and the
+same command with ``--resume`` goes on from there after a stop.
 """
 
 from __future__ import annotations
@@ -73,7 +78,10 @@ from typing import Any, Optional
 import numpy as np
 
 from .benchmark_data import is_prepared_data, read_prepared_data, write_prepared_data
+from .benchmark_parts import PartStore, array_digest, engine_digest, file_digest
+from .bundle import WEIGHTS_FILE
 from .errors import AutoDDPMError
+from .onnx_backend import BACKENDS
 from .provenance import command_line, git_commit
 
 DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev")
@@ -355,24 +363,24 @@ class MethodRun:
     fidelity: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _all_schedules() -> dict:
-    """The pipeline's schedules plus ``mid``: 50 coarse steps, 10 levels x 5 re-samples (100 evaluations)."""
-    from .sampling_schedules import SCHEDULES, SamplingSchedule
+def benchmark_schedules(card) -> dict:
+    """The card's ``fast`` and ``reference`` schedules, and ``mid``: fast's start with 50 coarse steps and 10 levels x 5 re-samples."""
+    import dataclasses
 
-    return {**SCHEDULES, "mid": SamplingSchedule(coarse_steps=50, resample_steps=10, resample_jumps=5)}
+    fast = card.schedule("fast")
+    mid = dataclasses.replace(fast, coarse_steps=50, resample_steps=10, resample_jumps=5)
+    return {"fast": fast, "reference": card.schedule("reference"), "mid": mid}
 
 
 def build_methods(card, quick: bool, baseline_steps: Optional[int], notes: list[str]) -> list[Method]:
-    from .sampling_schedules import SCHEDULES
-
-    fast, reference = SCHEDULES["fast"], SCHEDULES["reference"]
+    schedules = benchmark_schedules(card)
+    fast, reference, mid = schedules["fast"], schedules["reference"], schedules["mid"]
     methods = [
         Method("AutoDDPM fast", "autoddpm", "fast", evaluations=fast.evaluations),
         Method("AutoDDPM reference", "autoddpm", "reference", evaluations=reference.evaluations, subset_only=quick),
         Method("Residual (coarse, fast)", "residual", "fast", evaluations=fast.coarse_steps),
     ]
     if not quick:  # a point between the two on the speed/quality curve
-        mid = _all_schedules()["mid"]
         methods.insert(1, Method(f"AutoDDPM mid ({mid.evaluations} evals)", "autoddpm", "mid", evaluations=mid.evaluations))
     if not quick:
         methods.append(Method("Residual (coarse, reference)", "residual", "reference", evaluations=reference.coarse_steps))
@@ -391,12 +399,16 @@ def build_methods(card, quick: bool, baseline_steps: Optional[int], notes: list[
 
 
 class Runner:
-    """Runs methods on batches of slices, timing them, with a seed per (method, batch)."""
+    """Runs methods on batches of slices, timing them, with a seed per (method, batch).
 
-    def __init__(self, card, device, batch_size: int, seed: int) -> None:
+    Every network run goes through ``parts``: a resumed benchmark reads back what
+    an earlier run of the same command finished instead of running it again.
+    """
+
+    def __init__(self, card, device, batch_size: int, seed: int, backend: str, parts: PartStore) -> None:
         import torch
 
-        from .bundle import load_unet
+        from .networks import load_network
         from .lpips import load_lpips
         from .pipeline import AutoDDPMPipeline
         from .scheduler import DDPMScheduler
@@ -405,11 +417,12 @@ class Runner:
         self.batch_size = batch_size
         self.seed = seed
         self.card = card
-        unet = load_unet(card, device)
+        self.parts = parts
+        unet, self.backend, self.backend_note = load_network(card, device, backend)
         self.lpips = load_lpips(device)
         self.pipelines = {
             name: AutoDDPMPipeline(unet, DDPMScheduler(), self.lpips, card.thresholds_for(name)[0], schedule=schedule)
-            for name, schedule in _all_schedules().items()
+            for name, schedule in benchmark_schedules(card).items()
         }
         self.torch = torch
         self._cache: dict = {}
@@ -423,8 +436,13 @@ class Runner:
         salt = zlib.crc32(self._evalset.encode()) % 1_000_000
         return self.torch.Generator().manual_seed(self.seed * 1_000_003 + salt * 1_009 + method_index * 10_007 + batch_index)
 
-    def run_autoddpm(self, schedule: str, key: str, x, groups: list[np.ndarray], method_index: int):
-        """AutoDDPM on x's cases; keeps the coarse reconstruction and its time for the residual method."""
+    def _cuda_peak(self) -> np.ndarray:
+        peak = self.torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else np.nan
+        return np.array([peak], np.float64)
+
+    def run_autoddpm(self, schedule: str, x, groups: list[np.ndarray], method_index: int) -> dict[str, np.ndarray]:
+        """AutoDDPM on x's cases: anomaly, ph and the coarse reconstruction rec, with the seconds per group
+        in total and for the coarse stage alone (the residual method's time)."""
         torch = self.torch
         pipeline = self.pipelines[schedule]
         coarse_steps = pipeline.schedule.coarse_steps
@@ -457,10 +475,10 @@ class Runner:
                 batch_index += 1
             times["total"].append(total)
             times["coarse"].append(coarse)
-        self._cache[key] = (out, times)
-        return out, times
+        return {**out, "seconds": np.array(times["total"]), "coarse_seconds": np.array(times["coarse"]), "cuda_peak_mb": self._cuda_peak()}
 
-    def run_anoddpm(self, level: int, steps: int, x, groups: list[np.ndarray], method_index: int):
+    def run_anoddpm(self, level: int, steps: int, x, groups: list[np.ndarray], method_index: int) -> dict[str, np.ndarray]:
+        """AnoDDPM's reconstruction rec from noise level ``level`` in ``steps`` reverse steps, with the seconds per group."""
         torch = self.torch
         pipeline = self.pipelines["fast"]
         n = x.shape[-1]
@@ -481,7 +499,7 @@ class Runner:
                 rec[rows] = r[:, 0].float().cpu().numpy()
                 batch_index += 1
             group_seconds.append(total)
-        return rec, group_seconds
+        return {"rec": rec, "seconds": np.array(group_seconds), "cuda_peak_mb": self._cuda_peak()}
 
     def run(self, method: Method, method_index: int, evalset_name: str, x, indices: np.ndarray, groups: list[np.ndarray]) -> MethodRun:
         """``method`` on the cases ``indices`` of x (grouped as ``groups`` for per-volume timing)."""
@@ -492,26 +510,33 @@ class Runner:
         groups = [g[np.isin(g, indices)] for g in groups]
         groups = [g for g in groups if len(g)]
         x_np = x[:, 0].numpy()
+        cases = {"evalset": evalset_name, "cases": array_digest(x_np, indices), "groups": [g.tolist() for g in groups]}
         if method.kind in ("autoddpm", "residual"):
             key = (evalset_name, method.schedule, tuple(indices.tolist()))
-            if key in self._cache:
-                out, times = self._cache[key]
-            else:
+            if key not in self._cache:
                 # The residual shares AutoDDPM's run (same seeds): it is its first stage.
-                out, times = self.run_autoddpm(method.schedule, key, x, groups, {"fast": 1, "reference": 2}.get(method.schedule, 3))
+                index = {"fast": 1, "reference": 2}.get(method.schedule, 3)
+                self._cache[key] = self.parts.get_or_compute(
+                    f"{evalset_name}: AutoDDPM {method.schedule}", {**cases, "autoddpm": method.schedule},
+                    lambda: self.run_autoddpm(method.schedule, x, groups, index))
+            out = self._cache[key]
             if method.kind == "autoddpm":
-                scores, ph, group_seconds = out["anomaly"], out["ph"], times["total"]
+                scores, ph, group_seconds = out["anomaly"], out["ph"], out["seconds"]
             else:
-                scores, ph, group_seconds = np.abs(x_np - out["rec"]), out["rec"], times["coarse"]
+                scores, ph, group_seconds = np.abs(x_np - out["rec"]), out["rec"], out["coarse_seconds"]
+            cuda_peak = out["cuda_peak_mb"]
         elif method.kind == "intensity":  # the image is its own map; there is no pseudo-healthy image
             scores, ph = np.full_like(x_np, np.nan), np.full_like(x_np, np.nan)
             scores[indices] = x_np[indices]
-            group_seconds = [0.0] * len(groups)
+            group_seconds, cuda_peak = np.zeros(len(groups)), np.array([np.nan])
         else:
-            rec, group_seconds = self.run_anoddpm(method.level, method.steps, x, groups, method_index)
-            scores, ph = np.abs(x_np - rec), rec
-        cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else None
-        return MethodRun(method, indices, scores.astype(np.float32), ph, float(sum(group_seconds)), list(group_seconds), cuda_peak)
+            out = self.parts.get_or_compute(
+                f"{evalset_name}: {method.name}", {**cases, "anoddpm": [method.level, method.steps, method_index]},
+                lambda: self.run_anoddpm(method.level, method.steps, x, groups, method_index))
+            scores, ph, group_seconds, cuda_peak = np.abs(x_np - out["rec"]), out["rec"], out["seconds"], out["cuda_peak_mb"]
+        peak = float(cuda_peak[0])
+        return MethodRun(method, indices, scores.astype(np.float32), ph, float(np.sum(group_seconds)),
+                         [float(s) for s in group_seconds], None if math.isnan(peak) else peak)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -802,10 +827,15 @@ def run_benchmark(
     baseline_steps: Optional[int] = None,
     figures: bool = True,
     command: Optional[str] = None,
+    backend: str = "auto",
+    resume: bool = False,
 ) -> list[dict]:
     """Run the benchmark and write results.json, results.md and figures into ``output_dir``; returns the rows.
 
     ``data`` is a data root (as ../shared/data) or a file from ``prepare_benchmark_data``.
+    ``backend`` runs the network as ``autoddpm run --backend`` does. Finished method
+    runs are kept in ``output_dir/partial`` until the report is written; ``resume``
+    reuses those an earlier, stopped run of the same benchmark left there.
     """
     import torch
 
@@ -847,7 +877,15 @@ def run_benchmark(
     output_dir.mkdir(parents=True, exist_ok=True)
     # The code that runs is the checkout as it is now: edits made while the run goes on do not count.
     commit = git_commit()
-    runner = Runner(card, torch_device, batch_size, seed)
+    parts = PartStore(output_dir, {
+        "weights": file_digest(Path(folder) / WEIGHTS_FILE), "card": card.data, "engine": engine_digest(),
+        "seed": seed, "batch_size": batch_size, "backend": backend, "device": torch_device.type,
+    }, resume)
+    if parts.discarded:
+        _log(f"removed {parts.discarded} finished parts of an earlier run in {parts.folder} (--resume continues from them)")
+    runner = Runner(card, torch_device, batch_size, seed, backend, parts)
+    if runner.backend_note:
+        notes.append(f"The network runs on {runner.backend}: {runner.backend_note}.")
     _log(f"model {card.name} ({folder}), device {torch_device}, datasets {', '.join(datasets)}, {'quick' if quick else 'full'} run")
 
     rows: list[dict] = []
@@ -910,6 +948,9 @@ def run_benchmark(
                     rows += evaluate_rows(run, evalset, idx, label, bin_name, str(torch_device))
         examples[dataset_name] = (evalset, runs)
 
+    if parts.resumed:
+        notes.append(f"Resumed: {len(parts.resumed)} method runs were read back from an earlier, stopped run of this "
+                     f"benchmark (their seconds were measured then): {'; '.join(parts.resumed)}.")
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     meta = {
         "command": command or "autoddpm benchmark",
@@ -919,8 +960,7 @@ def run_benchmark(
         "thresholds": card.data.get("thresholds", {}),
         "commit": commit,
         "device": describe_device(torch_device),
-        # Runner runs the torch UNet as loaded (float32, default memory format), whatever `autoddpm run` picks.
-        "backend": "torch",
+        "backend": runner.backend,
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": quick,
@@ -942,6 +982,7 @@ def run_benchmark(
         except ImportError:
             meta["notes"].append("matplotlib is not installed: no figures (pip install matplotlib).")
     (output_dir / "results.md").write_text(markdown_report(rows, meta, figure_names), encoding="utf-8")
+    parts.remove()
     _log(f"done in {meta['wall_seconds']:.0f} s: {output_dir / 'results.md'}")
     return rows
 
@@ -1146,6 +1187,8 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-cases", type=int, default=None, help="cases per dataset for the reference schedule in --quick (default 8)")
     parser.add_argument("--calibration-slices", type=int, default=None, help="held-out healthy slices for the baselines' thresholds: the card's calibration data, else the training split (default 48; --quick: 16)")
     parser.add_argument("--baseline-steps", type=int, default=None, help="reverse steps of AnoDDPM reconstructions (default: all t+1; --quick: 10)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="how the network runs, as for `autoddpm run` (default auto: ONNX Runtime on the CPU when installed, else torch)")
+    parser.add_argument("--resume", action="store_true", help="go on from the method runs a stopped run with the same arguments left in OUTPUT_DIR/partial")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
 
 
@@ -1173,6 +1216,8 @@ def benchmark_main(args: argparse.Namespace) -> int:
         baseline_steps=args.baseline_steps,
         figures=not args.no_figures,
         command=command_line("benchmark"),
+        backend=args.backend,
+        resume=args.resume,
     )
     return 0
 
