@@ -233,6 +233,27 @@ def test_each_schedule_gets_its_own_thresholds(tiny_model, tmp_path, capsys):
     assert read_card(model).thresholds_for("reference") == (tau, anomaly, True)
 
 
+def test_calibrate_can_move_the_coarse_level(tiny_model, tmp_path, capsys):
+    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.inference import AutoDDPM
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    data = tmp_path / "healthy"
+    data.mkdir()
+    sitk.WriteImage(make_head_volume(lesion=False), str(data / "h_flair.nii.gz"))
+    before = (model / "model.json").read_text()
+    # Out of range: refused before anything is run, and the card is left as it was.
+    assert main(["calibrate", str(model), "--data", str(data), "--coarse-start", "5"]) == 2
+    assert "--coarse-start must be between 9" in capsys.readouterr().err
+    assert (model / "model.json").read_text() == before
+    assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3", "--coarse-start", "150"]) == 0
+    card = read_card(model)
+    assert card.schedule("fast").coarse_start == 150 and card.schedule("reference").coarse_start == 200
+    assert card.thresholds_for("fast")[2]
+    assert AutoDDPM(model).pipeline.schedule.coarse_start == 150  # what `autoddpm run` now does
+
+
 def test_train_then_resume(tmp_path):
     data = _healthy_cohort(tmp_path / "train")
     bundle = tmp_path / "bundle"

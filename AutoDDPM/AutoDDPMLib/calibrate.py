@@ -11,6 +11,7 @@ promises is what ``autoddpm run`` does. No lesion is ever looked at.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Callable
@@ -93,14 +94,27 @@ def calibrate(
     seed: int = 0,
     progress: Callable[[float, str], None] | None = None,
     backend: str = "auto",
+    coarse_start: int | None = None,
 ) -> dict:
-    """Measure tau and the anomaly threshold for ``schedule`` on healthy ``data`` and write them into the card."""
+    """Measure tau and the anomaly threshold for ``schedule`` on healthy ``data`` and write them into the card.
+
+    ``coarse_start`` moves the noise level the schedule's coarse reconstruction starts
+    from (both thresholds depend on it); the card gets the level and its thresholds together.
+    """
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
         raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
     card = read_card(model_dir)
+    run_schedule = card.schedule(schedule)
+    if coarse_start is not None:
+        if not run_schedule.coarse_steps - 1 <= coarse_start <= card.max_timestep:
+            raise AutoDDPMError(
+                f"--coarse-start must be between {run_schedule.coarse_steps - 1} (the '{schedule}' schedule takes "
+                f"{run_schedule.coarse_steps} coarse steps) and {card.max_timestep} (the highest level model {card.name} was trained on)")
+        run_schedule = dataclasses.replace(run_schedule, coarse_start=coarse_start)
     slices = healthy_calibration_slices(list(data), card, max_slices)
     # The backend `autoddpm run` takes by default too (see AutoDDPM), recorded below.
     engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed, backend=backend)
+    engine.pipeline.schedule = run_schedule
     tissue = slices > FOREGROUND_LEVEL
     tau, threshold, likelihood, anomaly = healthy_thresholds(
         engine.pipeline, slices, mask_fraction, healthy_fpr, engine.batch_size, engine.device,
@@ -130,5 +144,6 @@ def calibrate(
         thresholds = dict(calibrated, **({"schedules": current["schedules"]} if "schedules" in current else {}))
     else:
         thresholds = dict(current, schedules={**current.get("schedules", {}), schedule: calibrated})
-    write_card(model_dir, dict(card.data, thresholds=thresholds))
+    schedules = {**card.data["schedules"], schedule: run_schedule.to_dict()}
+    write_card(model_dir, dict(card.data, thresholds=thresholds, schedules=schedules))
     return calibrated
