@@ -190,13 +190,19 @@ def test_demo_of_a_model_without_a_sample_fails_clearly(tiny_model_with, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_calibrate_sets_thresholds_from_healthy_data(tiny_model, tmp_path, capsys):
+def _model_and_healthy_volumes(tiny_model, tmp_path, volumes: int = 1):
+    """A copy of the tiny model to calibrate, and a folder of lesion-free head volumes."""
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     data = tmp_path / "healthy"
     data.mkdir()
-    for seed in range(2):
+    for seed in range(volumes):
         sitk.WriteImage(make_head_volume(lesion=False, seed=seed), str(data / f"h{seed}_flair.nii.gz"))
+    return model, data
+
+
+def test_calibrate_sets_thresholds_from_healthy_data(tiny_model, tmp_path, capsys):
+    model, data = _model_and_healthy_volumes(tiny_model, tmp_path, volumes=2)
     assert main(["calibrate", str(model), "--data", str(data), "--healthy-fpr", "0.02"]) == 0
     thresholds = json.loads((model / "model.json").read_text())["thresholds"]
     info = thresholds["calibration"]
@@ -212,11 +218,7 @@ def test_each_schedule_gets_its_own_thresholds(tiny_model, tmp_path, capsys):
     from AutoDDPMLib.bundle import read_card
     from AutoDDPMLib.inference import AutoDDPM
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model, model)
-    data = tmp_path / "healthy"
-    data.mkdir()
-    sitk.WriteImage(make_head_volume(lesion=False), str(data / "h_flair.nii.gz"))
+    model, data = _model_and_healthy_volumes(tiny_model, tmp_path)
     assert main(["calibrate", str(model), "--data", str(data)]) == 0
     fast = read_card(model).thresholds_for("fast")
     assert fast[2] and not read_card(model).thresholds_for("reference")[2]
@@ -237,11 +239,7 @@ def test_calibrate_can_move_the_coarse_level(tiny_model, tmp_path, capsys):
     from AutoDDPMLib.bundle import read_card
     from AutoDDPMLib.inference import AutoDDPM
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model, model)
-    data = tmp_path / "healthy"
-    data.mkdir()
-    sitk.WriteImage(make_head_volume(lesion=False), str(data / "h_flair.nii.gz"))
+    model, data = _model_and_healthy_volumes(tiny_model, tmp_path)
     before = (model / "model.json").read_text()
     # Out of range: refused before anything is run, and the card is left as it was.
     assert main(["calibrate", str(model), "--data", str(data), "--coarse-start", "5"]) == 2
