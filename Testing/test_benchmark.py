@@ -276,3 +276,19 @@ def test_the_benchmark_runs_the_schedules_of_the_card(tiny_model_with):
     assert schedules["reference"].coarse_start == 200
     methods = {m.name: m for m in build_methods(card, quick=False, baseline_steps=None, notes=[])}
     assert methods["AutoDDPM fast"].evaluations == 25 and methods["AutoDDPM mid (100 evals)"].evaluations == 100
+
+
+def test_a_full_run_adds_the_mid_schedule_and_the_reference_residual_on_every_case(tiny_model, data_root, tmp_path):
+    rows = run_benchmark(model=str(tiny_model), output_dir=tmp_path / "out", data=data_root, datasets=["lgg"],
+                         device="cpu", backend="torch", calibration_slices_count=1, baseline_steps=3, figures=False)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["quick"] is False and meta["backend"] == "torch"
+    methods = {r["method"] for r in rows}
+    assert {"AutoDDPM fast", "AutoDDPM mid (100 evals)", "AutoDDPM reference", "Residual (coarse, fast)",
+            "Residual (coarse, reference)"} <= methods
+    assert {r["dataset"] for r in rows} == {"lgg"}  # no subset: every method ran every case
+    evaluations = {r["method"]: r["evaluations_per_slice"] for r in rows}
+    assert evaluations["AutoDDPM reference"] == 451 and evaluations["Residual (coarse, reference)"] == 201
+    assert evaluations["AnoDDPM t=300"] == 3  # --baseline-steps caps the reverse steps
+    reference = [r for r in rows if r["method"] == "Residual (coarse, reference)" and r["threshold_kind"] == "calibrated"]
+    assert reference[0]["threshold"] is not None and reference[0]["n_slices"] == 2
