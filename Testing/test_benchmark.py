@@ -120,6 +120,18 @@ def test_dev_set_is_the_unseen_tumour_slices_of_training_patients(tiny_model, da
     assert "tumour slices" in dev.description
 
 
+def test_the_t1_dev_set_puts_synthetic_lesions_on_training_slices(tiny_model, data_root):
+    from AutoDDPMLib.benchmark import _calibration_family, _load_dataset
+    from AutoDDPMLib.bundle import read_card
+
+    card = read_card(tiny_model)
+    dev = _load_dataset("ixi-dev", data_root, card, dict(max_images=None), seed=0)
+    val = _load_dataset("ixi", data_root, card, dict(max_images=None), seed=0)
+    assert dev.name == "ixi-dev" and len(dev) == 4 and "ixi_t1_midaxial/train" in dev.description
+    assert dev.bins == val.bins and not torch.equal(dev.x[0], val.x[0])  # the train slice, not the val one
+    assert _calibration_family(card, "ixi-dev") == "ixi"
+
+
 def test_oracle_thresholds_refine_the_reference_grid():
     from AutoDDPMLib.benchmark import oracle_thresholds
     from AutoDDPMLib.metrics import ORACLE_THRESHOLDS, best_dice

@@ -18,6 +18,9 @@ Datasets (under the data root, ``../shared/data`` of the repository by default):
   tumours are unseen: a development set for choosing a recipe without looking
   at the validation patients. Never a default; its lesion-free slices are left
   out (their healthy tissue was trained on).
+* ``ixi-dev``: every 8th IXI T1 training slice with synthetic lesions, as ``ixi``:
+  the T1 development set. The lesions are new to the model but the tissue around
+  them is not, so it flatters; for comparing recipes only. Never a default.
 
 By default the datasets follow the model card's modality (FLAIR: lgg and
 lgg-synth; T1: ixi; otherwise all three): a model is benchmarked on the
@@ -84,8 +87,8 @@ from .errors import AutoDDPMError
 from .onnx_backend import BACKENDS
 from .provenance import command_line, git_commit
 
-DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev")
-DEV_PATIENT_STRIDE = 8  # lgg-dev: every 8th training patient (10 of 80)
+DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev", "ixi-dev")
+DEV_STRIDE = 8  # the development sets: every 8th training patient (lgg-dev: 10 of 80) or subject (ixi-dev: 58 of 461)
 ANODDPM_LEVELS = (50, 100, 200, 300, 500)
 INTENSITY_METHOD = "Input intensity (no model)"
 BIN_ORDER = ("all", "small", "medium", "large")
@@ -203,8 +206,8 @@ def load_lgg(folder: Path, card, max_volumes: Optional[int], name: str = "lgg", 
 
 
 def load_lgg_dev(train_folder: Path, card, max_volumes: Optional[int] = None) -> EvalSet:
-    """The development set: the tumour slices of every DEV_PATIENT_STRIDE-th training patient (training saw none)."""
-    return load_lgg(train_folder, card, max_volumes, name="lgg-dev", stride=DEV_PATIENT_STRIDE, lesion_only=True)
+    """The development set: the tumour slices of every DEV_STRIDE-th training patient (training saw none)."""
+    return load_lgg(train_folder, card, max_volumes, name="lgg-dev", stride=DEV_STRIDE, lesion_only=True)
 
 
 def _png_slice(path: Path, card):
@@ -249,8 +252,9 @@ def synthetic_set(name: str, healthy_slices: list[np.ndarray], ids: list[str], s
     )
 
 
-def load_ixi(folder: Path, card, max_images: Optional[int], seed: int) -> EvalSet:
-    pngs = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == ".png")
+def load_ixi(folder: Path, card, max_images: Optional[int], seed: int, name: str = "ixi", stride: int = 1) -> EvalSet:
+    """Every ``stride``-th IXI slice of ``folder`` (at most ``max_images``), with synthetic lesions."""
+    pngs = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == ".png")[::stride]
     if max_images:
         pngs = pngs[:max_images]
     images, ids = [], []
@@ -261,7 +265,17 @@ def load_ixi(folder: Path, card, max_images: Optional[int], seed: int) -> EvalSe
             ids.append(p.stem)
     if not images:
         raise AutoDDPMError(f"no PNG slices with signal in {folder}")
-    return synthetic_set("ixi", images, ids, seed, f"IXI T1 ({folder})")
+    source = f"IXI T1 ({folder}{f', every {stride}th subject' if stride > 1 else ''})"
+    return synthetic_set(name, images, ids, seed, source)
+
+
+def load_ixi_dev(train_folder: Path, card, max_images: Optional[int] = None, seed: int = 0) -> EvalSet:
+    """The T1 development set: synthetic lesions on every DEV_STRIDE-th training slice.
+
+    Unlike lgg-dev's tumours, the healthy tissue around these lesions was trained on,
+    so the set flatters a model; it serves to compare recipes, not to report.
+    """
+    return load_ixi(train_folder, card, max_images, seed, name="ixi-dev", stride=DEV_STRIDE)
 
 
 def _spread(n_total: int, n: Optional[int]) -> np.ndarray:
@@ -331,7 +345,7 @@ def _calibration_family(card, dataset_name: str) -> str:
     data = calibration.get("data") if card.data.get("thresholds", {}).get("calibrated") else None
     if isinstance(data, list) and data and all(Path(d).exists() for d in data):
         return "card"
-    return "ixi" if dataset_name == "ixi" else "lgg"
+    return "ixi" if dataset_name.startswith("ixi") else "lgg"
 
 
 # ----------------------------------------------------------------------------- methods
@@ -725,6 +739,7 @@ DATASET_FOLDERS = {
     "lgg-synth": lambda root: root / "lgg_flair" / "val",
     "ixi": lambda root: root / "ixi_t1_midaxial" / "val",
     "lgg-dev": lambda root: root / "lgg_flair" / "train",
+    "ixi-dev": lambda root: root / "ixi_t1_midaxial" / "train",
 }
 
 
@@ -749,6 +764,8 @@ def _load_dataset(name: str, root: Path, card, sizes: dict, seed: int) -> EvalSe
         return load_ixi(root / "ixi_t1_midaxial" / "val", card, sizes["max_images"], seed)
     if name == "lgg-dev":
         return load_lgg_dev(root / "lgg_flair" / "train", card, sizes["max_volumes"])
+    if name == "ixi-dev":
+        return load_ixi_dev(root / "ixi_t1_midaxial" / "train", card, sizes["max_images"], seed)
     raise AutoDDPMError(f"unknown dataset '{name}': choose from {', '.join(DATASETS)}")
 
 
