@@ -26,8 +26,9 @@ By default the datasets follow the model card's modality (FLAIR: lgg and
 lgg-synth; T1: ixi; otherwise all three): a model is benchmarked on the
 contrast it was trained for.
 
-Methods: AutoDDPM with the card's ``fast`` and ``reference`` schedules (the final map
-A; a full run adds ``mid``, fast's start with 100 evaluations), fixed-noise DDPM reconstruction ("AnoDDPM", map |x - x_rec|) from t = 50,
+Methods: AutoDDPM with the card's ``fast`` and ``reference`` schedules (the
+final map A; a full run adds ``mid``, fast's start with 100 evaluations),
+fixed-noise DDPM reconstruction ("AnoDDPM", map |x - x_rec|) from t = 50,
 100, 200, 300, 500, the plain residual |x - x_rec| of AutoDDPM's own coarse
 reconstruction (no extra network evaluations), and, as a reference point for
 how hard a dataset is, the input intensity itself (no model: a bright lesion
