@@ -276,6 +276,27 @@ def test_a_stopped_run_resumes_from_its_finished_method_runs(tiny_model, data_ro
     assert not any(n.startswith("Resumed") for n in json.loads((tmp_path / "again" / "meta.json").read_text())["notes"])
 
 
+def test_a_stored_part_is_reused_only_by_the_same_run(tmp_path):
+    from AutoDDPMLib.benchmark_parts import PartStore
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"rec": np.full((2, 3), 0.5, np.float32), "seconds": np.array([1.5])}
+
+    PartStore(tmp_path, {"seed": 0}, resume=False).get_or_compute("lgg: AnoDDPM t=50", {"method": "a"}, compute)
+    again = PartStore(tmp_path, {"seed": 0}, resume=True)
+    out = again.get_or_compute("lgg: AnoDDPM t=50", {"method": "a"}, compute)
+    assert len(calls) == 1 and again.resumed == ["lgg: AnoDDPM t=50"]
+    assert np.array_equal(out["rec"], np.full((2, 3), 0.5)) and out["seconds"][0] == 1.5
+    PartStore(tmp_path, {"seed": 1}, resume=True).get_or_compute("x", {"method": "a"}, compute)  # another run
+    PartStore(tmp_path, {"seed": 0}, resume=True).get_or_compute("x", {"method": "b"}, compute)  # another method
+    assert len(calls) == 3
+    fresh = PartStore(tmp_path, {"seed": 0}, resume=False)
+    assert fresh.discarded == 3 and not fresh.folder.exists()
+
+
 def test_the_benchmark_runs_the_schedules_of_the_card(tiny_model_with):
     from AutoDDPMLib.benchmark import benchmark_schedules, build_methods
     from AutoDDPMLib.bundle import read_card
