@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .bundle import ModelCard, read_card, resolve_model
+from .bundle import read_card, resolve_model
 from .devices import is_out_of_memory, select_device
 from .errors import AutoDDPMError
 from .fit_checks import fit_warnings
