@@ -297,6 +297,32 @@ def test_a_stored_part_is_reused_only_by_the_same_run(tmp_path):
     assert fresh.discarded == 3 and not fresh.folder.exists()
 
 
+def test_a_residual_without_its_autoddpm_run_reconstructs_the_same_coarse_stage(tiny_model, tmp_path):
+    from AutoDDPMLib.benchmark import Method, Runner
+    from AutoDDPMLib.benchmark_parts import PartStore
+    from AutoDDPMLib.bundle import read_card
+    from safetensors import safe_open
+
+    card = read_card(tiny_model)
+    x = torch.rand(3, 1, card.image_size, card.image_size)
+    cases = np.arange(3)
+    residual = Method("Residual (coarse, reference)", "residual", "reference")
+
+    def runner(folder):
+        return Runner(card, torch.device("cpu"), 2, 0, "torch", PartStore(tmp_path / folder, {}, resume=False))
+
+    alone = runner("alone").run(residual, 5, "calibration", x, cases, [cases])  # step 1 only
+    shared = runner("shared")
+    full = shared.run(Method("AutoDDPM reference", "autoddpm", "reference"), 1, "calibration", x, cases, [cases])
+    after = shared.run(residual, 5, "calibration", x, cases, [cases])  # AutoDDPM's own first stage
+    assert np.array_equal(alone.scores, after.scores) and np.array_equal(alone.pseudo_healthy, after.pseudo_healthy)
+    assert np.isfinite(full.scores).all()
+    (part,) = (tmp_path / "alone" / "partial").glob("*.safetensors")
+    with safe_open(str(part), "np") as handle:
+        assert handle.metadata()["label"] == "calibration: AutoDDPM reference (coarse stage)"
+        assert np.isnan(handle.get_tensor("anomaly")).all()  # the re-sampling never ran
+
+
 def test_the_benchmark_runs_the_schedules_of_the_card(tiny_model_with):
     from AutoDDPMLib.benchmark import benchmark_schedules, build_methods
     from AutoDDPMLib.bundle import read_card

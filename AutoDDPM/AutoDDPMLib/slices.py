@@ -108,6 +108,8 @@ class AxialStack:
         It keeps the array's dtype (uint8 masks stay uint8); bool becomes uint8
         and float16 float32, which SimpleITK cannot store.
         """
+        import SimpleITK as sitk
+
         array = np.asarray(array)
         if array.shape != self.array.shape:
             raise ValueError(f"array shape {array.shape} differs from the stack's {self.array.shape}")
@@ -115,8 +117,6 @@ class AxialStack:
             array = array.astype(np.uint8)
         elif array.dtype == np.float16:
             array = array.astype(np.float32)
-        import SimpleITK as sitk
-
         voxels = np.flip(np.transpose(array, self._axes), self._flips)
         image = sitk.GetImageFromArray(np.ascontiguousarray(voxels))
         size, spacing, origin, direction = self._geometry
