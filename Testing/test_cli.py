@@ -75,6 +75,25 @@ def test_several_inputs_one_bad(tiny_model, head_volume, tmp_path, capsys):
     assert not list((tmp_path / "out").glob("missing*"))
 
 
+def test_run_on_a_cohort_folder(tiny_model, tmp_path, capsys):
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for seed, name in enumerate(("p1.nii.gz", "p2.nrrd")):
+        sitk.WriteImage(make_head_volume(seed=seed), str(cohort / name))
+    sitk.WriteImage(make_head_volume(), str(cohort / "p1_mask.nii.gz"))  # the expert's outline, not a scan
+    out = cohort / "results"
+    assert main(["run", str(cohort), "--output-dir", str(out), "--model", str(tiny_model), "--progress", "none"]) == 0
+    assert "skipping 1 file(s) named like lesion masks or AutoDDPM outputs: p1_mask.nii.gz" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{patient}_{kind}.nii.gz" for patient in ("p1", "p2") for kind in ("anomaly", "mask", "pseudohealthy"))
+    # Run again with the outputs inside the cohort folder: they are not taken for new scans.
+    shutil.move(str(out), str(tmp_path / "first"))
+    for path in (tmp_path / "first").iterdir():
+        shutil.copy(path, cohort / path.name)
+    assert main(["run", str(cohort), "--output-dir", str(out), "--model", str(tiny_model), "--progress", "none"]) == 0
+    assert len(list(out.iterdir())) == 6
+
+
 def write(path: Path, array: np.ndarray, vector: bool = False) -> Path:
     sitk.WriteImage(sitk.GetImageFromArray(array, isVector=vector), str(path))
     return path

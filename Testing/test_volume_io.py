@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from AutoDDPMLib.errors import AutoDDPMError
-from AutoDDPMLib.volume_io import input_stem, read_volume, write_outputs_atomically, write_volume
+from AutoDDPMLib.volume_io import expand_inputs, input_stem, read_volume, write_outputs_atomically, write_volume
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -129,6 +129,38 @@ def test_input_stem_of_folder(tmp_path):
     folder = tmp_path / "series.nii"  # a folder keeps its full name, dots and all
     folder.mkdir()
     assert input_stem(folder) == "series.nii"
+
+
+def test_expand_inputs_opens_plain_folders_only(tmp_path):
+    volume = sitk.Image(4, 4, 2, sitk.sitkFloat32) + 1.0
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for name in ("b.nii.gz", "a.nrrd", "a_mask.nii.gz", "old_anomaly.nii.gz", ".hidden.nii.gz"):
+        sitk.WriteImage(volume, str(cohort / name))
+    (cohort / "notes.txt").write_text("not an image")
+    (cohort / "nested").mkdir()
+    write_dicom_series(sitk.Cast(volume, sitk.sitkInt16), tmp_path / "dicom")
+    single = cohort / "b.nii.gz"
+    missing = tmp_path / "missing.nii.gz"
+
+    volumes, skipped = expand_inputs([single, cohort, tmp_path / "dicom", missing], ("_mask.nii.gz", "_anomaly.nii.gz"))
+    # The folder becomes its image files in name order; a DICOM folder and a file (even a missing one) stay as given.
+    assert volumes == [single, cohort / "a.nrrd", cohort / "b.nii.gz", tmp_path / "dicom", missing]
+    assert skipped == [cohort / "a_mask.nii.gz", cohort / "old_anomaly.nii.gz"]
+    assert expand_inputs([cohort])[0][:2] == [cohort / "a.nrrd", cohort / "a_mask.nii.gz"]
+
+
+def test_expand_inputs_refuses_a_folder_with_nothing_to_run(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("hello")
+    with pytest.raises(AutoDDPMError, match="holds no DICOM series and no image files; give"):
+        expand_inputs([empty])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    sitk.WriteImage(sitk.Image(4, 4, 2, sitk.sitkUInt8), str(masks / "p1_mask.nii.gz"))
+    with pytest.raises(AutoDDPMError, match="other than 1 named like masks or earlier outputs"):
+        expand_inputs([masks], ("_mask.nii.gz",))
 
 
 def _bad_inputs(tmp_path: Path):

@@ -68,9 +68,15 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter) -> tuple[di
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .volume_io import expand_inputs
+
+    inputs, skipped = expand_inputs(args.inputs, skip_endings=tuple(OUTPUT_SUFFIXES.values()))
+    if skipped:
+        print(f"autoddpm: skipping {len(skipped)} file(s) named like lesion masks or AutoDDPM outputs: "
+              + ", ".join(path.name for path in skipped), file=sys.stderr)
     reporter = make_reporter(args.progress)
     engine = _engine(args)
-    _, failures = _process(engine, [Path(p) for p in args.inputs], Path(args.output_dir), reporter)
+    _, failures = _process(engine, inputs, Path(args.output_dir), reporter)
     reporter.finished()
     return 2 if failures else 0
 
@@ -263,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="find anomalies in volumes: pseudo-healthy volume, anomaly map and mask")
-    run.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI, NRRD, MHA, PNG file or DICOM series folder")
+    run.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="NIfTI, NRRD, MHA, PNG file, DICOM series folder, or a folder of image files "
+                          "(every one in it except *_mask/_anomaly/_pseudohealthy.nii.gz)")
     run.add_argument("--output-dir", required=True, help="folder for <name>_pseudohealthy/_anomaly/_mask.nii.gz")
     _add_engine_options(run)
     run.set_defaults(handler=_run)

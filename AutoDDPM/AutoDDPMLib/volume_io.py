@@ -14,7 +14,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Iterable, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,6 +28,8 @@ _KNOWN_SUFFIXES = (
     ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd",
     ".png", ".jpg", ".jpeg", ".dcm",
 )
+# What a plain folder's files count as volumes (DICOM slices are read as a series instead).
+_VOLUME_SUFFIXES = tuple(suffix for suffix in _KNOWN_SUFFIXES if suffix != ".dcm")
 
 # What to tell the user when SimpleITK cannot make sense of a file.
 _SUPPORTED = "NIfTI (.nii/.nii.gz), NRRD, MetaImage (.mha/.mhd), PNG/JPEG or a DICOM series folder"
@@ -64,13 +66,13 @@ def input_stem(path: PathLike) -> str:
     return path.name[: -len(suffix)]
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
-    """Reads the first DICOM series found in ``folder``."""
-    # GDCM prints a warning for a folder without series; the error below says it better.
+def _dicom_series_ids(folder: Path) -> tuple[str, ...]:
+    """The DICOM series in ``folder`` (none for a folder of other files)."""
+    # GDCM prints a warning for a folder without series; the callers say it better.
     warnings_were_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.GlobalWarningDisplayOff()
     try:
-        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError as error:
         raise AutoDDPMError(
             f"cannot scan folder {folder} for DICOM files ({_first_line(error)}); "
@@ -78,6 +80,11 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         ) from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings_were_shown)
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    """Reads the first DICOM series found in ``folder``."""
+    series_ids = _dicom_series_ids(folder)
     if not series_ids:
         raise AutoDDPMError(
             f"folder {folder} holds no DICOM series; give a folder of DICOM slices "
@@ -92,6 +99,41 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
             f"cannot read the DICOM series in {folder} ({_first_line(error)}); "
             "check that the files are complete image slices of one series"
         ) from None
+
+
+def expand_inputs(paths: Iterable[PathLike], skip_endings: tuple[str, ...] = ()) -> tuple[list[Path], list[Path]]:
+    """The volumes to process for the paths a user gave, and the files passed over.
+
+    A file stays as it is, and so does a folder holding a DICOM series (it is one
+    volume). Any other folder stands for the image files directly inside it, in
+    name order, except hidden files and those whose name ends with one of
+    ``skip_endings`` (e.g. the outputs of an earlier run, or lesion masks): that is
+    how a whole cohort is processed with one command. Paths that do not exist are
+    kept, so that reading them reports the problem per input.
+
+    Raises AutoDDPMError for a folder with neither a DICOM series nor image files.
+    """
+    volumes: list[Path] = []
+    skipped: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir() or _dicom_series_ids(path):
+            volumes.append(path)
+            continue
+        images = sorted(
+            child for child in path.iterdir()
+            if child.is_file() and not child.name.startswith(".")
+            and _suffix(child).lower() in _VOLUME_SUFFIXES
+        )
+        passed_over = [image for image in images if image.name.endswith(skip_endings)] if skip_endings else []
+        if len(passed_over) == len(images):
+            raise AutoDDPMError(
+                f"folder {path} holds no DICOM series and no image files"
+                + (f" other than {len(passed_over)} named like masks or earlier outputs ({', '.join(skip_endings)})" if passed_over else "")
+                + f"; give image files, a folder of them or a DICOM series folder ({_SUPPORTED})"
+            )
+        volumes.extend(image for image in images if image not in passed_over)
+        skipped.extend(passed_over)
+    return volumes, skipped
 
 
 def _nifti_bytes_missing(path: Path) -> bool:
