@@ -109,11 +109,11 @@ def test_benchmark_smoke(tiny_model, data_root, tmp_path):
 
 
 def test_dev_set_is_the_unseen_tumour_slices_of_training_patients(tiny_model, data_root):
-    from AutoDDPMLib.benchmark import _load_dataset, load_lgg
+    from AutoDDPMLib.benchmark_datasets import load_dataset, load_lgg
     from AutoDDPMLib.bundle import read_card
 
     card = read_card(tiny_model)
-    dev = _load_dataset("lgg-dev", data_root, card, dict(max_volumes=None), seed=0)
+    dev = load_dataset("lgg-dev", data_root, card, dict(max_volumes=None), seed=0)
     whole = load_lgg(data_root / "lgg_flair" / "train", card, None)
     assert dev.name == "lgg-dev" and len(whole) == 2 and len(dev) == 1  # the tumour slice only
     assert dev.truth.any(axis=(1, 2)).all() and torch.equal(dev.x[0], whole.x[1])
@@ -121,19 +121,19 @@ def test_dev_set_is_the_unseen_tumour_slices_of_training_patients(tiny_model, da
 
 
 def test_the_t1_dev_set_puts_synthetic_lesions_on_training_slices(tiny_model, data_root):
-    from AutoDDPMLib.benchmark import _calibration_family, _load_dataset
+    from AutoDDPMLib.benchmark_datasets import calibration_family, load_dataset
     from AutoDDPMLib.bundle import read_card
 
     card = read_card(tiny_model)
-    dev = _load_dataset("ixi-dev", data_root, card, dict(max_images=None), seed=0)
-    val = _load_dataset("ixi", data_root, card, dict(max_images=None), seed=0)
+    dev = load_dataset("ixi-dev", data_root, card, dict(max_images=None), seed=0)
+    val = load_dataset("ixi", data_root, card, dict(max_images=None), seed=0)
     assert dev.name == "ixi-dev" and len(dev) == 4 and "ixi_t1_midaxial/train" in dev.description
     assert dev.bins == val.bins and not torch.equal(dev.x[0], val.x[0])  # the train slice, not the val one
-    assert _calibration_family(card, "ixi-dev") == "ixi"
+    assert calibration_family(card, "ixi-dev") == "ixi"
 
 
 def test_oracle_thresholds_refine_the_reference_grid():
-    from AutoDDPMLib.benchmark import oracle_thresholds
+    from AutoDDPMLib.benchmark_scoring import oracle_thresholds
     from AutoDDPMLib.metrics import ORACLE_THRESHOLDS, best_dice
 
     scores = np.zeros((2, 8, 8), np.float32)
@@ -196,18 +196,19 @@ def test_speed_onnxruntime_skipped_with_a_note_when_missing(tiny_model, tmp_path
 
 
 def test_baseline_calibration_follows_the_card(tiny_model, data_root):
-    from AutoDDPMLib.benchmark import _calibrated_on, _calibration_family, calibration_slices, card_healthy_fpr
+    from AutoDDPMLib.benchmark_datasets import calibrated_on, calibration_family, calibration_slices
+    from AutoDDPMLib.benchmark_scoring import card_healthy_fpr
     from AutoDDPMLib.bundle import read_card
 
     card = read_card(tiny_model)
-    assert card_healthy_fpr(card) is None and _calibration_family(card, "ixi") == "ixi"
+    assert card_healthy_fpr(card) is None and calibration_family(card, "ixi") == "ixi"
     card.data = dict(card.data, thresholds={"mask_tau": 0.1, "anomaly": 0.2, "calibrated": True, "calibration": {
         "data": [str(data_root / "lgg_flair" / "val")], "healthy_fpr": 0.01}})
     assert card_healthy_fpr(card) == 0.01
-    assert _calibration_family(card, "lgg") == "card"
+    assert calibration_family(card, "lgg") == "card"
     # calibrated on the very folder the benchmark evaluates: flagged
-    assert _calibrated_on(card, data_root / "lgg_flair" / "val")
-    assert _calibrated_on(card, data_root / "ixi_t1_midaxial" / "val") is None
+    assert calibrated_on(card, data_root / "lgg_flair" / "val")
+    assert calibrated_on(card, data_root / "ixi_t1_midaxial" / "val") is None
     slices, where = calibration_slices("card", data_root, card, 2)
     assert slices.shape == (1, 1, 32, 32) and "calibration data" in where  # the one lesion-free val slice
 
@@ -298,7 +299,7 @@ def test_a_stored_part_is_reused_only_by_the_same_run(tmp_path):
 
 
 def test_a_residual_without_its_autoddpm_run_reconstructs_the_same_coarse_stage(tiny_model, tmp_path):
-    from AutoDDPMLib.benchmark import Method, Runner
+    from AutoDDPMLib.benchmark_methods import Method, Runner
     from AutoDDPMLib.benchmark_parts import PartStore
     from AutoDDPMLib.bundle import read_card
     from safetensors import safe_open
@@ -324,7 +325,7 @@ def test_a_residual_without_its_autoddpm_run_reconstructs_the_same_coarse_stage(
 
 
 def test_the_benchmark_runs_the_schedules_of_the_card(tiny_model_with):
-    from AutoDDPMLib.benchmark import benchmark_schedules, build_methods
+    from AutoDDPMLib.benchmark_methods import benchmark_schedules, build_methods
     from AutoDDPMLib.bundle import read_card
 
     card = read_card(tiny_model_with("early", schedules={

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from AutoDDPMLib.benchmark import load_ixi_dev, load_lgg_dev, oracle_thresholds
+from AutoDDPMLib.benchmark_datasets import load_ixi_dev, load_lgg_dev
+from AutoDDPMLib.benchmark_scoring import oracle_thresholds
 from AutoDDPMLib.calibrate import healthy_calibration_slices, healthy_thresholds
 from AutoDDPMLib.inference import AutoDDPM
 from AutoDDPMLib.metrics import SIZE_BIN_NAMES, average_precision, best_dice, dice_at_threshold

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from AutoDDPMLib.benchmark import load_ixi, load_lgg_dev
+from AutoDDPMLib.benchmark_datasets import load_ixi, load_lgg_dev
 from AutoDDPMLib.inference import AutoDDPM
 
 
