@@ -54,6 +54,8 @@ from AutoDDPMLib.slicer_results import (
 )
 
 SAMPLE_NAME = "TCGA_LGG_FLAIR"
+# Each repeat costs a whole run; beyond this the spread hardly changes while the wait grows.
+MAX_REPEATS = 20
 
 
 #
@@ -151,6 +153,7 @@ class AutoDDPMParameterNode:
     """The module's settings, saved with the scene.
 
     model: a bundled model's name or a model bundle folder ("" = the default model).
+    repeats: runs with different seeds; more than one adds a spread volume (uncertainty).
     threshold: on the anomaly map; moving it re-thresholds the segmentation live.
     """
 
@@ -159,6 +162,7 @@ class AutoDDPMParameterNode:
     schedule: Schedule = Schedule(DEFAULT_SCHEDULE)
     device: Device = Device.auto
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
+    repeats: Annotated[int, WithinRange(1, MAX_REPEATS)] = 1
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
     outputPseudoHealthy: vtkMRMLScalarVolumeNode
     outputAnomalyMap: vtkMRMLScalarVolumeNode
@@ -397,6 +401,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     schedule=parameters.schedule.value,
                     device=parameters.device.value,
                     seed=parameters.seed,
+                    repeats=parameters.repeats,
                     threshold=parameters.threshold,
                     outputPseudoHealthy=parameters.outputPseudoHealthy,
                     outputAnomalyMap=parameters.outputAnomalyMap,
@@ -452,6 +457,10 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.setSliceViewerLayers(background=result.inputVolume, foreground=result.anomalyMapVolume,
                                          foregroundOpacity=0.5, fit=True)
         self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=result.engineSummary.get("seconds", 0))
+        if result.spreadVolume is not None:
+            self.addLog(_("'{name}': how much the anomaly map varies over {repeats} runs with different seeds "
+                          "(standard deviation per voxel).").format(name=result.spreadVolume.GetName(),
+                                                                    repeats=result.engineSummary.get("repeats")))
         self.updateSummary()
 
     def onThresholdChanged(self, value: float) -> None:
@@ -483,7 +492,7 @@ class AutoDDPMResult:
     """One run of AutoDDPM on a volume.
 
     state: "running", "importing", "done", "cancelled" or "failed" (then ``error`` says why).
-    pseudoHealthyVolume, anomalyMapVolume, segmentation: the output nodes, once "done".
+    pseudoHealthyVolume, anomalyMapVolume, segmentation: the output nodes, once "done"; spreadVolume too with repeats.
     threshold and summary: the threshold on the anomaly map and what it segments.
     engineSummary: the engine's final report (anomalous_voxels, seconds, output files, ...).
     """
@@ -494,6 +503,7 @@ class AutoDDPMResult:
     pseudoHealthyVolume: Optional[vtkMRMLScalarVolumeNode] = None
     anomalyMapVolume: Optional[vtkMRMLScalarVolumeNode] = None
     segmentation: Optional[vtkMRMLSegmentationNode] = None
+    spreadVolume: Optional[vtkMRMLScalarVolumeNode] = None  # only with repeats > 1
     threshold: Optional[float] = None
     summary: Optional[AnomalySummary] = None
     engineStart: dict = field(default_factory=dict)
@@ -646,6 +656,7 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         device: str = "auto",
         seed: int = 0,
         threshold: Optional[float] = None,
+        repeats: int = 1,
         outputPseudoHealthy: Optional[vtkMRMLScalarVolumeNode] = None,
         outputAnomalyMap: Optional[vtkMRMLScalarVolumeNode] = None,
         outputSegmentation: Optional[vtkMRMLSegmentationNode] = None,
@@ -658,6 +669,9 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         model: a bundled model's name or a model bundle folder (None: the default model).
         schedule: "fast" or "reference"; device: "auto", "cpu", "cuda" or "mps"; seed: makes runs repeatable.
         threshold: on the anomaly map (None: the model's calibrated threshold).
+        repeats: more than 1 runs AutoDDPM that many times with different seeds (that many times the time) and adds
+            ``result.spreadVolume``, the per-voxel standard deviation of the anomaly map over the runs; the other
+            outputs are the ``seed`` run's.
         output*: nodes to fill; None creates new ones named after the input (only once the run succeeds).
         waitForCompletion: True blocks until the results are in the scene (console, scripts, tests) and raises
             RuntimeError if the engine fails; False returns at once, runs in the background and reports through
@@ -678,6 +692,9 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Unknown schedule '{schedule}': use 'fast' or 'reference'.").format(schedule=schedule))
         if device not in [d.value for d in Device]:
             raise ValueError(_("Unknown device '{device}': use 'auto', 'cpu', 'cuda' or 'mps'.").format(device=device))
+        if not isinstance(repeats, int) or not 1 <= repeats <= MAX_REPEATS:
+            raise ValueError(_("Repeats must be a whole number from 1 to {maximum}, not {repeats}.").format(
+                maximum=MAX_REPEATS, repeats=repeats))
         if importlib.util.find_spec("torch") is None:
             raise RuntimeError(_("PyTorch is not installed: press Apply in the AutoDDPM module once, or call "
                                  "AutoDDPMLogic().setupPythonRequirements()."))
@@ -685,7 +702,7 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         result = AutoDDPMResult(inputVolume)
         tempDir = make_temp_dir(getattr(getattr(slicer, "app", None), "temporaryPath", None))
         run = _ActiveRun(tempDir, tempDir / input_file_name(inputVolume.GetName()), result,
-                         dict(model=str(modelFolder), schedule=schedule, seed=seed, threshold=threshold),
+                         dict(model=str(modelFolder), schedule=schedule, seed=seed, threshold=threshold, repeats=repeats),
                          dict(pseudoHealthy=outputPseudoHealthy, anomalyMap=outputAnomalyMap, segmentation=outputSegmentation),
                          progressCallback, completedCallback)
         try:
@@ -846,12 +863,19 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             maskArray = volume_array(mask) > 0
             set_segment_mask(segmentation, maskArray, inputVolume)
             segmentation.SetAttribute(THRESHOLD_ATTRIBUTE, repr(threshold))
-            place_beside(inputVolume, [pseudoHealthy, anomalyMap, segmentation])
+            spread = None
+            if "spread" in files:  # runs with repeats: always a new node, there is no selector for it
+                spread = outputNode(None, "vtkMRMLScalarVolumeNode", _("spread"))
+                read_volume(spread, files["spread"])
+                if not same_geometry(spread, inputVolume):
+                    raise RuntimeError(_("the engine's output does not have the input's geometry"))
+            place_beside(inputVolume, [pseudoHealthy, anomalyMap, segmentation] + ([spread] if spread else []))
         except BaseException:
             for node in created:
                 scene.RemoveNode(node)
             raise
         result.pseudoHealthyVolume, result.anomalyMapVolume, result.segmentation = pseudoHealthy, anomalyMap, segmentation
+        result.spreadVolume = spread
         result.threshold = threshold
         result.summary = summarize(maskArray, inputVolume.GetSpacing(), threshold)
 

@@ -65,6 +65,21 @@ def test_same_seed_same_files(tiny_model, head_volume, tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_repeats_write_the_spread(tiny_model, head_volume, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(head_volume), "--output-dir", str(out), "--model", str(tiny_model), "--repeats", "2",
+                 "--progress", "json"]) == 0
+    done = [json.loads(line) for line in capsys.readouterr().out.splitlines()][-2]
+    assert done["event"] == "done" and done["repeats"] == 2
+    assert sorted(done["outputs"]) == ["anomaly", "mask", "pseudohealthy", "spread"]
+    spread = sitk.ReadImage(done["outputs"]["spread"])
+    assert spread.GetSize() == sitk.ReadImage(str(head_volume)).GetSize()
+    assert main(["run", str(head_volume), "--output-dir", str(tmp_path / "none"), "--model", str(tiny_model),
+                 "--repeats", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "autoddpm: error: --repeats must be at least 1"
+    assert not (tmp_path / "none").exists()
+
+
 def test_several_inputs_one_bad(tiny_model, head_volume, tmp_path, capsys):
     missing = tmp_path / "missing.nii.gz"
     code = main(["run", str(head_volume), str(missing), "--output-dir", str(tmp_path / "out"),

@@ -81,6 +81,26 @@ def test_same_seed_same_volume(tiny_model):
     assert np.array_equal(sitk.GetArrayFromImage(a.pseudo_healthy), sitk.GetArrayFromImage(b.pseudo_healthy))
 
 
+def test_repeats_add_the_spread_and_keep_the_single_run(tiny_model):
+    image = make_head_volume()
+    single = AutoDDPM(tiny_model, seed=3, batch_size=4).process_volume(image)
+    seen = []
+    repeated = AutoDDPM(tiny_model, seed=3, batch_size=4).process_volume(image, lambda f, stage: seen.append(f), repeats=3)
+    # The outputs are the --seed run's, bit for bit; only the spread is new.
+    for key in ("anomaly_map", "pseudo_healthy", "mask"):
+        assert np.array_equal(sitk.GetArrayFromImage(getattr(single, key)), sitk.GetArrayFromImage(getattr(repeated, key)))
+    assert single.spread is None and single.repeats == 1 and repeated.repeats == 3
+    spread = sitk.GetArrayFromImage(repeated.spread)
+    assert repeated.spread.GetSize() == image.GetSize() and repeated.spread.GetSpacing() == image.GetSpacing()
+    assert repeated.spread.GetPixelID() == sitk.sitkFloat32
+    # Other seeds draw other maps: the spread is positive somewhere, and never negative.
+    assert spread.min() >= 0 and spread.max() > 0
+    # One progress scale over all repeats.
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and any(0.3 < f < 0.4 for f in seen)
+    with pytest.raises(AutoDDPMError, match="--repeats must be at least 1"):
+        AutoDDPM(tiny_model).process_volume(image, repeats=0)
+
+
 def test_threshold_override(tiny_model):
     image = make_head_volume()
     low = AutoDDPM(tiny_model, threshold=0.0).process_volume(image)

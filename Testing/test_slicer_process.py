@@ -23,13 +23,15 @@ from AutoDDPMLib.slicer_results import summarize
 
 
 def test_engine_command_asks_for_json_progress() -> None:
-    command = engine_command("in.nrrd", "out", model="m", schedule="reference", device="cpu", seed=3, threshold=0.25)
+    command = engine_command("in.nrrd", "out", model="m", schedule="reference", device="cpu", seed=3, threshold=0.25,
+                             repeats=4)
     assert command[1:5] == ["-m", "AutoDDPMLib.cli", "run", "in.nrrd"]
     pairs = dict(zip(command[5::2], command[6::2]))
     assert pairs == {"--output-dir": "out", "--schedule": "reference", "--device": "cpu", "--seed": "3",
-                     "--progress": "json", "--model": "m", "--threshold": "0.25"}
-    # No threshold: the engine takes the model card's.
+                     "--progress": "json", "--model": "m", "--threshold": "0.25", "--repeats": "4"}
+    # No threshold: the engine takes the model card's; one run: no spread asked for.
     assert "--threshold" not in engine_command("in.nrrd", "out")
+    assert "--repeats" not in engine_command("in.nrrd", "out")
 
 
 def test_engine_environment() -> None:

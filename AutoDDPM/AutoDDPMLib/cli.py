@@ -19,7 +19,8 @@ from .onnx_backend import BACKENDS
 from .progress import make_reporter
 from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 
-OUTPUT_SUFFIXES = {"pseudohealthy": "_pseudohealthy.nii.gz", "anomaly": "_anomaly.nii.gz", "mask": "_mask.nii.gz"}
+OUTPUT_SUFFIXES = {"pseudohealthy": "_pseudohealthy.nii.gz", "anomaly": "_anomaly.nii.gz", "mask": "_mask.nii.gz",
+                   "spread": "_spread.nii.gz"}  # the spread only with --repeats
 # What `autoddpm demo` runs, by the model's modality: a real LGG patient for FLAIR; for T1, the paper's
 # setting, one IXI subject's mid-axial slice with a synthetic lesion of each size (tools/make_t1_samples.py).
 DEMO_SAMPLES = {
@@ -35,7 +36,7 @@ def _engine(args: argparse.Namespace):
                     batch_size=args.batch_size, threshold=args.threshold, backend=args.backend)
 
 
-def _process(engine, inputs: list[Path], output_dir: Path, reporter) -> tuple[dict[Path, dict], list[str]]:
+def _process(engine, inputs: list[Path], output_dir: Path, reporter, repeats: int = 1) -> tuple[dict[Path, dict], list[str]]:
     """Run every input; one that fails is reported and skipped, the others still run."""
     from .volume_io import input_stem, read_volume, write_outputs_atomically
 
@@ -50,13 +51,16 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter) -> tuple[di
             reporter.stage(path, "reading", 0.0)
             image = read_volume(path)
             reporter.start(path, engine, image)
-            result = engine.process_volume(image, lambda fraction, stage: reporter.stage(path, stage, 0.95 * fraction), name=path.name)
+            result = engine.process_volume(image, lambda fraction, stage: reporter.stage(path, stage, 0.95 * fraction),
+                                           name=path.name, repeats=repeats)
             for warning in result.warnings:
                 reporter.warning(warning)
             reporter.stage(path, "writing", 0.97)
-            outputs = {key: (output_dir / f"{stem}{suffix}").resolve() for key, suffix in OUTPUT_SUFFIXES.items()}
-            write_outputs_atomically({outputs["pseudohealthy"]: result.pseudo_healthy,
-                                      outputs["anomaly"]: result.anomaly_map, outputs["mask"]: result.mask})
+            images = {"pseudohealthy": result.pseudo_healthy, "anomaly": result.anomaly_map, "mask": result.mask,
+                      "spread": result.spread}
+            outputs = {key: (output_dir / f"{stem}{OUTPUT_SUFFIXES[key]}").resolve() for key, image in images.items()
+                       if image is not None}
+            write_outputs_atomically({outputs[key]: images[key] for key in outputs})
             reporter.done(path, outputs, engine, result)
             done[path] = {"outputs": outputs, "result": result, "image": image}
         except AutoDDPMError as error:
@@ -70,13 +74,15 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter) -> tuple[di
 def _run(args: argparse.Namespace) -> int:
     from .volume_io import expand_inputs
 
+    if args.repeats < 1:
+        raise AutoDDPMError("--repeats must be at least 1")
     inputs, skipped = expand_inputs(args.inputs, skip_endings=tuple(OUTPUT_SUFFIXES.values()))
     if skipped:
         print(f"autoddpm: skipping {len(skipped)} file(s) named like lesion masks or AutoDDPM outputs: "
               + ", ".join(path.name for path in skipped), file=sys.stderr)
     reporter = make_reporter(args.progress)
     engine = _engine(args)
-    _, failures = _process(engine, inputs, Path(args.output_dir), reporter)
+    _, failures = _process(engine, inputs, Path(args.output_dir), reporter, args.repeats)
     reporter.finished()
     return 2 if failures else 0
 
@@ -271,9 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="find anomalies in volumes: pseudo-healthy volume, anomaly map and mask")
     run.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="NIfTI, NRRD, MHA, PNG file, DICOM series folder, or a folder of image files "
-                          "(every one in it except *_mask/_anomaly/_pseudohealthy.nii.gz)")
+                          "(every one in it except *_mask/_anomaly/_pseudohealthy/_spread.nii.gz)")
     run.add_argument("--output-dir", required=True, help="folder for <name>_pseudohealthy/_anomaly/_mask.nii.gz")
     _add_engine_options(run)
+    run.add_argument("--repeats", type=int, default=1, metavar="N",
+                     help="run N times with different seeds (N times the time) and also write <name>_spread.nii.gz, "
+                          "the per-voxel standard deviation of the anomaly map; the other outputs stay the --seed run's")
     run.set_defaults(handler=_run)
 
     demo = commands.add_parser("demo", help="run on the bundled sample FLAIR volume and draw a figure")

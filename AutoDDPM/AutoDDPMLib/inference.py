@@ -34,10 +34,19 @@ VolumeProgress = Callable[[float, str], None]
 # More flagged tissue than this almost always means the input does not fit the model.
 SUSPICIOUS_ANOMALY_FRACTION = 0.2
 
+# Repeat r of a run draws its noise from seed + r * REPEAT_SEED_STRIDE (+ the batch index): far
+# from the seeds of the batches of any other repeat, and repeat 0 is the single run with that seed.
+REPEAT_SEED_STRIDE = 1_000_003
+
 
 @dataclass
 class VolumeResult:
-    """The three output volumes, in the input's geometry, and what it took to make them."""
+    """The output volumes, in the input's geometry, and what it took to make them.
+
+    ``spread`` (runs with repeats only) is the per-voxel standard deviation of the
+    anomaly map over the repeats: where it is high, another seed would draw
+    another map. The other outputs are those of the first repeat.
+    """
 
     pseudo_healthy: sitk.Image
     anomaly_map: sitk.Image
@@ -49,6 +58,8 @@ class VolumeResult:
     anomalous_voxels: int
     anomalous_volume_ml: float
     warnings: list[str] = field(default_factory=list)
+    spread: sitk.Image | None = None
+    repeats: int = 1
 
 
 class AutoDDPM:
@@ -109,12 +120,13 @@ class AutoDDPM:
         self.pipeline.unet = self.pipeline.unet.to(self.device, memory_format=torch.channels_last)
         self.pipeline.lpips = load_lpips(self.device)
 
-    def process_slices(self, x: torch.Tensor, progress: VolumeProgress | None = None) -> AutoDDPMOutput:
+    def process_slices(self, x: torch.Tensor, progress: VolumeProgress | None = None, repeat: int = 0) -> AutoDDPMOutput:
         """AutoDDPM on model-grid slices [B, 1, N, N] in [0, 1], in batches.
 
-        Batch ``i`` draws its noise from seed ``seed + i``: the same seed and
-        batch size give the same result, bit for bit on the CPU. On running out
-        of GPU memory the batch is halved, and at one slice the run moves to the CPU.
+        Batch ``i`` draws its noise from seed ``seed + i`` (plus ``repeat *
+        REPEAT_SEED_STRIDE``): the same seed and batch size give the same result,
+        bit for bit on the CPU. On running out of GPU memory the batch is halved,
+        and at one slice the run moves to the CPU.
         """
         schedule = self.pipeline.schedule
         outputs: list[AutoDDPMOutput] = []
@@ -127,7 +139,7 @@ class AutoDDPM:
                     stage = "mask" if done <= schedule.coarse_steps else "resample"
                     progress((start + size * done / total) / len(x), stage)
 
-            generator = torch.Generator().manual_seed(self.seed + batch_index)
+            generator = torch.Generator().manual_seed(self.seed + repeat * REPEAT_SEED_STRIDE + batch_index)
             try:
                 outputs.append(self.pipeline(batch.to(self.device), generator, report))
             except RuntimeError as error:
@@ -148,11 +160,17 @@ class AutoDDPM:
             evaluations=schedule.evaluations,
         )
 
-    def process_volume(self, image: sitk.Image, progress: VolumeProgress | None = None, name: str = "") -> VolumeResult:
+    def process_volume(self, image: sitk.Image, progress: VolumeProgress | None = None, name: str = "",
+                       repeats: int = 1) -> VolumeResult:
         """AutoDDPM on every axial slice with signal; outputs in the input's exact geometry.
 
         ``name`` (a file or node name) is only read for what it says about the input's contrast.
+        ``repeats`` > 1 runs the whole pipeline that many times with different seeds
+        (that many times the time) and adds their spread to the result; the
+        outputs themselves stay those of the single run with ``seed``.
         """
+        if repeats < 1:
+            raise AutoDDPMError("--repeats must be at least 1")
         started = time.perf_counter()
         stack = AxialStack.from_image(image)
         rows, cols = stack.array.shape[1:]
@@ -169,7 +187,14 @@ class AutoDDPM:
             raise AutoDDPMError("no slice of the volume has enough signal to process; check that this is a brain MRI")
         grid, transform = to_model_grid(slices01[with_signal], stack.pixel_spacing, size)
 
-        out = self.process_slices(grid, progress)
+        runs = []
+        for repeat in range(repeats):
+            def report(fraction: float, stage: str, repeat: int = repeat) -> None:
+                if progress is not None:
+                    progress((repeat + fraction) / repeats, stage)
+
+            runs.append(self.process_slices(grid, report, repeat))
+        out = runs[0]
 
         resampled = transform.from_model_grid(out.mask) > 0
         pseudo_healthy = stack.array.copy()
@@ -180,6 +205,11 @@ class AutoDDPM:
         anomaly = np.zeros_like(stack.array)
         anomaly[with_signal] = np.clip(transform.from_model_grid(out.anomaly_map), 0, None)
         mask = (anomaly > self.threshold).astype(np.uint8)
+        spread = None
+        if repeats > 1:
+            spread = np.zeros_like(stack.array)
+            maps = np.stack([np.clip(transform.from_model_grid(run.anomaly_map), 0, None) for run in runs])
+            spread[with_signal] = maps.std(axis=0)
 
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         flagged = int(mask.sum())
@@ -205,4 +235,6 @@ class AutoDDPM:
             anomalous_voxels=flagged,
             anomalous_volume_ml=flagged * voxel_ml,
             warnings=warnings,
+            spread=None if spread is None else stack.to_image(spread.astype(np.float32)),
+            repeats=repeats,
         )

@@ -3,7 +3,7 @@
 JSON events, one object per stdout line:
 ``start`` (input, evaluations_per_slice, schedule, device, backend, backend_note, model, threshold),
 ``progress`` (input, fraction 0..1 of that input, stage: reading | mask | resample | writing),
-``warning`` (message), ``done`` (input, outputs, threshold, anomalous_voxels, anomalous_volume_ml, seconds),
+``warning`` (message), ``done`` (input, outputs, threshold, anomalous_voxels, anomalous_volume_ml, repeats, seconds),
 ``finished`` (seconds).
 """
 
@@ -92,7 +92,7 @@ class JsonReporter(Reporter):
         self._emit("done", input=str(path), outputs={k: str(v) for k, v in outputs.items()}, threshold=engine.threshold,
                    slices=result.slices, slices_with_signal=result.slices_with_signal,
                    anomalous_voxels=result.anomalous_voxels, anomalous_volume_ml=result.anomalous_volume_ml,
-                   seconds=round(result.seconds, 3))
+                   repeats=result.repeats, seconds=round(result.seconds, 3))
 
     def finished(self) -> None:
         self._emit("finished", seconds=round(time.perf_counter() - self.started, 3))

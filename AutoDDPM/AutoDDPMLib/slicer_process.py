@@ -47,6 +47,7 @@ def engine_command(
     device: str = "auto",
     seed: int = 0,
     threshold: Optional[float] = None,
+    repeats: int = 1,
 ) -> list[str]:
     """The ``autoddpm run`` command line with machine-readable progress."""
     args = [python_executable(), "-m", "AutoDDPMLib.cli", "run", str(input_path),
@@ -56,6 +57,8 @@ def engine_command(
         args += ["--model", str(model)]
     if threshold is not None:
         args += ["--threshold", repr(float(threshold))]
+    if repeats != 1:
+        args += ["--repeats", str(int(repeats))]
     return args
 
 

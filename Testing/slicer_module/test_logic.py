@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -193,9 +194,9 @@ def test_cancel_mid_run_leaves_nothing(scene, logic, tiny_model, temp_root, tmp_
                            progressCallback=on_event, completedCallback=finished.append)
     engine = logic._run.engine.process
     assert list(temp_root.iterdir())  # the run's folder exists while it runs
-    for _ in range(600):
-        if finished:
-            break
+    # The engine's start-up (importing PyTorch) takes seconds, more on a busy machine: a generous deadline.
+    deadline = time.monotonic() + 300
+    while not finished and time.monotonic() < deadline:
         standins.process_events()
     assert finished == [result] and result.state == "cancelled"
     assert [event["event"] for event in events if event["event"] != "log"][-1] == "progress"
@@ -292,6 +293,35 @@ def test_given_output_nodes_are_filled_not_duplicated(scene, logic, tiny_model, 
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
     assert pseudo.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
     assert segment_voxels(segmentation) == result.engineSummary["anomalous_voxels"]
+
+
+def test_repeats_add_a_spread_volume(scene, logic, tiny_model, temp_root, tmp_path) -> None:
+    import slicer
+
+    volume = add_head_volume(scene, tmp_path)
+    single = logic.process(volume, model=str(tiny_model), seed=5)
+    assert single.spreadVolume is None
+    repeated = logic.process(volume, model=str(tiny_model), seed=5, repeats=2)
+    spread = repeated.spreadVolume
+    assert spread.GetScene() is scene and spread.GetName() == "head spread"
+    assert spread.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    np.testing.assert_allclose(ijk_to_ras(spread), ijk_to_ras(volume), atol=1e-4)
+    values = slicer.util.arrayFromVolume(spread)
+    assert values.min() >= 0 and values.max() > 0
+    # The other outputs are the seed's single run.
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(repeated.anomalyMapVolume),
+                                  slicer.util.arrayFromVolume(single.anomalyMapVolume))
+    assert list(temp_root.iterdir()) == []
+
+
+@pytest.mark.parametrize("repeats", [0, 21, 2.5])
+def test_bad_repeats_fail_before_starting(scene, logic, tiny_model, temp_root, tmp_path, repeats) -> None:
+    volume = add_head_volume(scene, tmp_path)
+    before = node_ids(scene)
+    with pytest.raises(ValueError, match="Repeats must be a whole number from 1 to 20"):
+        logic.process(volume, model=str(tiny_model), repeats=repeats)
+    assert node_ids(scene) == before
+    assert list(temp_root.iterdir()) == []
 
 
 def test_input_cannot_be_an_output(scene, logic, tiny_model, temp_root, tmp_path) -> None:
