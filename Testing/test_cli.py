@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from AutoDDPMLib.cli import main
+from AutoDDPMLib.errors import AutoDDPMError
 
 from conftest import make_head_volume, run_cli_without_simpleitk
 
@@ -284,6 +285,33 @@ def test_calibrate_can_move_the_coarse_level(tiny_model, tmp_path, capsys):
     assert card.schedule("fast").coarse_start == 150 and card.schedule("reference").coarse_start == 200
     assert card.thresholds_for("fast")[2]
     assert AutoDDPM(model).pipeline.schedule.coarse_start == 150  # what `autoddpm run` now does
+
+
+def test_calibrate_can_set_the_lpips_size(tiny_model, tmp_path, capsys):
+    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.inference import AutoDDPM
+
+    model, data = _model_and_healthy_volumes(tiny_model, tmp_path)
+    before = (model / "model.json").read_text()
+    assert main(["calibrate", str(model), "--data", str(data), "--lpips-size", "16"]) == 2
+    assert "--lpips-size must be at least the model grid's 32 pixels" in capsys.readouterr().err
+    assert (model / "model.json").read_text() == before
+    assert AutoDDPM(model).pipeline.lpips_size == 32  # a card without the field: the model grid
+    for schedule in ("fast", "reference"):
+        assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3", "--schedule", schedule]) == 0
+    native = read_card(model).thresholds_for("fast")
+    assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3", "--lpips-size", "64"]) == 0
+    card = read_card(model)
+    assert card.lpips_image_size == 64 and card.data["thresholds"]["calibration"]["lpips_image_size"] == 64
+    assert card.thresholds_for("fast")[2] and card.thresholds_for("fast")[0] != native[0]
+    # The reference schedule's thresholds were measured at the old size: no longer what its card promises.
+    assert not card.thresholds_for("reference")[2]
+    assert AutoDDPM(model, schedule="reference").threshold_warning is not None
+    assert AutoDDPM(model).pipeline.lpips_size == 64  # what `autoddpm run` now does
+    card.data["lpips_image_size"] = 8
+    (model / "model.json").write_text(json.dumps(card.data))
+    with pytest.raises(AutoDDPMError, match="lpips_image_size should be an integer no smaller than unet.image_size"):
+        read_card(model)
 
 
 def test_train_then_resume(tmp_path):

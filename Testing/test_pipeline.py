@@ -91,6 +91,28 @@ def test_likelihood_map_is_normalised_residual_times_lpips(unet, slices):
     assert m.min() >= 0
 
 
+def test_lpips_at_another_size_comes_back_on_the_slice_grid(unet, slices):
+    pipeline = make_pipeline(unet)
+    rec = slices.clone()
+    rec[:, :, 10:16, 12:18] = 0.3  # the "lesion" removed
+    native = pipeline.perceptual_distance(slices, rec)
+    pipeline.lpips_size = 32  # the slices' own size: nothing is resized
+    assert torch.equal(pipeline.perceptual_distance(slices, rec), native)
+    pipeline.lpips_size = 64
+    finer = pipeline.perceptual_distance(slices, rec)
+    assert finer.shape == slices.shape and finer.min() >= 0
+    assert torch.equal(pipeline.perceptual_distance(slices, slices), torch.zeros_like(slices))
+    # At twice the pixels AlexNet's features see half the anatomy: the distance concentrates on the
+    # lesion, so its share of the map inside the lesion is larger than at the native size.
+    lesion = torch.zeros_like(slices, dtype=torch.bool)
+    lesion[:, :, 10:16, 12:18] = True
+    assert finer[lesion].sum() / finer.sum() > native[lesion].sum() / native.sum()
+    # And the likelihood map uses it.
+    residual = (slices - rec).abs()
+    p95 = torch.quantile(residual.flatten(1), 0.95, dim=1).clamp_min(1e-8)[:, None, None, None]
+    assert torch.allclose(pipeline.likelihood_map(slices, rec), (residual / p95).clamp(0, 1) * finer)
+
+
 def test_same_seed_same_output_bit_for_bit(unet, slices):
     a = make_pipeline(unet)(slices, torch.Generator().manual_seed(5))
     b = make_pipeline(unet)(slices, torch.Generator().manual_seed(5))

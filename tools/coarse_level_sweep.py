@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("data", type=Path, help="the data root, with lgg_flair/ or ixi_t1_midaxial/ (train/ and val/)")
     parser.add_argument("--dataset", choices=sorted(DEV_SETS), default="lgg-dev")
     parser.add_argument("--levels", type=int, nargs="+", default=[100, 200, 300, 400])
+    parser.add_argument("--lpips-sizes", type=int, nargs="+", default=[None],
+                        help="pixels the slices are resized to for LPIPS (default: the model grid's)")
     parser.add_argument("--calibration-slices", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -71,10 +73,11 @@ def main() -> None:
           f"({int(lesion_cases.sum())} with a lesion), thresholds from {len(healthy)} healthy slices of {healthy_folder}")
     print()
     by_bin = "".join(f" {b}: Dice calibrated / oracle |" for b in bins)
-    print(f"| coarse level | tau | anomaly threshold | Dice calibrated / oracle | AUPRC | lesion re-sampled |{by_bin}")
-    print("|---" * (6 + len(bins)) + "|")
-    for level in args.levels:
+    print(f"| coarse level | LPIPS size | tau | anomaly threshold | Dice calibrated / oracle | AUPRC | lesion re-sampled |{by_bin}")
+    print("|---" * (7 + len(bins)) + "|")
+    for level, lpips_size in [(level, size) for level in args.levels for size in args.lpips_sizes]:
         pipeline.schedule = dataclasses.replace(fast, coarse_start=level)
+        pipeline.lpips_size = lpips_size
         tau, threshold, _, _ = healthy_thresholds(pipeline, healthy, 0.05, 0.01, engine.batch_size, engine.device,
                                                   torch.Generator().manual_seed(args.seed))
         pipeline.mask_threshold = tau
@@ -86,7 +89,7 @@ def main() -> None:
         for b in bins:
             cases = np.array([case_bin == b for case_bin in dev.bins])  # as the benchmark's per-size rows
             per_bin += f" {_dice(scores[cases], dev.truth[cases], threshold)} |"
-        print(f"| {level} | {tau:.4f} | {threshold:.4f} | {_dice(scores, dev.truth, threshold)} "
+        print(f"| {level} | {lpips_size or card.image_size} | {tau:.4f} | {threshold:.4f} | {_dice(scores, dev.truth, threshold)} "
               f"| {average_precision(scores, dev.truth):.3f} | {resampled[dev.truth].mean():.0%} |{per_bin}", flush=True)
 
 

@@ -109,7 +109,8 @@ class Runner:
         unet, self.backend, self.backend_note = load_network(card, device, backend)
         self.lpips = load_lpips(device)
         self.pipelines = {
-            name: AutoDDPMPipeline(unet, DDPMScheduler(), self.lpips, card.thresholds_for(name)[0], schedule=schedule)
+            name: AutoDDPMPipeline(unet, DDPMScheduler(), self.lpips, card.thresholds_for(name)[0], schedule=schedule,
+                                   lpips_size=card.lpips_image_size)
             for name, schedule in benchmark_schedules(card).items()
         }
         self.torch = torch

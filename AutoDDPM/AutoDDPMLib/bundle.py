@@ -69,6 +69,11 @@ class ModelCard:
         return float(self.data["preprocessing"].get("min_foreground_fraction", 0.05))
 
     @property
+    def lpips_image_size(self) -> int:
+        """The size, in pixels, slices are resized to for LPIPS in the mask step (the model grid unless the card says)."""
+        return int(self.data.get("lpips_image_size", self.image_size))
+
+    @property
     def mask_threshold(self) -> float:
         """tau: pixels of the likelihood map M above it are re-sampled."""
         return float(self.data["thresholds"]["mask_tau"])
@@ -89,9 +94,15 @@ class ModelCard:
         thresholds = self.data["thresholds"]
         own = thresholds.get("schedules", {}).get(schedule)
         if own:
-            return float(own["mask_tau"]), float(own["anomaly"]), True
-        matched = bool(thresholds.get("calibrated")) and thresholds.get("calibration", {}).get("schedule") == schedule
+            return float(own["mask_tau"]), float(own["anomaly"]), self._same_lpips_size(own)
+        matched = (bool(thresholds.get("calibrated")) and thresholds.get("calibration", {}).get("schedule") == schedule
+                   and self._same_lpips_size(thresholds))
         return self.mask_threshold, self.anomaly_threshold, matched
+
+    def _same_lpips_size(self, thresholds: dict) -> bool:
+        """Whether ``thresholds`` were calibrated with the LPIPS size the card now sets (tau depends on it)."""
+        calibration = thresholds.get("calibration", {})
+        return int(calibration.get("lpips_image_size", self.image_size)) == self.lpips_image_size
 
     def schedule(self, name: str) -> SamplingSchedule:
         """The sampling schedule ``name`` as this model runs it (the card's copy, else the engine's default)."""
@@ -169,6 +180,9 @@ def read_card(folder: str | os.PathLike) -> ModelCard:
                     problems.append(f"{where}.{key} missing or not a number")
         if not isinstance(data["unet"].get("image_size"), int):
             problems.append("unet.image_size missing or not an integer")
+        elif "lpips_image_size" in data and not (isinstance(data["lpips_image_size"], int)
+                                                 and data["lpips_image_size"] >= data["unet"]["image_size"]):
+            problems.append("lpips_image_size should be an integer no smaller than unet.image_size")
     if problems:
         raise AutoDDPMError(f"model card {path} is invalid: {'; '.join(problems)}; restore it from the original bundle")
     return ModelCard(path=path, data=data)

@@ -95,11 +95,15 @@ def calibrate(
     progress: Callable[[float, str], None] | None = None,
     backend: str = "auto",
     coarse_start: int | None = None,
+    lpips_size: int | None = None,
 ) -> dict:
     """Measure tau and the anomaly threshold for ``schedule`` on healthy ``data`` and write them into the card.
 
     ``coarse_start`` moves the noise level the schedule's coarse reconstruction starts
-    from (both thresholds depend on it); the card gets the level and its thresholds together.
+    from, ``lpips_size`` the size slices are resized to for LPIPS in the mask step (both
+    thresholds depend on each); the card gets the setting and its thresholds together.
+    A new LPIPS size applies to every schedule: the thresholds of the others then count
+    as not calibrated until they are calibrated again.
     """
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
         raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
@@ -111,10 +115,13 @@ def calibrate(
                 f"--coarse-start must be between {run_schedule.coarse_steps - 1} (the '{schedule}' schedule takes "
                 f"{run_schedule.coarse_steps} coarse steps) and {card.max_timestep} (the highest level model {card.name} was trained on)")
         run_schedule = dataclasses.replace(run_schedule, coarse_start=coarse_start)
+    if lpips_size is not None and lpips_size < card.image_size:
+        raise AutoDDPMError(f"--lpips-size must be at least the model grid's {card.image_size} pixels, not {lpips_size}")
+    lpips_size = card.lpips_image_size if lpips_size is None else lpips_size
     slices = healthy_calibration_slices(list(data), card, max_slices)
     # The backend `autoddpm run` takes by default too (see AutoDDPM), recorded below.
     engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed, backend=backend)
-    engine.pipeline.schedule = run_schedule
+    engine.pipeline.schedule, engine.pipeline.lpips_size = run_schedule, lpips_size
     tissue = slices > FOREGROUND_LEVEL
     tau, threshold, likelihood, anomaly = healthy_thresholds(
         engine.pipeline, slices, mask_fraction, healthy_fpr, engine.batch_size, engine.device,
@@ -130,6 +137,7 @@ def calibrate(
             "schedule": schedule,
             "mask_fraction": mask_fraction,
             "healthy_fpr": healthy_fpr,
+            "lpips_image_size": lpips_size,
             "flagged_by_tau": float((likelihood[tissue] > tau).float().mean()),
             "flagged_by_anomaly_threshold": float((anomaly[tissue] > threshold).float().mean()),
             "seed": seed,
@@ -145,5 +153,5 @@ def calibrate(
     else:
         thresholds = dict(current, schedules={**current.get("schedules", {}), schedule: calibrated})
     schedules = {**card.data["schedules"], schedule: run_schedule.to_dict()}
-    write_card(model_dir, dict(card.data, thresholds=thresholds, schedules=schedules))
+    write_card(model_dir, dict(card.data, thresholds=thresholds, schedules=schedules, lpips_image_size=lpips_size))
     return calibrated

@@ -108,6 +108,7 @@ class AutoDDPM:
             load_lpips(self.device),
             tau if mask_threshold is None else mask_threshold,
             self.card.schedule(schedule),
+            lpips_size=self.card.lpips_image_size,
         )
 
     @property

@@ -54,12 +54,14 @@ class AutoDDPMPipeline:
         lpips: LPIPS,
         mask_threshold: float,
         schedule: SamplingSchedule = SCHEDULES[DEFAULT_SCHEDULE],
+        lpips_size: int | None = None,
     ) -> None:
         self.unet = unet
         self.scheduler = scheduler
         self.lpips = lpips
         self.mask_threshold = mask_threshold
         self.schedule = schedule
+        self.lpips_size = lpips_size
         self.evaluations_done = 0
         self._progress: Optional[ProgressCallback] = None
 
@@ -114,7 +116,22 @@ class AutoDDPMPipeline:
         residual = (x - x_rec).abs()
         p95 = torch.quantile(residual.flatten(1), 0.95, dim=1).clamp_min(1e-8)
         normalised = (residual / p95[:, None, None, None]).clamp(0, 1)
-        return normalised * self.lpips(x, x_rec)
+        return normalised * self.perceptual_distance(x, x_rec)
+
+    @torch.no_grad()
+    def perceptual_distance(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+        """The LPIPS map L on x's grid, computed with the slices resized to ``lpips_size`` pixels.
+
+        AlexNet's filters and strides are fixed in pixels: on a 64-pixel slice its
+        deeper maps are 3 x 3 and see the whole brain at once. Resized to the
+        reference's 128 pixels, each feature covers the anatomy it covers there.
+        """
+        size = x.shape[-1]
+        if self.lpips_size is None or self.lpips_size == size:
+            return self.lpips(x, x_rec)
+        resized = [F.interpolate(image, size=(self.lpips_size, self.lpips_size), mode="bilinear", align_corners=False)
+                   for image in (x, x_rec)]
+        return F.interpolate(self.lpips(*resized), size=x.shape[-2:], mode="area")
 
     def binary_mask(self, likelihood: torch.Tensor) -> torch.Tensor:
         """m = dilate(M > tau) with a 3x3 kernel: a margin of healthy tissue around each anomaly."""
