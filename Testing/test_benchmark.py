@@ -195,6 +195,22 @@ def test_speed_onnxruntime_skipped_with_a_note_when_missing(tiny_model, tmp_path
     assert "autoddpm[onnx]" in (tmp_path / "speed.md").read_text()
 
 
+def test_baseline_calibration_takes_enough_single_slice_files(tiny_model, tmp_path):
+    from AutoDDPMLib.benchmark_datasets import calibration_slices
+    from AutoDDPMLib.bundle import read_card
+
+    train = tmp_path / "ixi_t1_midaxial" / "train"
+    train.mkdir(parents=True)
+    for i in range(14):
+        image, _ = _head((1, 44, 38), 100 + i, lesion=False)
+        sitk.WriteImage(sitk.GetImageFromArray(np.clip(image[0] / 4, 0, 255).astype(np.uint8)), str(train / f"IXI{i:03d}.png"))
+    # One slice per PNG: 12 slices need 12 files, not the quarter that volumes would need.
+    slices, where = calibration_slices("ixi", tmp_path, read_card(tiny_model), 12)
+    assert len(slices) == 12 and where.startswith("12 files of")
+    slices, where = calibration_slices("ixi", tmp_path, read_card(tiny_model), 40)
+    assert len(slices) == 14 and where.startswith("14 files of")
+
+
 def test_baseline_calibration_follows_the_card(tiny_model, data_root):
     from AutoDDPMLib.benchmark_datasets import calibrated_on, calibration_family, calibration_slices
     from AutoDDPMLib.benchmark_scoring import card_healthy_fpr

@@ -266,10 +266,16 @@ def calibration_slices(family: str, root: Path, card, count: int):
             raise AutoDDPMError(f"calibration data {folder} does not exist (the benchmark calibrates baselines on the training split)")
         pairs = find_training_images(folder)
         where = str(folder)
-    chosen = [pairs[i] for i in spread(len(pairs), max(8, count // 4))]
-    slices = [healthy_slices(img, mask, card.image_size, percentiles, min_fraction) for img, mask in chosen]
-    slices = torch.cat([s for s in slices if len(s)])
-    return slices[torch.as_tensor(spread(len(slices), count))], f"{len(chosen)} files of {where}"
+    def load(files: int):
+        chosen = [pairs[i] for i in spread(len(pairs), files)]
+        per_file = [healthy_slices(img, mask, card.image_size, percentiles, min_fraction) for img, mask in chosen]
+        return torch.cat([s for s in per_file if len(s)]), len(chosen)
+
+    # A volume gives many slices, so a quarter as many volumes will do; a 2D file (IXI) gives one.
+    slices, files = load(max(8, count // 4))
+    if len(slices) < count and files < len(pairs):
+        slices, files = load(count)
+    return slices[torch.as_tensor(spread(len(slices), count))], f"{files} files of {where}"
 
 
 def calibration_family(card, dataset_name: str) -> str:
