@@ -853,8 +853,12 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             read_volume(pseudoHealthy, files["pseudohealthy"])
             anomalyMap = outputNode(run.outputs["anomalyMap"], "vtkMRMLScalarVolumeNode", _("anomaly map"))
             read_volume(anomalyMap, files["anomaly"])
-            for node in (mask, pseudoHealthy, anomalyMap):
-                if not same_geometry(node, inputVolume):
+            spread = None
+            if "spread" in files:  # runs with repeats: always a new node, there is no selector for it
+                spread = outputNode(None, "vtkMRMLScalarVolumeNode", _("spread"))
+                read_volume(spread, files["spread"])
+            for node in (mask, pseudoHealthy, anomalyMap, spread):
+                if node is not None and not same_geometry(node, inputVolume):
                     raise RuntimeError(_("the engine's output does not have the input's geometry"))
             copy_window_level(inputVolume, pseudoHealthy)
             show_anomaly_map(anomalyMap, threshold)
@@ -863,13 +867,7 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             maskArray = volume_array(mask) > 0
             set_segment_mask(segmentation, maskArray, inputVolume)
             segmentation.SetAttribute(THRESHOLD_ATTRIBUTE, repr(threshold))
-            spread = None
-            if "spread" in files:  # runs with repeats: always a new node, there is no selector for it
-                spread = outputNode(None, "vtkMRMLScalarVolumeNode", _("spread"))
-                read_volume(spread, files["spread"])
-                if not same_geometry(spread, inputVolume):
-                    raise RuntimeError(_("the engine's output does not have the input's geometry"))
-            place_beside(inputVolume, [pseudoHealthy, anomalyMap, segmentation] + ([spread] if spread else []))
+            place_beside(inputVolume, [pseudoHealthy, anomalyMap, segmentation] + ([spread] if spread is not None else []))
         except BaseException:
             for node in created:
                 scene.RemoveNode(node)

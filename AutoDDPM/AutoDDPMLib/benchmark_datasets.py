@@ -266,6 +266,7 @@ def calibration_slices(family: str, root: Path, card, count: int):
             raise AutoDDPMError(f"calibration data {folder} does not exist (the benchmark calibrates baselines on the training split)")
         pairs = find_training_images(folder)
         where = str(folder)
+
     def load(files: int):
         chosen = [pairs[i] for i in spread(len(pairs), files)]
         per_file = [healthy_slices(img, mask, card.image_size, percentiles, min_fraction) for img, mask in chosen]
@@ -317,17 +318,18 @@ def calibrated_on(card, folder: Path) -> Optional[str]:
 
 
 def load_dataset(name: str, root: Path, card, sizes: dict, seed: int) -> EvalSet:
+    if name not in DATASET_FOLDERS:
+        raise AutoDDPMError(f"unknown dataset '{name}': choose from {', '.join(DATASETS)}")
+    folder = DATASET_FOLDERS[name](root)
     if name == "lgg":
-        return load_lgg(root / "lgg_flair" / "val", card, sizes["max_volumes"])
+        return load_lgg(folder, card, sizes["max_volumes"])
     if name == "lgg-synth":
-        return load_lgg_synthetic(root / "lgg_flair" / "val", card, sizes["max_images"], seed)
+        return load_lgg_synthetic(folder, card, sizes["max_images"], seed)
     if name == "ixi":
-        return load_ixi(root / "ixi_t1_midaxial" / "val", card, sizes["max_images"], seed)
+        return load_ixi(folder, card, sizes["max_images"], seed)
     if name == "lgg-dev":
-        return load_lgg_dev(root / "lgg_flair" / "train", card, sizes["max_volumes"])
-    if name == "ixi-dev":
-        return load_ixi_dev(root / "ixi_t1_midaxial" / "train", card, sizes["max_images"], seed)
-    raise AutoDDPMError(f"unknown dataset '{name}': choose from {', '.join(DATASETS)}")
+        return load_lgg_dev(folder, card, sizes["max_volumes"])
+    return load_ixi_dev(folder, card, sizes["max_images"], seed)
 
 
 def load_with_provenance(name: str, root: Path, card, sizes: dict, seed: int) -> tuple[EvalSet, str, Optional[str]]:

@@ -124,7 +124,7 @@ def expand_inputs(paths: Iterable[PathLike], skip_endings: tuple[str, ...] = ())
             if child.is_file() and not child.name.startswith(".")
             and _suffix(child).lower() in _VOLUME_SUFFIXES
         )
-        passed_over = [image for image in images if image.name.endswith(skip_endings)] if skip_endings else []
+        passed_over = [image for image in images if image.name.endswith(skip_endings)]
         if len(passed_over) == len(images):
             raise AutoDDPMError(
                 f"folder {path} holds no DICOM series and no image files"
