@@ -92,4 +92,4 @@ def head_volume(tmp_path: Path) -> Path:
 def run_cli_without_simpleitk(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``autoddpm ARGS`` in a process where SimpleITK cannot be imported: a GPU node without the data stack."""
     code = "import sys; sys.modules['SimpleITK'] = None; from AutoDDPMLib.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, "--threads", "1", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", code, "--threads", "1", *args], capture_output=True, text=True, encoding="utf-8", timeout=timeout)

@@ -17,7 +17,7 @@ from conftest import make_head_volume, run_cli_without_simpleitk
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "AutoDDPMLib.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "AutoDDPMLib.cli", *args], capture_output=True, text=True, encoding="utf-8", timeout=300)
 
 
 def test_run_end_to_end_with_json_progress(tiny_model, head_volume, tmp_path):
@@ -343,7 +343,7 @@ def test_train_with_torchrun_on_two_processes(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "AutoDDPMLib.cli", "--threads", "1", "train", "--data", str(data), "--output", str(bundle),
          "--image-size", "32", "--channels", "8", "16", "--batch-size", "2", "--steps", "3", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, encoding="utf-8", timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = json.loads((bundle / "checkpoint" / "state.json").read_text())
