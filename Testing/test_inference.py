@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.inference import AutoDDPM
@@ -138,6 +139,32 @@ def test_volume_smaller_than_the_model_grid_is_refused(engine):
 def test_bad_options(tiny_model, kwargs, message):
     with pytest.raises(AutoDDPMError, match=message):
         AutoDDPM(kwargs.pop("model", tiny_model), **kwargs)
+
+
+def test_the_noise_schedule_comes_from_the_card(tiny_model_with):
+    from AutoDDPMLib.benchmark_methods import Runner
+    from AutoDDPMLib.benchmark_parts import PartStore
+    from AutoDDPMLib.bundle import read_card
+
+    scheduler = {"num_train_timesteps": 800, "beta_start": 2e-4, "beta_end": 1e-2, "prediction": "epsilon", "max_timestep": 499}
+    model = tiny_model_with("cosine-ish", scheduler=scheduler)
+    card = read_card(model)
+    runner = Runner(card, torch.device("cpu"), 2, 0, "torch", PartStore(model / "bench", {}, resume=False))
+    for pipeline in [AutoDDPM(model).pipeline, *runner.pipelines.values()]:
+        assert pipeline.scheduler.num_train_timesteps == 800
+        assert float(pipeline.scheduler.betas[0]) == pytest.approx(2e-4) and float(pipeline.scheduler.betas[-1]) == pytest.approx(1e-2)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_train_timesteps": "1000"}, "num_train_timesteps missing or not an integer"),
+    ({"beta_start": 0.03}, "0 < beta_start <= beta_end < 1"),
+    ({"max_timestep": 1000}, "max_timestep should be an integer below num_train_timesteps"),
+    ({"prediction": "v"}, "epsilon-prediction networks only"),
+])
+def test_a_card_with_a_bad_noise_schedule_is_refused(tiny_model_with, change, message):
+    scheduler = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 2e-2, "prediction": "epsilon", "max_timestep": 499}
+    with pytest.raises(AutoDDPMError, match=message):
+        AutoDDPM(tiny_model_with("bad-schedule", scheduler={**scheduler, **change}))
 
 
 @pytest.fixture

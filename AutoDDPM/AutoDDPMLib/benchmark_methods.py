@@ -99,7 +99,6 @@ class Runner:
         from .networks import load_network
         from .lpips import load_lpips
         from .pipeline import AutoDDPMPipeline
-        from .scheduler import DDPMScheduler
 
         self.device = device
         self.batch_size = batch_size
@@ -109,7 +108,7 @@ class Runner:
         unet, self.backend, self.backend_note = load_network(card, device, backend)
         self.lpips = load_lpips(device)
         self.pipelines = {
-            name: AutoDDPMPipeline(unet, DDPMScheduler(), self.lpips, card.thresholds_for(name)[0], schedule=schedule,
+            name: AutoDDPMPipeline(unet, card.noise_scheduler(), self.lpips, card.thresholds_for(name)[0], schedule=schedule,
                                    lpips_size=card.lpips_image_size)
             for name, schedule in benchmark_schedules(card).items()
         }

@@ -22,6 +22,7 @@ from .sampling_schedules import SCHEDULES, SamplingSchedule
 if TYPE_CHECKING:
     import torch
 
+    from .scheduler import DDPMScheduler
     from .unet import UNet, UNetConfig
 
 CARD_FORMAT = "autoddpm-model/1"
@@ -120,6 +121,13 @@ class ModelCard:
             )
         return schedule
 
+    def noise_scheduler(self) -> "DDPMScheduler":
+        """The forward process the network was trained with: the card's number of levels and betas."""
+        from .scheduler import DDPMScheduler
+
+        settings = self.data["scheduler"]
+        return DDPMScheduler(**{k: settings[k] for k in ("num_train_timesteps", "beta_start", "beta_end") if k in settings})
+
     @property
     def max_timestep(self) -> int:
         """The highest noise level the network was trained on."""
@@ -151,6 +159,23 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     )
 
 
+def _scheduler_problems(scheduler: dict) -> list[str]:
+    """What is wrong with a card's noise schedule (the network only makes sense under the one it learnt)."""
+    problems = []
+    steps = scheduler.get("num_train_timesteps")
+    if not isinstance(steps, int) or steps < 2:
+        problems.append("scheduler.num_train_timesteps missing or not an integer above 1")
+    betas = [scheduler.get(key, default) for key, default in (("beta_start", 1e-4), ("beta_end", 2e-2))]
+    if not all(isinstance(b, (int, float)) for b in betas) or not 0 < betas[0] <= betas[1] < 1:
+        problems.append("scheduler.beta_start and beta_end should be numbers with 0 < beta_start <= beta_end < 1")
+    top = scheduler.get("max_timestep", 0)
+    if not isinstance(top, int) or top < 0 or (isinstance(steps, int) and top >= steps):
+        problems.append("scheduler.max_timestep should be an integer below num_train_timesteps")
+    if scheduler.get("prediction", "epsilon") != "epsilon":
+        problems.append(f"scheduler.prediction is '{scheduler['prediction']}', but this engine runs epsilon-prediction networks only")
+    return problems
+
+
 def read_card(folder: str | os.PathLike) -> ModelCard:
     """Read and validate ``folder/model.json``."""
     path = Path(folder) / CARD_FILE
@@ -178,6 +203,7 @@ def read_card(folder: str | os.PathLike) -> ModelCard:
             for key in ("mask_tau", "anomaly"):
                 if not isinstance(thresholds, dict) or not isinstance(thresholds.get(key), (int, float)):
                     problems.append(f"{where}.{key} missing or not a number")
+        problems += _scheduler_problems(data["scheduler"])
         if not isinstance(data["unet"].get("image_size"), int):
             problems.append("unet.image_size missing or not an integer")
         elif "lpips_image_size" in data and not (isinstance(data["lpips_image_size"], int)

@@ -25,7 +25,6 @@ from .lpips import load_lpips
 from .networks import load_network
 from .pipeline import AutoDDPMOutput, AutoDDPMPipeline
 from .sampling_schedules import DEFAULT_SCHEDULE
-from .scheduler import DDPMScheduler
 from .slices import FOREGROUND_LEVEL, AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
 
 # Called with (fraction done in [0, 1], stage name).
@@ -99,12 +98,10 @@ class AutoDDPM:
                 f"model {self.card.name} has no thresholds calibrated for the {schedule} schedule, so its mask and "
                 f"anomaly threshold are not what its card promises; run `autoddpm calibrate MODEL_DIR --schedule {schedule} "
                 "--data HEALTHY_DATA` or give --threshold")
-        scheduler_settings = {k: v for k, v in self.card.data["scheduler"].items()
-                              if k in ("num_train_timesteps", "beta_start", "beta_end")}
         unet, self.backend_name, self.backend_note = load_network(self.card, self.device, backend)
         self.pipeline = AutoDDPMPipeline(
             unet,
-            DDPMScheduler(**scheduler_settings),
+            self.card.noise_scheduler(),
             load_lpips(self.device),
             tau if mask_threshold is None else mask_threshold,
             self.card.schedule(schedule),
