@@ -12,7 +12,9 @@ give. Scored on a development set of the benchmark, never on the validation data
 lgg-dev (the tumour slices of every 8th LGG training patient) or ixi-dev (synthetic
 lesions on every 8th IXI training slice), with calibrated and oracle Dice (per
 lesion size on ixi-dev), AUPRC, and the share of lesion pixels that the mask step
-sends to re-sampling. The paper's level is 200.
+sends to re-sampling. The paper's level is 200. ``--lpips-sizes`` and
+``--resample-starts`` (the level re-sampling starts from, the paper's 50, in as
+many steps as the card's fast schedule takes) sweep those too.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(DEV_SETS), default="lgg-dev")
     parser.add_argument("--levels", type=int, nargs="+", default=[100, 200, 300, 400])
     parser.add_argument("--lpips-sizes", type=int, nargs="+", default=[None],
-                        help="pixels the slices are resized to for LPIPS (default: the model grid's)")
+                        help="pixels the slices are resized to for LPIPS (default: the card's lpips_image_size)")
+    parser.add_argument("--resample-starts", type=int, nargs="+", default=[None],
+                        help="noise levels the stitch-and-re-sample step starts from (default: the card's)")
     parser.add_argument("--calibration-slices", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -73,11 +77,12 @@ def main() -> None:
           f"({int(lesion_cases.sum())} with a lesion), thresholds from {len(healthy)} healthy slices of {healthy_folder}")
     print()
     by_bin = "".join(f" {b}: Dice calibrated / oracle |" for b in bins)
-    print(f"| coarse level | LPIPS size | tau | anomaly threshold | Dice calibrated / oracle | AUPRC | lesion re-sampled |{by_bin}")
-    print("|---" * (7 + len(bins)) + "|")
-    for level, lpips_size in [(level, size) for level in args.levels for size in args.lpips_sizes]:
-        pipeline.schedule = dataclasses.replace(fast, coarse_start=level)
-        pipeline.lpips_size = lpips_size
+    print(f"| coarse level | LPIPS size | re-sampling from | tau | anomaly threshold | Dice calibrated / oracle | AUPRC | lesion re-sampled |{by_bin}")
+    print("|---" * (8 + len(bins)) + "|")
+    for level, lpips_size, resample_start in [(level, size, start) for level in args.levels
+                                              for size in args.lpips_sizes for start in args.resample_starts]:
+        pipeline.schedule = dataclasses.replace(fast, coarse_start=level, resample_start=resample_start or fast.resample_start)
+        pipeline.lpips_size = lpips_size or card.lpips_image_size
         tau, threshold, _, _ = healthy_thresholds(pipeline, healthy, 0.05, 0.01, engine.batch_size, engine.device,
                                                   torch.Generator().manual_seed(args.seed))
         pipeline.mask_threshold = tau
@@ -89,7 +94,7 @@ def main() -> None:
         for b in bins:
             cases = np.array([case_bin == b for case_bin in dev.bins])  # as the benchmark's per-size rows
             per_bin += f" {_dice(scores[cases], dev.truth[cases], threshold)} |"
-        print(f"| {level} | {lpips_size or card.image_size} | {tau:.4f} | {threshold:.4f} | {_dice(scores, dev.truth, threshold)} "
+        print(f"| {level} | {pipeline.lpips_size} | {pipeline.schedule.resample_start} | {tau:.4f} | {threshold:.4f} | {_dice(scores, dev.truth, threshold)} "
               f"| {average_precision(scores, dev.truth):.3f} | {resampled[dev.truth].mean():.0%} |{per_bin}", flush=True)
 
 
