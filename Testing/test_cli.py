@@ -287,6 +287,22 @@ def test_calibrate_can_move_the_coarse_level(tiny_model, tmp_path, capsys):
     assert AutoDDPM(model).pipeline.schedule.coarse_start == 150  # what `autoddpm run` now does
 
 
+def test_calibrate_can_move_the_resampling_level(tiny_model, tmp_path, capsys):
+    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.inference import AutoDDPM
+
+    model, data = _model_and_healthy_volumes(tiny_model, tmp_path)
+    before = (model / "model.json").read_text()
+    assert main(["calibrate", str(model), "--data", str(data), "--resample-start", "201"]) == 2
+    assert "--resample-start must be between 5 " in capsys.readouterr().err
+    assert (model / "model.json").read_text() == before
+    assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3", "--resample-start", "100"]) == 0
+    card = read_card(model)
+    assert card.schedule("fast").resample_start == 100 and card.schedule("reference").resample_start == 50
+    assert card.thresholds_for("fast")[2]
+    assert AutoDDPM(model).pipeline.schedule.resample_start == 100
+
+
 def test_calibrate_can_set_the_lpips_size(tiny_model, tmp_path, capsys):
     from AutoDDPMLib.bundle import read_card
     from AutoDDPMLib.inference import AutoDDPM

@@ -96,11 +96,12 @@ def calibrate(
     backend: str = "auto",
     coarse_start: int | None = None,
     lpips_size: int | None = None,
+    resample_start: int | None = None,
 ) -> dict:
     """Measure tau and the anomaly threshold for ``schedule`` on healthy ``data`` and write them into the card.
 
     ``coarse_start`` moves the noise level the schedule's coarse reconstruction starts
-    from, ``lpips_size`` the size slices are resized to for LPIPS in the mask step (both
+    from, ``resample_start`` the level its stitch-and-re-sample stage starts from, ``lpips_size`` the size slices are resized to for LPIPS in the mask step (both
     thresholds depend on each); the card gets the setting and its thresholds together.
     A new LPIPS size applies to every schedule: the thresholds of the others then count
     as not calibrated until they are calibrated again.
@@ -115,6 +116,13 @@ def calibrate(
                 f"--coarse-start must be between {run_schedule.coarse_steps - 1} (the '{schedule}' schedule takes "
                 f"{run_schedule.coarse_steps} coarse steps) and {card.max_timestep} (the highest level model {card.name} was trained on)")
         run_schedule = dataclasses.replace(run_schedule, coarse_start=coarse_start)
+    if resample_start is not None:
+        if not run_schedule.resample_steps <= resample_start <= run_schedule.coarse_start:
+            raise AutoDDPMError(
+                f"--resample-start must be between {run_schedule.resample_steps} (the '{schedule}' schedule takes "
+                f"{run_schedule.resample_steps} re-sampling steps) and {run_schedule.coarse_start} (the level its coarse "
+                "reconstruction starts from)")
+        run_schedule = dataclasses.replace(run_schedule, resample_start=resample_start)
     if lpips_size is not None and lpips_size < card.image_size:
         raise AutoDDPMError(f"--lpips-size must be at least the model grid's {card.image_size} pixels, not {lpips_size}")
     lpips_size = card.lpips_image_size if lpips_size is None else lpips_size
