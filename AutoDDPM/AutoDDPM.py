@@ -27,6 +27,7 @@ from slicer.util import VTKObservationMixin
 
 from AutoDDPMLib.bundle import DEFAULT_MODEL, ModelCard, bundled_models_dir, list_bundled_models, read_card, resolve_model
 from AutoDDPMLib.errors import AutoDDPMError
+from AutoDDPMLib.model_validation import validation_headline
 from AutoDDPMLib.resources import resources_dir
 from AutoDDPMLib.sampling_schedules import DEFAULT_SCHEDULE
 from AutoDDPMLib.slicer_process import (
@@ -282,9 +283,9 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasLoader = combo.count > 0 and combo.itemData(combo.count - 1) is None
         index = combo.count - 1 if hasLoader else combo.count
         combo.insertItem(index, f"{card.name} ({card.data.get('modality', '?')})", str(card.path.parent))
-        combo.setItemData(index, _("{description}\nValid for: {validFor}\nLicense: {license}\nFolder: {folder}").format(
+        combo.setItemData(index, _("{description}\nValid for: {validFor}\nValidation: {validation}\nLicense: {license}\nFolder: {folder}").format(
             description=card.data.get("description", ""), validFor=card.data.get("valid_for", "?"),
-            license=card.data.get("license", "?"), folder=card.path.parent), qt.Qt.ToolTipRole)
+            validation=validation_headline(card), license=card.data.get("license", "?"), folder=card.path.parent), qt.Qt.ToolTipRole)
 
     def selectModel(self, model: str) -> None:
         """Show the parameter node's model (a bundled model's name or a folder) in the combo box."""

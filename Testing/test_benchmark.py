@@ -368,3 +368,43 @@ def test_a_full_run_adds_the_mid_schedule_and_the_reference_residual_on_every_ca
     assert evaluations["AnoDDPM t=300"] == 3  # --baseline-steps caps the reverse steps
     reference = [r for r in rows if r["method"] == "Residual (coarse, reference)" and r["threshold_kind"] == "calibrated"]
     assert reference[0]["threshold"] is not None and reference[0]["n_slices"] == 2
+
+
+def test_a_benchmark_run_is_recorded_in_the_card_it_was_made_with(tiny_model_with, data_root, tmp_path, capsys, monkeypatch):
+    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.cli import main
+    from AutoDDPMLib.errors import AutoDDPMError
+    from AutoDDPMLib.model_validation import record_validation
+
+    model = tiny_model_with("tiny")
+    run = tmp_path / "run"
+    rows = run_benchmark(model=str(model), output_dir=run, data=data_root, quick=True, datasets=["ixi"], device="cpu",
+                         max_images=1, reference_cases=1, calibration_slices_count=2, figures=False)
+    card = record_validation(run, model)
+    validation = card.data["validation"]
+    fast = {(r["size_bin"], r["threshold_kind"]): r for r in rows if r["method"] == "AutoDDPM fast" and r["dataset"] == "ixi"}
+    assert validation["benchmark"] == str(run) and validation["quick"] is True and validation["commit"]
+    assert set(validation["results"]) == {"ixi"}  # no "[reference subset]" rows
+    for size_bin, entry in validation["results"]["ixi"].items():
+        assert entry["dice"] == fast[(size_bin, "calibrated")]["dice"]
+        assert entry["dice_oracle"] == fast[(size_bin, "oracle")]["dice"]
+        assert entry["auprc"] == fast[(size_bin, "calibrated")]["auprc"]
+    assert read_card(model).data["validation"] == validation
+
+    resources = tmp_path / "Resources"
+    shutil.copytree(model, resources / "Models" / "tiny")
+    monkeypatch.setenv("AUTODDPM_RESOURCES", str(resources))
+    assert main(["models"]) == 0
+    assert f"ixi: Dice {validation['results']['ixi']['all']['dice']:.3f}" in capsys.readouterr().out
+
+    # Calibrated again since the run: the run no longer says what the model does.
+    card.data["thresholds"]["anomaly"] += 0.01
+    (model / "model.json").write_text(json.dumps(card.data))
+    with pytest.raises(AutoDDPMError, match="other thresholds"):
+        record_validation(run, model)
+    other = tiny_model_with("other")
+    (other / "model.json").write_text(json.dumps(dict(json.loads((other / "model.json").read_text()), name="other")))
+    with pytest.raises(AutoDDPMError, match="benchmarks model 'tiny', not 'other'"):
+        record_validation(run, other)
+    with pytest.raises(AutoDDPMError, match="not a finished benchmark run"):
+        record_validation(tmp_path, model)

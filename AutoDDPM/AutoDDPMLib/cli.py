@@ -140,6 +140,7 @@ def _slices(image):
 
 def _models(args: argparse.Namespace) -> int:
     from .bundle import list_bundled_models
+    from .model_validation import validation_headline
 
     cards = list_bundled_models()
     if args.json:
@@ -153,6 +154,7 @@ def _models(args: argparse.Namespace) -> int:
         calibrated = ", ".join(s for s in SCHEDULES if card.thresholds_for(s)[2]) or "NOTHING"
         print(f"{card.name:18s} {card.data['modality']:9s} {card.image_size:>4d} px {card.mask_threshold:7.4f} "
               f"{card.anomaly_threshold:9.4f}  {calibrated:16s}  {card.data.get('license', '?')}")
+        print(f"{'':18s} validation: {validation_headline(card)}")
     return 0
 
 

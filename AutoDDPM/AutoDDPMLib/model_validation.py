@@ -1,0 +1,84 @@
+"""How well a model did on its validation data, recorded in its card from a benchmark run.
+
+The card's ``validation`` field holds the default schedule's results of one
+``autoddpm benchmark`` run (pooled Dice at the card's calibrated threshold and at
+the oracle threshold, AUPRC, false positives on lesion-free slices, healthy-tissue
+MAE, per dataset and lesion-size bin) with the command and commit that made them,
+so that a card never states a number no command produced. A run is only accepted
+if it was made with the thresholds the card holds now.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .bundle import ModelCard, read_card, write_card
+from .errors import AutoDDPMError
+
+METHOD = "AutoDDPM fast"  # the schedule `autoddpm run` and the Slicer module use by default
+
+
+def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
+    try:
+        results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AutoDDPMError(f"{run_dir} is not a finished benchmark run ({exc}); run `autoddpm benchmark --output-dir {run_dir}`") from None
+    return results, meta
+
+
+def validation_summary(results: list[dict], meta: dict, source: str) -> dict[str, Any]:
+    """The card's ``validation`` entry for one benchmark run (its results.json rows and meta.json)."""
+    by_dataset: dict[str, dict[str, dict]] = {}
+    for row in results:
+        if row["method"] != METHOD or "[" in row["dataset"]:  # "[reference subset]" rows repeat a subset
+            continue
+        entry = by_dataset.setdefault(row["dataset"], {}).setdefault(row["size_bin"], {"slices": row["n_slices"]})
+        if row["threshold_kind"] == "oracle":
+            entry["dice_oracle"] = row["dice"]
+        else:
+            entry.update(dice=row["dice"], auprc=row["auprc"], threshold=row["threshold"],
+                         fpr_pixels=row["fpr_pixels"], mae_healthy=row["mae_healthy"], mae_lesion=row["mae_lesion"])
+    if not by_dataset:
+        raise AutoDDPMError(f"{source} has no '{METHOD}' rows: it is not a benchmark of this model's default schedule")
+    return {
+        "benchmark": source,
+        "command": meta.get("command"),
+        "commit": meta.get("commit"),
+        "date": meta.get("date"),
+        "device": meta.get("device"),
+        "quick": meta.get("quick"),
+        "datasets": meta.get("datasets"),
+        "results": by_dataset,
+    }
+
+
+def record_validation(run_dir: str | os.PathLike, model_dir: str | os.PathLike) -> ModelCard:
+    """Write the benchmark run in ``run_dir`` into the card in ``model_dir`` as its ``validation``."""
+    run_dir = Path(run_dir)
+    results, meta = _read_run(run_dir)
+    card = read_card(model_dir)
+    if meta.get("model") != card.name:
+        raise AutoDDPMError(f"{run_dir} benchmarks model '{meta.get('model')}', not '{card.name}'")
+    if meta.get("thresholds") != card.data["thresholds"]:
+        raise AutoDDPMError(
+            f"{run_dir} was made with other thresholds than {card.path} holds now (the model was calibrated again "
+            "since): rerun the benchmark before recording it")
+    summary = validation_summary(results, meta, str(run_dir))
+    return write_card(model_dir, dict(card.data, validation=summary))
+
+
+def validation_headline(card: ModelCard) -> str:
+    """One line for `autoddpm models`: calibrated Dice and AUPRC on the card's first validation dataset."""
+    validation = card.data.get("validation")
+    if not isinstance(validation, dict) or not validation.get("results"):
+        return "not recorded"
+    dataset, bins = next(iter(validation["results"].items()))
+    pooled = bins.get("all", {})
+    if pooled.get("dice") is None:
+        return "not recorded"
+    run = "quick run" if validation.get("quick") else "full run"
+    return f"{dataset}: Dice {pooled['dice']:.3f}, AUPRC {pooled['auprc']:.3f} ({run}, {pooled['slices']} slices)"

@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""Record a benchmark run in its model's card (the ``validation`` field that `autoddpm models` shows).
+
+    python tools/record_validation.py Resources/Benchmark/flair-lgg-quick
+    python tools/record_validation.py Resources/Benchmark/t1-ixi-midaxial-quick --model-dir Resources/Models/t1-ixi-midaxial
+
+The run must have been made with the thresholds the card holds now; the card
+gets the default schedule's results per dataset and lesion size, with the
+run's command, commit and date (see AutoDDPMLib/model_validation.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from AutoDDPMLib.bundle import bundled_models_dir
+from AutoDDPMLib.errors import AutoDDPMError
+from AutoDDPMLib.model_validation import record_validation, validation_headline
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a finished `autoddpm benchmark` output folder (results.json, meta.json)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="the model bundle to write to (default: the bundled model the run names)")
+    args = parser.parse_args()
+    try:
+        model_dir = args.model_dir
+        if model_dir is None:
+            model_dir = bundled_models_dir() / json.loads((args.run / "meta.json").read_text(encoding="utf-8"))["model"]
+        card = record_validation(args.run, model_dir)
+    except (AutoDDPMError, OSError, KeyError, json.JSONDecodeError) as exc:
+        print(f"record_validation: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{card.path}: {validation_headline(card)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
