@@ -101,8 +101,9 @@ def calibrate(
     """Measure tau and the anomaly threshold for ``schedule`` on healthy ``data`` and write them into the card.
 
     ``coarse_start`` moves the noise level the schedule's coarse reconstruction starts
-    from, ``resample_start`` the level its stitch-and-re-sample stage starts from, ``lpips_size`` the size slices are resized to for LPIPS in the mask step (both
-    thresholds depend on each); the card gets the setting and its thresholds together.
+    from, ``resample_start`` the level its stitch-and-re-sample stage starts from,
+    ``lpips_size`` the size slices are resized to for LPIPS in the mask step (the
+    thresholds depend on each); the card gets the settings and their thresholds together.
     A new LPIPS size applies to every schedule: the thresholds of the others then count
     as not calibrated until they are calibrated again.
     """
