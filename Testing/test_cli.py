@@ -270,37 +270,25 @@ def test_each_schedule_gets_its_own_thresholds(tiny_model, tmp_path, capsys):
     assert read_card(model).thresholds_for("reference") == (tau, anomaly, True)
 
 
-def test_calibrate_can_move_the_coarse_level(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("option, field, out_of_range, refusal, level, reference_level", [
+    ("--coarse-start", "coarse_start", "5", "--coarse-start must be between 9", 150, 200),
+    ("--resample-start", "resample_start", "201", "--resample-start must be between 5 ", 100, 50),
+])
+def test_calibrate_can_move_a_stage_level(tiny_model, tmp_path, capsys, option, field, out_of_range, refusal, level, reference_level):
     from AutoDDPMLib.bundle import read_card
     from AutoDDPMLib.inference import AutoDDPM
 
     model, data = _model_and_healthy_volumes(tiny_model, tmp_path)
     before = (model / "model.json").read_text()
     # Out of range: refused before anything is run, and the card is left as it was.
-    assert main(["calibrate", str(model), "--data", str(data), "--coarse-start", "5"]) == 2
-    assert "--coarse-start must be between 9" in capsys.readouterr().err
+    assert main(["calibrate", str(model), "--data", str(data), option, out_of_range]) == 2
+    assert refusal in capsys.readouterr().err
     assert (model / "model.json").read_text() == before
-    assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3", "--coarse-start", "150"]) == 0
+    assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3", option, str(level)]) == 0
     card = read_card(model)
-    assert card.schedule("fast").coarse_start == 150 and card.schedule("reference").coarse_start == 200
+    assert getattr(card.schedule("fast"), field) == level and getattr(card.schedule("reference"), field) == reference_level
     assert card.thresholds_for("fast")[2]
-    assert AutoDDPM(model).pipeline.schedule.coarse_start == 150  # what `autoddpm run` now does
-
-
-def test_calibrate_can_move_the_resampling_level(tiny_model, tmp_path, capsys):
-    from AutoDDPMLib.bundle import read_card
-    from AutoDDPMLib.inference import AutoDDPM
-
-    model, data = _model_and_healthy_volumes(tiny_model, tmp_path)
-    before = (model / "model.json").read_text()
-    assert main(["calibrate", str(model), "--data", str(data), "--resample-start", "201"]) == 2
-    assert "--resample-start must be between 5 " in capsys.readouterr().err
-    assert (model / "model.json").read_text() == before
-    assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3", "--resample-start", "100"]) == 0
-    card = read_card(model)
-    assert card.schedule("fast").resample_start == 100 and card.schedule("reference").resample_start == 50
-    assert card.thresholds_for("fast")[2]
-    assert AutoDDPM(model).pipeline.schedule.resample_start == 100
+    assert getattr(AutoDDPM(model).pipeline.schedule, field) == level  # what `autoddpm run` now does
 
 
 def test_calibrate_can_set_the_lpips_size(tiny_model, tmp_path, capsys):
