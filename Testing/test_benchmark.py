@@ -336,8 +336,42 @@ def test_a_residual_without_its_autoddpm_run_reconstructs_the_same_coarse_stage(
     assert np.isfinite(full.scores).all()
     (part,) = (tmp_path / "alone" / "partial").glob("*.safetensors")
     with safe_open(str(part), "np") as handle:
-        assert handle.metadata()["label"] == "calibration: AutoDDPM reference (coarse stage)"
+        assert handle.metadata()["label"] == "calibration: AutoDDPM reference (coarse stage) [group 1/1, rows 0-2]"
         assert np.isnan(handle.get_tensor("anomaly")).all()  # the re-sampling never ran
+
+
+def test_method_runs_are_stored_in_chunks_that_give_the_one_pass_results(tiny_model, tmp_path, monkeypatch):
+    import AutoDDPMLib.benchmark_methods as benchmark_methods
+    from AutoDDPMLib.benchmark_methods import Method, Runner
+    from AutoDDPMLib.benchmark_parts import PartStore
+    from AutoDDPMLib.bundle import read_card
+
+    monkeypatch.setattr(benchmark_methods, "CHUNK_BATCHES", 1)
+    card = read_card(tiny_model)
+    x = torch.rand(7, 1, card.image_size, card.image_size)
+    groups = [np.arange(5), np.arange(5, 7)]  # two volumes: chunks of 2, 2, 1 and 2 slices
+    cases = np.arange(7)
+    autoddpm, anoddpm = Method("AutoDDPM fast", "autoddpm", "fast"), Method("AnoDDPM t=50", "anoddpm", level=50, steps=3)
+
+    def runner(resume=False, folder="out"):
+        return Runner(card, torch.device("cpu"), 2, 0, "torch", PartStore(tmp_path / folder, {}, resume=resume))
+
+    first = runner()
+    chunked = {name: first.run(m, i, "lgg", x, cases, groups) for i, (name, m) in enumerate([("a", autoddpm), ("b", anoddpm)])}
+    one_pass = runner(folder="one pass")
+    one_pass._evalset = "lgg"
+    whole = one_pass.run_autoddpm("fast", x, groups, 1)
+    assert np.array_equal(chunked["a"].scores, whole["anomaly"]) and np.array_equal(chunked["a"].pseudo_healthy, whole["ph"])
+    assert len(chunked["a"].group_seconds) == 2
+    rec = one_pass.run_anoddpm(50, 3, x, groups, 1)["rec"]
+    assert np.array_equal(chunked["b"].pseudo_healthy, rec)
+
+    parts = sorted((tmp_path / "out" / "partial").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    assert len(parts) == 8  # 4 chunks per method
+    parts[-1].unlink()  # stopped during the last chunk of the baseline
+    resumed = runner(resume=True)
+    again = resumed.run(anoddpm, 1, "lgg", x, cases, groups)
+    assert len(resumed.parts.resumed) == 3 and np.array_equal(again.pseudo_healthy, rec)
 
 
 def test_the_benchmark_runs_the_schedules_of_the_card(tiny_model_with):

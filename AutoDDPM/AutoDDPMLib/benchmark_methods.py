@@ -15,13 +15,17 @@ import math
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from .benchmark_parts import PartStore, array_digest
 
 ANODDPM_LEVELS = (50, 100, 200, 300, 500)
+# Batches per stored chunk of a method run (see Runner._in_chunks): minutes each on a laptop CPU.
+CHUNK_BATCHES = 4
+# The per-case outputs of a method run; its other arrays are per group (seconds) or per run (memory).
+PER_CASE = ("anomaly", "ph", "rec")
 INTENSITY_METHOD = "Input intensity (no model)"
 
 
@@ -129,7 +133,7 @@ class Runner:
         return np.array([peak], np.float64)
 
     def run_autoddpm(self, schedule: str, x, groups: list[np.ndarray], method_index: int,
-                     coarse_only: bool = False) -> dict[str, np.ndarray]:
+                     coarse_only: bool = False, first_batch: int = 0) -> dict[str, np.ndarray]:
         """AutoDDPM on x's cases: anomaly, ph and the coarse reconstruction rec, with the seconds per group
         in total and for the coarse stage alone (the residual method's time).
 
@@ -142,7 +146,7 @@ class Runner:
         n = x.shape[-1]
         out = {k: np.full((len(x), n, n), np.nan, np.float32) for k in ("anomaly", "ph", "rec")}
         times = {"total": [], "coarse": []}
-        batch_index = 0
+        batch_index = first_batch
         for group in groups:
             total = coarse = 0.0
             for start in range(0, len(group), self.batch_size):
@@ -176,14 +180,15 @@ class Runner:
             times["coarse"].append(coarse)
         return {**out, "seconds": np.array(times["total"]), "coarse_seconds": np.array(times["coarse"]), "cuda_peak_mb": self._cuda_peak()}
 
-    def run_anoddpm(self, level: int, steps: int, x, groups: list[np.ndarray], method_index: int) -> dict[str, np.ndarray]:
+    def run_anoddpm(self, level: int, steps: int, x, groups: list[np.ndarray], method_index: int,
+                    first_batch: int = 0) -> dict[str, np.ndarray]:
         """AnoDDPM's reconstruction rec from noise level ``level`` in ``steps`` reverse steps, with the seconds per group."""
         torch = self.torch
         pipeline = self.pipelines["fast"]
         n = x.shape[-1]
         rec = np.full((len(x), n, n), np.nan, np.float32)
         group_seconds = []
-        batch_index = 0
+        batch_index = first_batch
         for group in groups:
             total = 0.0
             for start in range(0, len(group), self.batch_size):
@@ -199,6 +204,48 @@ class Runner:
                 batch_index += 1
             group_seconds.append(total)
         return {"rec": rec, "seconds": np.array(group_seconds), "cuda_peak_mb": self._cuda_peak()}
+
+    def _in_chunks(self, label: str, fields: dict, cases: int, groups: list[np.ndarray],
+                   compute: Callable[[np.ndarray, int], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """A method's outputs on ``groups``, computed and stored CHUNK_BATCHES batches at a time.
+
+        A stopped run then loses at most one chunk (minutes) rather than a whole method
+        (hours for the slowest baselines). ``compute(chunk, first_batch)`` runs the rows
+        of one chunk as the batches numbered from ``first_batch``: the same batches, and so
+        the same noise, as one pass over all groups. Seconds are summed back per group.
+        """
+        out = {key: None for key in PER_CASE}
+        seconds: dict[str, list[float]] = {}
+        peak = np.array([np.nan])
+        first_batch = 0
+        for group_index, group in enumerate(groups):
+            group_seconds: dict[str, float] = {}
+            rows_per_chunk = CHUNK_BATCHES * self.batch_size
+            for start in range(0, len(group), rows_per_chunk):
+                chunk = group[start : start + rows_per_chunk]
+                part = self.parts.get_or_compute(
+                    f"{label} [group {group_index + 1}/{len(groups)}, rows {start}-{start + len(chunk) - 1}]",
+                    {**fields, "chunk": [group_index, start, len(chunk)], "first_batch": first_batch},
+                    lambda: self._rows_of(compute(chunk, first_batch), chunk))
+                for key, values in part.items():
+                    if key in PER_CASE:
+                        if out[key] is None:
+                            out[key] = np.full((cases,) + values.shape[1:], np.nan, np.float32)
+                        out[key][chunk] = values
+                    elif key == "cuda_peak_mb":
+                        peak = np.fmax(peak, values)
+                    else:
+                        group_seconds[key] = group_seconds.get(key, 0.0) + float(values.sum())
+                first_batch += math.ceil(len(chunk) / self.batch_size)
+            for key, value in group_seconds.items():
+                seconds.setdefault(key, []).append(value)
+        arrays = {key: value for key, value in out.items() if value is not None}
+        return {**arrays, **{key: np.array(values) for key, values in seconds.items()}, "cuda_peak_mb": peak}
+
+    @staticmethod
+    def _rows_of(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Only the rows a chunk computed of its per-case arrays (the rest are NaN)."""
+        return {key: (value[rows] if key in PER_CASE else value) for key, value in arrays.items()}
 
     def run(self, method: Method, method_index: int, evalset_name: str, x, indices: np.ndarray, groups: list[np.ndarray]) -> MethodRun:
         """``method`` on the cases ``indices`` of x (grouped as ``groups`` for per-volume timing)."""
@@ -219,10 +266,10 @@ class Runner:
                 key += ("coarse only",)
             if key not in self._cache:
                 index = {"fast": 1, "reference": 2}.get(method.schedule, 3)
-                self._cache[key] = self.parts.get_or_compute(
+                self._cache[key] = self._in_chunks(
                     f"{evalset_name}: AutoDDPM {method.schedule}{' (coarse stage)' if coarse_only else ''}",
-                    {**cases, "autoddpm": method.schedule, "coarse_only": coarse_only},
-                    lambda: self.run_autoddpm(method.schedule, x, groups, index, coarse_only))
+                    {**cases, "autoddpm": method.schedule, "coarse_only": coarse_only}, len(x), groups,
+                    lambda chunk, first: self.run_autoddpm(method.schedule, x, [chunk], index, coarse_only, first))
             out = self._cache[key]
             if method.kind == "autoddpm":
                 scores, ph, group_seconds = out["anomaly"], out["ph"], out["seconds"]
@@ -234,9 +281,9 @@ class Runner:
             scores[indices] = x_np[indices]
             group_seconds, cuda_peak = np.zeros(len(groups)), np.array([np.nan])
         else:
-            out = self.parts.get_or_compute(
-                f"{evalset_name}: {method.name}", {**cases, "anoddpm": [method.level, method.steps, method_index]},
-                lambda: self.run_anoddpm(method.level, method.steps, x, groups, method_index))
+            out = self._in_chunks(
+                f"{evalset_name}: {method.name}", {**cases, "anoddpm": [method.level, method.steps, method_index]}, len(x), groups,
+                lambda chunk, first: self.run_anoddpm(method.level, method.steps, x, [chunk], method_index, first))
             scores, ph, group_seconds, cuda_peak = np.abs(x_np - out["rec"]), out["rec"], out["seconds"], out["cuda_peak_mb"]
         peak = float(cuda_peak[0])
         return MethodRun(method, indices, scores.astype(np.float32), ph, float(np.sum(group_seconds)),

@@ -1,9 +1,9 @@
 """A benchmark's finished method runs, kept on disk so that a stopped run can go on (``autoddpm benchmark --resume``).
 
 A full run reconstructs every slice from up to 500 noise levels with every
-baseline: hours on a laptop CPU, longer than a laptop stays awake. Each method's
-outputs on one set of cases (a "part") are written to ``OUTPUT_DIR/partial/`` as
-soon as they are finished; ``--resume`` reads back the parts made by exactly the
+baseline: hours on a laptop CPU, longer than a laptop stays awake. A method's
+outputs on a few batches of cases (a "part", see ``Runner._in_chunks``) are written
+to ``OUTPUT_DIR/partial/`` as soon as they are finished; ``--resume`` reads back the parts made by exactly the
 same run and computes only the rest. A part is reused only when everything that
 made its numbers is the same: the model's weights and card, the engine's source,
 the cases, the method, the seed, the batch size (batches draw their own noise),
