@@ -258,7 +258,7 @@ def test_a_prepared_file_is_refused_by_another_model(tiny_model, tiny_model_with
         run_benchmark(model=str(other), output_dir=tmp_path / "out", data=prepared, quick=True, figures=False)
 
 
-def test_a_stopped_run_resumes_from_its_finished_method_runs(tiny_model, data_root, tmp_path):
+def test_a_stopped_run_resumes_from_its_finished_parts(tiny_model, data_root, tmp_path):
     settings = dict(quick=True, datasets=["ixi"], max_images=1, reference_cases=1, calibration_slices_count=2,
                     device="cpu", backend="torch", figures=False)
     out = tmp_path / "out"
@@ -281,7 +281,7 @@ def test_a_stopped_run_resumes_from_its_finished_method_runs(tiny_model, data_ro
 
     resumed = run_benchmark(model=str(tiny_model), output_dir=out, data=data_root, resume=True, **settings)
     notes = json.loads((out / "meta.json").read_text())["notes"]
-    assert any(n.startswith(f"Resumed: {stored} method runs") for n in notes)
+    assert any(n.startswith(f"Resumed: {stored} stored parts") and "[" not in n for n in notes)
     assert not parts.exists()  # the report is written: the parts are gone
 
     fresh = run_benchmark(model=str(tiny_model), output_dir=tmp_path / "fresh", data=data_root, **settings)

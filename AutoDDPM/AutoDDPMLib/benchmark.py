@@ -253,8 +253,9 @@ def run_benchmark(
         examples[dataset_name] = (evalset, runs)
 
     if parts.resumed:
-        notes.append(f"Resumed: {len(parts.resumed)} method runs were read back from an earlier, stopped run of this "
-                     f"benchmark (their seconds were measured then): {'; '.join(parts.resumed)}.")
+        runs = dict.fromkeys(label.split(" [")[0] for label in parts.resumed)  # a label per chunk: name each run once
+        notes.append(f"Resumed: {len(parts.resumed)} stored parts (chunks of method runs) were read back from an earlier, "
+                     f"stopped run of this benchmark (their seconds were measured then), of: {'; '.join(runs)}.")
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     meta = {
         "command": command or "autoddpm benchmark",
