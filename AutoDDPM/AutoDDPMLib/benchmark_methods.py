@@ -144,7 +144,7 @@ class Runner:
         pipeline = self.pipelines[schedule]
         coarse_steps = pipeline.schedule.coarse_steps
         n = x.shape[-1]
-        out = {k: np.full((len(x), n, n), np.nan, np.float32) for k in ("anomaly", "ph", "rec")}
+        out = {k: np.full((len(x), n, n), np.nan, np.float32) for k in PER_CASE}
         times = {"total": [], "coarse": []}
         batch_index = first_batch
         for group in groups:
