@@ -442,3 +442,52 @@ def test_a_benchmark_run_is_recorded_in_the_card_it_was_made_with(tiny_model_wit
         record_validation(run, other)
     with pytest.raises(AutoDDPMError, match="not a finished benchmark run"):
         record_validation(tmp_path, model)
+
+
+def _measured(rows):
+    """Rows without what a run measures of itself (time, memory): what the maps and thresholds decide."""
+    return [{k: v for k, v in r.items() if not k.startswith(("seconds", "peak_rss", "cuda_peak"))} for r in rows]
+
+
+def test_runs_of_some_methods_each_join_into_the_one_run(tiny_model, data_root, tmp_path, capsys):
+    from AutoDDPMLib.cli import main
+
+    settings = dict(quick=True, datasets=["lgg", "ixi"], max_images=1, reference_cases=1, calibration_slices_count=2,
+                    device="cpu", backend="torch", figures=False)
+    whole = run_benchmark(model=str(tiny_model), output_dir=tmp_path / "whole", data=data_root, **settings)
+    # The residual without its AutoDDPM run, AnoDDPM levels apart from each other: each draws the one run's noise.
+    run_benchmark(model=str(tiny_model), output_dir=tmp_path / "a", data=data_root, methods=["anoddpm-50", "residual-fast"], **settings)
+    run_benchmark(model=str(tiny_model), output_dir=tmp_path / "b", data=data_root,
+                  methods=["fast", "reference", "anoddpm-100", "anoddpm-200", "anoddpm-300", "anoddpm-499", "intensity"], **settings)
+    assert main(["benchmark-merge", str(tmp_path / "b"), str(tmp_path / "a"), "--output-dir", str(tmp_path / "joined")]) == 0
+    joined = json.loads((tmp_path / "joined" / "results.json").read_text())
+    assert _measured(joined) == _measured(whole)
+    meta = json.loads((tmp_path / "joined" / "meta.json").read_text())
+    assert meta["methods"] == json.loads((tmp_path / "whole" / "meta.json").read_text())["methods"]
+    assert len(meta["merged"]) == 2 and any(n.startswith("Joined from 2 runs") for n in meta["notes"])
+    assert "| method |" in (tmp_path / "joined" / "results.md").read_text()
+
+
+def test_only_runs_of_one_benchmark_join_and_each_method_once(tiny_model, data_root, tmp_path):
+    from AutoDDPMLib.benchmark_merge import merge_benchmarks
+    from AutoDDPMLib.errors import AutoDDPMError
+
+    settings = dict(model=str(tiny_model), data=data_root, quick=True, datasets=["ixi"], max_images=1, reference_cases=1,
+                    calibration_slices_count=2, device="cpu", backend="torch", figures=False)
+    with pytest.raises(AutoDDPMError, match="unknown method.*anoddpm-7.*choose from fast"):
+        run_benchmark(output_dir=tmp_path / "x", methods=["anoddpm-7"], **settings)
+    run_benchmark(output_dir=tmp_path / "a", methods=["anoddpm-50"], **settings)
+    run_benchmark(output_dir=tmp_path / "b", methods=["anoddpm-50", "intensity"], **settings)
+    run_benchmark(output_dir=tmp_path / "c", methods=["intensity"], seed=1, **settings)
+    with pytest.raises(AutoDDPMError, match="AnoDDPM t=50 was run by both"):
+        merge_benchmarks([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    with pytest.raises(AutoDDPMError, match="different benchmarks"):
+        merge_benchmarks([tmp_path / "a", tmp_path / "c"], tmp_path / "out")
+    with pytest.raises(AutoDDPMError, match="is one of the runs"):
+        merge_benchmarks([tmp_path / "a"], tmp_path / "a")
+    with pytest.raises(AutoDDPMError, match="not a finished benchmark run"):
+        merge_benchmarks([tmp_path / "a", tmp_path / "x"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written from a refused join
+    rows = merge_benchmarks([tmp_path / "a"], tmp_path / "out", figures=False)
+    assert {r["method"] for r in rows} == {"AnoDDPM t=50"}
+    assert any(n.startswith("Not run (no rows): AutoDDPM fast") for n in json.loads((tmp_path / "out" / "meta.json").read_text())["notes"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -133,6 +134,7 @@ def run_benchmark(
     command: Optional[str] = None,
     backend: str = "auto",
     resume: bool = False,
+    methods: Optional[list[str]] = None,
 ) -> list[dict]:
     """Run the benchmark and write results.json, results.md and figures into ``output_dir``; returns the rows.
 
@@ -140,6 +142,9 @@ def run_benchmark(
     ``backend`` runs the network as ``autoddpm run --backend`` does. Finished method
     runs are kept in ``output_dir/partial`` until the report is written; ``resume``
     reuses those an earlier, stopped run of the same benchmark left there.
+    ``methods`` (keys as ``Method.key``: fast, reference, anoddpm-100, ...) runs
+    only those: a full run split into runs of a few methods each, joined by
+    ``merge_benchmarks`` (each method's rows depend only on its own maps).
     """
     import torch
 
@@ -170,21 +175,31 @@ def run_benchmark(
         pass
     if not card.data.get("thresholds", {}).get("calibrated", False):
         notes.append("The model card's thresholds are NOT calibrated (placeholders): the 'calibrated' rows use them as they are.")
-    methods = build_methods(card, quick, sizes["baseline_steps"], notes)
-    for schedule in sorted({m.schedule for m in methods if m.kind == "autoddpm"}):
+    all_methods = build_methods(card, quick, sizes["baseline_steps"], notes)
+    keys = [m.key for m in all_methods]
+    unknown = sorted(set(methods or []) - set(keys))
+    if unknown:
+        raise AutoDDPMError(f"unknown method(s) {', '.join(unknown)} for this run; choose from {', '.join(keys)}")
+    # The method's index in the full list seeds its noise: a method run alone draws what it draws in a full run.
+    chosen = [(i, m) for i, m in enumerate(all_methods) if not methods or m.key in methods]
+    if len(chosen) < len(all_methods):
+        notes.append(f"Methods of this run: {', '.join(m.key for _, m in chosen)} (of {', '.join(keys)}); "
+                     "`autoddpm benchmark-merge` joins it with runs of the others.")
+    for schedule in sorted({m.schedule for _, m in chosen if m.kind == "autoddpm"}):
         if not card.thresholds_for(schedule)[2]:
             notes.append(f"AutoDDPM {schedule} runs with thresholds NOT calibrated for it (the card's main ones): its "
                          f"calibrated rows are not what the schedule can do (`autoddpm calibrate --schedule {schedule}`).")
-    if sizes["baseline_steps"]:
+    if sizes["baseline_steps"] and any(m.kind == "anoddpm" for _, m in chosen):
         notes.append(f"AnoDDPM reconstructions take {sizes['baseline_steps']} strided reverse steps (the reference takes all t+1 ancestral steps).")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # The code that runs is the checkout as it is now: edits made while the run goes on do not count.
     commit = git_commit()
-    parts = PartStore(output_dir, {
+    run_fields = {
         "weights": file_digest(Path(folder) / WEIGHTS_FILE), "card": card.data, "engine": engine_digest(),
         "seed": seed, "batch_size": batch_size, "backend": backend, "device": torch_device.type,
-    }, resume)
+    }
+    parts = PartStore(output_dir, run_fields, resume)
     if parts.discarded:
         _log(f"removed {parts.discarded} finished parts of an earlier run in {parts.folder} (--resume continues from them)")
     runner = Runner(card, torch_device, batch_size, seed, backend, parts)
@@ -214,7 +229,10 @@ def run_benchmark(
             _log(f"calibrating baseline thresholds on {len(calib)} healthy slices ({calib_source})")
             all_idx = np.arange(len(calib))
             calib_runs = {}
-            for i, method in enumerate(methods):
+            for i, method in enumerate(all_methods):
+                # AutoDDPM fast always calibrates: the baselines' note says what it flags there.
+                if method.key != "fast" and method.key not in {m.key for _, m in chosen}:
+                    continue
                 if method.kind == "autoddpm" and method.schedule != "fast":
                     continue
                 if method.kind == "residual" and method.schedule != "fast" and quick:
@@ -226,7 +244,7 @@ def run_benchmark(
 
         subset = _reference_subset(evalset, sizes["reference_cases"]) if quick else np.arange(len(evalset))
         runs = {}
-        for i, method in enumerate(methods):
+        for i, method in chosen:
             indices = subset if method.subset_only else np.arange(len(evalset))
             t0 = time.perf_counter()
             run = runner.run(method, i, dataset_name, evalset.x, indices, evalset.groups())
@@ -272,6 +290,11 @@ def run_benchmark(
         "seed": seed,
         "batch_size": batch_size,
         "datasets": descriptions,
+        "methods": [m.name for _, m in chosen],
+        "method_order": [m.name for m in all_methods],
+        # What makes two runs' rows comparable (benchmark-merge joins only runs with the same one).
+        "identity": hashlib.sha256(json.dumps({"run": run_fields, "datasets": descriptions, "sizes": sizes, "quick": quick},
+                                              sort_keys=True, default=str).encode()).hexdigest()[:32],
         "peak_rss_mb": round(peak_rss_mb, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "notes": notes,
@@ -312,6 +335,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-steps", type=int, default=None, help="reverse steps of AnoDDPM reconstructions (default: all t+1; --quick: 10)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="how the network runs, as for `autoddpm run` (default auto: ONNX Runtime on the CPU when installed, else torch)")
     parser.add_argument("--resume", action="store_true", help="go on from the method runs a stopped run with the same arguments left in OUTPUT_DIR/partial")
+    parser.add_argument("--methods", default=None, help="comma-separated method keys to run, e.g. fast,reference,anoddpm-100 (default: all); `autoddpm benchmark-merge` joins runs of different methods")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
 
 
@@ -341,17 +365,20 @@ def benchmark_main(args: argparse.Namespace) -> int:
         command=command_line("benchmark"),
         backend=args.backend,
         resume=args.resume,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
     )
     return 0
 
 
 def add_benchmark_command(subparsers) -> None:
-    """Adds ``benchmark`` and ``benchmark-speed`` to the ``autoddpm`` sub-commands (handler in ``args.handler``)."""
+    """Adds ``benchmark``, ``benchmark-merge`` and ``benchmark-speed`` to the ``autoddpm`` sub-commands (handler in ``args.handler``)."""
+    from .benchmark_merge import add_merge_command
     from .speed import add_speed_arguments, speed_main
 
     bench = subparsers.add_parser("benchmark", help="detection quality, fidelity and cost against baselines on the shared data")
     add_benchmark_arguments(bench)
     bench.set_defaults(handler=benchmark_main)
+    add_merge_command(subparsers)
     speed = subparsers.add_parser("benchmark-speed", help="network forward speed: eager, channels_last, bfloat16, torch.compile, batch sizes")
     add_speed_arguments(speed)
     speed.set_defaults(handler=speed_main)

@@ -39,6 +39,15 @@ class Method:
     evaluations: int = 0
     subset_only: bool = False
 
+    @property
+    def key(self) -> str:
+        """Short name for ``autoddpm benchmark --methods``: fast, reference, residual-fast, anoddpm-100, intensity, ..."""
+        if self.kind == "autoddpm":
+            return self.schedule
+        if self.kind == "residual":
+            return f"residual-{self.schedule}"
+        return f"anoddpm-{self.level}" if self.kind == "anoddpm" else self.kind
+
 
 @dataclass
 class MethodRun:
