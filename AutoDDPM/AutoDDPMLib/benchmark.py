@@ -18,7 +18,9 @@ as the dataset ``"<name> [reference subset]"`` with every method on the same cas
 The network runs as ``autoddpm run`` runs it (``--backend``, ONNX Runtime on a
 CPU where installed). A full run takes hours on a laptop CPU: each finished
 method run is kept in ``OUTPUT_DIR/partial`` (:mod:`benchmark_parts`), and the
-same command with ``--resume`` goes on from there after a stop.
+same command with ``--resume`` goes on from there after a stop; or ``--methods``
+runs some of the methods and ``autoddpm benchmark-merge`` (:mod:`benchmark_merge`)
+joins such runs into one report.
 """
 
 from __future__ import annotations
