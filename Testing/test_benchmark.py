@@ -458,14 +458,19 @@ def test_runs_of_some_methods_each_join_into_the_one_run(tiny_model, data_root, 
     # The residual without its AutoDDPM run, AnoDDPM levels apart from each other: each draws the one run's noise.
     run_benchmark(model=str(tiny_model), output_dir=tmp_path / "a", data=data_root, methods=["anoddpm-50", "residual-fast"], **settings)
     run_benchmark(model=str(tiny_model), output_dir=tmp_path / "b", data=data_root,
-                  methods=["fast", "reference", "anoddpm-100", "anoddpm-200", "anoddpm-300", "anoddpm-499", "intensity"], **settings)
+                  methods=["fast", "reference", "anoddpm-100", "anoddpm-200", "anoddpm-300", "anoddpm-499", "intensity"],
+                  **{**settings, "figures": True})
     assert main(["benchmark-merge", str(tmp_path / "b"), str(tmp_path / "a"), "--output-dir", str(tmp_path / "joined")]) == 0
     joined = json.loads((tmp_path / "joined" / "results.json").read_text())
     assert _measured(joined) == _measured(whole)
     meta = json.loads((tmp_path / "joined" / "meta.json").read_text())
     assert meta["methods"] == json.loads((tmp_path / "whole" / "meta.json").read_text())["methods"]
     assert len(meta["merged"]) == 2 and any(n.startswith("Joined from 2 runs") for n in meta["notes"])
-    assert "| method |" in (tmp_path / "joined" / "results.md").read_text()
+    report = (tmp_path / "joined" / "results.md").read_text()
+    assert "| method |" in report and "examples.png" in report and "tradeoff.png" in report
+    # AutoDDPM fast's example cases come from the piece that ran it; the trade-off curve is drawn from all rows.
+    assert (tmp_path / "joined" / "examples.png").read_bytes() == (tmp_path / "b" / "examples.png").read_bytes()
+    assert (tmp_path / "joined" / "tradeoff.png").stat().st_size > 0
 
 
 def test_only_runs_of_one_benchmark_join_and_each_method_once(tiny_model, data_root, tmp_path):
