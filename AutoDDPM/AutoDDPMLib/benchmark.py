@@ -184,6 +184,7 @@ def run_benchmark(
         raise AutoDDPMError(f"unknown method(s) {', '.join(unknown)} for this run; choose from {', '.join(keys)}")
     # The method's index in the full list seeds its noise: a method run alone draws what it draws in a full run.
     chosen = [(i, m) for i, m in enumerate(all_methods) if not methods or m.key in methods]
+    chosen_keys = {m.key for _, m in chosen}
     if len(chosen) < len(all_methods):
         notes.append(f"Methods of this run: {', '.join(m.key for _, m in chosen)} (of {', '.join(keys)}); "
                      "`autoddpm benchmark-merge` joins it with runs of the others.")
@@ -233,7 +234,7 @@ def run_benchmark(
             calib_runs = {}
             for i, method in enumerate(all_methods):
                 # AutoDDPM fast always calibrates: the baselines' note says what it flags there.
-                if method.key != "fast" and method.key not in {m.key for _, m in chosen}:
+                if method.key != "fast" and method.key not in chosen_keys:
                     continue
                 if method.kind == "autoddpm" and method.schedule != "fast":
                     continue

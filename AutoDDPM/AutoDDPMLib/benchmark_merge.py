@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .benchmark_report import markdown_report, write_figures
+from .benchmark_report import markdown_report, read_run, write_figures
 from .benchmark_scoring import BIN_ORDER
 from .errors import AutoDDPMError
 from .provenance import command_line
@@ -26,11 +26,7 @@ _SPLIT_NOTE = "Methods of this run:"
 
 
 def _read_run(folder: Path) -> tuple[dict, list[dict]]:
-    try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        rows = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise AutoDDPMError(f"{folder} is not a finished benchmark run ({Path(error.filename).name} is missing)") from None
+    rows, meta = read_run(folder)
     if "identity" not in meta:
         raise AutoDDPMError(f"{folder} was written by an older `autoddpm benchmark` that did not record what made it: run it again")
     return meta, rows

@@ -10,6 +10,17 @@ import numpy as np
 
 from .benchmark_methods import INTENSITY_METHOD
 from .benchmark_scoring import BIN_ORDER
+from .errors import AutoDDPMError
+
+
+def read_run(run_dir: Path) -> tuple[list[dict], dict]:
+    """A finished benchmark run's rows (results.json) and meta.json."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AutoDDPMError(f"{run_dir} is not a finished benchmark run ({exc}); run `autoddpm benchmark --output-dir {run_dir}`") from None
+    return results, meta
 
 
 def _fmt(value, digits: int = 3) -> str:

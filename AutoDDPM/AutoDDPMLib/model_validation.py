@@ -10,24 +10,15 @@ if it was made with the thresholds the card holds now.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from .benchmark_report import read_run
 from .bundle import ModelCard, read_card, write_card
 from .errors import AutoDDPMError
 
 METHOD = "AutoDDPM fast"  # the schedule `autoddpm run` and the Slicer module use by default
-
-
-def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
-    try:
-        results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AutoDDPMError(f"{run_dir} is not a finished benchmark run ({exc}); run `autoddpm benchmark --output-dir {run_dir}`") from None
-    return results, meta
 
 
 def validation_summary(results: list[dict], meta: dict, source: str) -> dict[str, Any]:
@@ -59,7 +50,7 @@ def validation_summary(results: list[dict], meta: dict, source: str) -> dict[str
 def record_validation(run_dir: str | os.PathLike, model_dir: str | os.PathLike) -> ModelCard:
     """Write the benchmark run in ``run_dir`` into the card in ``model_dir`` as its ``validation``."""
     run_dir = Path(run_dir)
-    results, meta = _read_run(run_dir)
+    results, meta = read_run(run_dir)
     card = read_card(model_dir)
     if meta.get("model") != card.name:
         raise AutoDDPMError(f"{run_dir} benchmarks model '{meta.get('model')}', not '{card.name}'")
