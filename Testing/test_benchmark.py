@@ -496,3 +496,16 @@ def test_only_runs_of_one_benchmark_join_and_each_method_once(tiny_model, data_r
     rows = merge_benchmarks([tmp_path / "a"], tmp_path / "out", figures=False)
     assert {r["method"] for r in rows} == {"AnoDDPM t=50"}
     assert any(n.startswith("Not run (no rows): AutoDDPM fast") for n in json.loads((tmp_path / "out" / "meta.json").read_text())["notes"])
+
+
+def test_a_run_without_matplotlib_says_so_in_its_meta(tiny_model, data_root, tmp_path, monkeypatch):
+    from AutoDDPMLib.benchmark_merge import merge_benchmarks
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets where it is not installed
+    run_benchmark(model=str(tiny_model), output_dir=tmp_path / "run", data=data_root, quick=True, datasets=["ixi"],
+                  max_images=1, calibration_slices_count=2, methods=["intensity"], device="cpu", backend="torch")
+    merge_benchmarks([tmp_path / "run"], tmp_path / "joined")
+    for folder in ("run", "joined"):
+        notes = json.loads((tmp_path / folder / "meta.json").read_text())["notes"]
+        assert any(n.startswith("matplotlib is not installed") for n in notes), folder
+        assert not list((tmp_path / folder).glob("*.png"))

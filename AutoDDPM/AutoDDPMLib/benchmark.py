@@ -305,13 +305,14 @@ def run_benchmark(
     for row in rows:
         row["peak_rss_mb"] = meta["peak_rss_mb"]
     (output_dir / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    (output_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     figure_names = []
     if figures:
         try:
             figure_names = write_figures(output_dir, rows, examples)
         except ImportError:
             meta["notes"].append("matplotlib is not installed: no figures (pip install matplotlib).")
+    # meta.json last: a note added while drawing the figures (matplotlib missing) belongs in it.
+    (output_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     (output_dir / "results.md").write_text(markdown_report(rows, meta, figure_names), encoding="utf-8")
     parts.remove()
     _log(f"done in {meta['wall_seconds']:.0f} s: {output_dir / 'results.md'}")

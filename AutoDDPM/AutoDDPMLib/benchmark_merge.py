@@ -84,7 +84,6 @@ def merge_benchmarks(run_dirs: list[str | Path], output_dir: str | Path, command
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    (output_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     figure_names = []
     if figures:
         examples = [f / "examples.png" for f, meta, _ in runs if (f / "examples.png").is_file()]
@@ -95,6 +94,8 @@ def merge_benchmarks(run_dirs: list[str | Path], output_dir: str | Path, command
             figure_names += write_figures(output_dir, rows, {})
         except ImportError:
             meta["notes"].append("matplotlib is not installed: no trade-off figure (pip install matplotlib).")
+    # meta.json last: a note added while drawing the figures (matplotlib missing) belongs in it.
+    (output_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     (output_dir / "results.md").write_text(markdown_report(rows, meta, figure_names), encoding="utf-8")
     return rows
 
