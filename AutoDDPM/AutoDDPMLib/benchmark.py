@@ -43,7 +43,7 @@ from .benchmark_prepared_data import is_prepared_data, read_prepared_data, write
 from .benchmark_datasets import DATASETS, EvalSet, calibration_slices, default_datasets, load_with_provenance, spread
 from .benchmark_methods import MethodRun, Runner, build_methods
 from .benchmark_parts import PartStore, engine_digest, file_digest
-from .benchmark_report import markdown_report, write_figures
+from .benchmark_report import write_figures, write_run
 from .benchmark_scoring import BIN_ORDER, calibrate_baselines, evaluate_rows, fidelity_maps
 from .bundle import WEIGHTS_FILE
 from .errors import AutoDDPMError
@@ -304,16 +304,13 @@ def run_benchmark(
     }
     for row in rows:
         row["peak_rss_mb"] = meta["peak_rss_mb"]
-    (output_dir / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     figure_names = []
     if figures:
         try:
             figure_names = write_figures(output_dir, rows, examples)
         except ImportError:
             meta["notes"].append("matplotlib is not installed: no figures (pip install matplotlib).")
-    # meta.json last: a note added while drawing the figures (matplotlib missing) belongs in it.
-    (output_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    (output_dir / "results.md").write_text(markdown_report(rows, meta, figure_names), encoding="utf-8")
+    write_run(output_dir, rows, meta, figure_names)
     parts.remove()
     _log(f"done in {meta['wall_seconds']:.0f} s: {output_dir / 'results.md'}")
     return rows

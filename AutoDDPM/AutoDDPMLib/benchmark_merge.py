@@ -12,12 +12,11 @@ batch size, backend, device, cases) are joined, and never one method twice.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
 
-from .benchmark_report import markdown_report, read_run, write_figures
+from .benchmark_report import read_run, write_figures, write_run
 from .benchmark_scoring import BIN_ORDER
 from .errors import AutoDDPMError
 from .provenance import command_line
@@ -83,7 +82,6 @@ def merge_benchmarks(run_dirs: list[str | Path], output_dir: str | Path, command
                    for f, meta, _ in runs],
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     figure_names = []
     if figures:
         examples = [f / "examples.png" for f, meta, _ in runs if (f / "examples.png").is_file()]
@@ -94,9 +92,7 @@ def merge_benchmarks(run_dirs: list[str | Path], output_dir: str | Path, command
             figure_names += write_figures(output_dir, rows, {})
         except ImportError:
             meta["notes"].append("matplotlib is not installed: no trade-off figure (pip install matplotlib).")
-    # meta.json last: a note added while drawing the figures (matplotlib missing) belongs in it.
-    (output_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    (output_dir / "results.md").write_text(markdown_report(rows, meta, figure_names), encoding="utf-8")
+    write_run(output_dir, rows, meta, figure_names)
     return rows
 
 

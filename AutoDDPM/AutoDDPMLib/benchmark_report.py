@@ -23,6 +23,16 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
     return results, meta
 
 
+def write_run(output_dir: Path, rows: list[dict], meta: dict, figure_names: list[str]) -> None:
+    """Write a run's results.json, meta.json and results.md, which ``read_run`` reads back.
+
+    Called after the figures are drawn, so that a note made while drawing them (matplotlib missing) is in meta.json.
+    """
+    (output_dir / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    (output_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    (output_dir / "results.md").write_text(markdown_report(rows, meta, figure_names), encoding="utf-8")
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
