@@ -25,12 +25,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from AutoDDPMLib.bundle import DEFAULT_MODEL, ModelCard, bundled_models_dir, list_bundled_models, read_card, resolve_model
+from AutoDDPMLib.benchmark.model_validation import validation_headline
+from AutoDDPMLib.diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from AutoDDPMLib.errors import AutoDDPMError
-from AutoDDPMLib.model_validation import validation_headline
+from AutoDDPMLib.models.bundle import DEFAULT_MODEL, ModelCard, bundled_models_dir, list_bundled_models, read_card, resolve_model
 from AutoDDPMLib.resources import resources_dir
-from AutoDDPMLib.sampling_schedules import DEFAULT_SCHEDULE
-from AutoDDPMLib.slicer_process import (
+from AutoDDPMLib.slicer_bridge.process import (
     EngineProcess,
     engine_command,
     engine_environment,
@@ -38,7 +38,7 @@ from AutoDDPMLib.slicer_process import (
     make_temp_dir,
     remove_temp_dir,
 )
-from AutoDDPMLib.slicer_results import (
+from AutoDDPMLib.slicer_bridge.results import (
     ANOMALY_MAP_REFERENCE,
     THRESHOLD_ATTRIBUTE,
     AnomalySummary,

@@ -24,8 +24,8 @@ import pytest  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from AutoDDPMLib.bundle import new_card, save_unet, write_card  # noqa: E402
-from AutoDDPMLib.unet import UNet, UNetConfig  # noqa: E402
+from AutoDDPMLib.diffusion.unet import UNet, UNetConfig  # noqa: E402
+from AutoDDPMLib.models.bundle import new_card, save_unet, write_card  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from AutoDDPMLib.benchmark import add_benchmark_command, benchmark_main, run_benchmark
-from AutoDDPMLib.speed import run_speed
 from conftest import run_cli_without_simpleitk
+
+from AutoDDPMLib.benchmark.runner import add_benchmark_command, benchmark_main, run_benchmark
+from AutoDDPMLib.benchmark.speed import run_speed
 
 
 def _head(shape, seed, lesion):
@@ -109,8 +109,8 @@ def test_benchmark_smoke(tiny_model, data_root, tmp_path):
 
 
 def test_dev_set_is_the_unseen_tumour_slices_of_training_patients(tiny_model, data_root):
-    from AutoDDPMLib.benchmark_datasets import load_dataset, load_lgg
-    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.benchmark.datasets import load_dataset, load_lgg
+    from AutoDDPMLib.models.bundle import read_card
 
     card = read_card(tiny_model)
     dev = load_dataset("lgg-dev", data_root, card, dict(max_volumes=None), seed=0)
@@ -121,8 +121,8 @@ def test_dev_set_is_the_unseen_tumour_slices_of_training_patients(tiny_model, da
 
 
 def test_the_t1_dev_set_puts_synthetic_lesions_on_training_slices(tiny_model, data_root):
-    from AutoDDPMLib.benchmark_datasets import calibration_family, load_dataset
-    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.benchmark.datasets import calibration_family, load_dataset
+    from AutoDDPMLib.models.bundle import read_card
 
     card = read_card(tiny_model)
     dev = load_dataset("ixi-dev", data_root, card, dict(max_images=None), seed=0)
@@ -133,8 +133,8 @@ def test_the_t1_dev_set_puts_synthetic_lesions_on_training_slices(tiny_model, da
 
 
 def test_oracle_thresholds_refine_the_reference_grid():
-    from AutoDDPMLib.benchmark_scoring import oracle_thresholds
-    from AutoDDPMLib.metrics import ORACLE_THRESHOLDS, best_dice
+    from AutoDDPMLib.benchmark.metrics import ORACLE_THRESHOLDS, best_dice
+    from AutoDDPMLib.benchmark.scoring import oracle_thresholds
 
     scores = np.zeros((2, 8, 8), np.float32)
     truth = np.zeros((2, 8, 8), bool)
@@ -184,7 +184,7 @@ def test_speed_onnxruntime_matches_eager(tiny_model, tmp_path):
 
 
 def test_speed_onnxruntime_skipped_with_a_note_when_missing(tiny_model, tmp_path, monkeypatch):
-    import AutoDDPMLib.onnx_backend as onnx_backend
+    import AutoDDPMLib.diffusion.onnx_backend as onnx_backend
 
     monkeypatch.setattr(onnx_backend, "missing_onnx_packages", lambda: ["onnxruntime"])
     rows = run_speed(str(tiny_model), "cpu", batch_sizes=(1,), backends=("eager", "onnxruntime"),
@@ -196,8 +196,8 @@ def test_speed_onnxruntime_skipped_with_a_note_when_missing(tiny_model, tmp_path
 
 
 def test_baseline_calibration_takes_enough_single_slice_files(tiny_model, tmp_path):
-    from AutoDDPMLib.benchmark_datasets import calibration_slices
-    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.benchmark.datasets import calibration_slices
+    from AutoDDPMLib.models.bundle import read_card
 
     train = tmp_path / "ixi_t1_midaxial" / "train"
     train.mkdir(parents=True)
@@ -212,9 +212,9 @@ def test_baseline_calibration_takes_enough_single_slice_files(tiny_model, tmp_pa
 
 
 def test_baseline_calibration_follows_the_card(tiny_model, data_root):
-    from AutoDDPMLib.benchmark_datasets import calibrated_on, calibration_family, calibration_slices
-    from AutoDDPMLib.benchmark_scoring import card_healthy_fpr
-    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.benchmark.datasets import calibrated_on, calibration_family, calibration_slices
+    from AutoDDPMLib.benchmark.scoring import card_healthy_fpr
+    from AutoDDPMLib.models.bundle import read_card
 
     card = read_card(tiny_model)
     assert card_healthy_fpr(card) is None and calibration_family(card, "ixi") == "ixi"
@@ -230,7 +230,7 @@ def test_baseline_calibration_follows_the_card(tiny_model, data_root):
 
 
 def test_a_prepared_file_runs_the_same_benchmark_where_simpleitk_is_missing(tiny_model, data_root, tmp_path):
-    from AutoDDPMLib.benchmark import prepare_benchmark_data
+    from AutoDDPMLib.benchmark.runner import prepare_benchmark_data
 
     settings = dict(quick=True, datasets=["lgg", "ixi"], max_images=1, calibration_slices_count=2)
     prepared = prepare_benchmark_data(tmp_path / "cases.safetensors", model=str(tiny_model), data=data_root, **settings)
@@ -247,7 +247,7 @@ def test_a_prepared_file_runs_the_same_benchmark_where_simpleitk_is_missing(tiny
 
 
 def test_a_prepared_file_is_refused_by_another_model(tiny_model, tiny_model_with, data_root, tmp_path):
-    from AutoDDPMLib.benchmark import prepare_benchmark_data
+    from AutoDDPMLib.benchmark.runner import prepare_benchmark_data
     from AutoDDPMLib.errors import AutoDDPMError
 
     prepared = prepare_benchmark_data(tmp_path / "cases.safetensors", model=str(tiny_model), data=data_root,
@@ -294,7 +294,7 @@ def test_a_stopped_run_resumes_from_its_finished_parts(tiny_model, data_root, tm
 
 
 def test_a_stored_part_is_reused_only_by_the_same_run(tmp_path):
-    from AutoDDPMLib.benchmark_parts import PartStore
+    from AutoDDPMLib.benchmark.parts import PartStore
 
     calls = []
 
@@ -315,10 +315,11 @@ def test_a_stored_part_is_reused_only_by_the_same_run(tmp_path):
 
 
 def test_a_residual_without_its_autoddpm_run_reconstructs_the_same_coarse_stage(tiny_model, tmp_path):
-    from AutoDDPMLib.benchmark_methods import Method, Runner
-    from AutoDDPMLib.benchmark_parts import PartStore
-    from AutoDDPMLib.bundle import read_card
     from safetensors import safe_open
+
+    from AutoDDPMLib.benchmark.methods import Method, Runner
+    from AutoDDPMLib.benchmark.parts import PartStore
+    from AutoDDPMLib.models.bundle import read_card
 
     card = read_card(tiny_model)
     x = torch.rand(3, 1, card.image_size, card.image_size)
@@ -341,10 +342,10 @@ def test_a_residual_without_its_autoddpm_run_reconstructs_the_same_coarse_stage(
 
 
 def test_method_runs_are_stored_in_chunks_that_give_the_one_pass_results(tiny_model, tmp_path, monkeypatch):
-    import AutoDDPMLib.benchmark_methods as benchmark_methods
-    from AutoDDPMLib.benchmark_methods import Method, Runner
-    from AutoDDPMLib.benchmark_parts import PartStore
-    from AutoDDPMLib.bundle import read_card
+    import AutoDDPMLib.benchmark.methods as benchmark_methods
+    from AutoDDPMLib.benchmark.methods import Method, Runner
+    from AutoDDPMLib.benchmark.parts import PartStore
+    from AutoDDPMLib.models.bundle import read_card
 
     monkeypatch.setattr(benchmark_methods, "CHUNK_BATCHES", 1)
     card = read_card(tiny_model)
@@ -375,8 +376,8 @@ def test_method_runs_are_stored_in_chunks_that_give_the_one_pass_results(tiny_mo
 
 
 def test_the_benchmark_runs_the_schedules_of_the_card(tiny_model_with):
-    from AutoDDPMLib.benchmark_methods import benchmark_schedules, build_methods
-    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.benchmark.methods import benchmark_schedules, build_methods
+    from AutoDDPMLib.models.bundle import read_card
 
     card = read_card(tiny_model_with("early", schedules={
         "fast": {"coarse_start": 150, "coarse_steps": 10, "resample_start": 50, "resample_steps": 5, "resample_jumps": 3},
@@ -405,10 +406,10 @@ def test_a_full_run_adds_the_mid_schedule_and_the_reference_residual_on_every_ca
 
 
 def test_a_benchmark_run_is_recorded_in_the_card_it_was_made_with(tiny_model_with, data_root, tmp_path, capsys, monkeypatch):
-    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.benchmark.model_validation import record_validation
     from AutoDDPMLib.cli import main
     from AutoDDPMLib.errors import AutoDDPMError
-    from AutoDDPMLib.model_validation import record_validation
+    from AutoDDPMLib.models.bundle import read_card
 
     model = tiny_model_with("tiny")
     run = tmp_path / "run"
@@ -474,7 +475,7 @@ def test_runs_of_some_methods_each_join_into_the_one_run(tiny_model, data_root, 
 
 
 def test_only_runs_of_one_benchmark_join_and_each_method_once(tiny_model, data_root, tmp_path):
-    from AutoDDPMLib.benchmark_merge import merge_benchmarks
+    from AutoDDPMLib.benchmark.merge import merge_benchmarks
     from AutoDDPMLib.errors import AutoDDPMError
 
     settings = dict(model=str(tiny_model), data=data_root, quick=True, datasets=["ixi"], max_images=1, reference_cases=1,
@@ -499,7 +500,7 @@ def test_only_runs_of_one_benchmark_join_and_each_method_once(tiny_model, data_r
 
 
 def test_a_run_without_matplotlib_says_so_in_its_meta(tiny_model, data_root, tmp_path, monkeypatch):
-    from AutoDDPMLib.benchmark_merge import merge_benchmarks
+    from AutoDDPMLib.benchmark.merge import merge_benchmarks
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets where it is not installed
     run_benchmark(model=str(tiny_model), output_dir=tmp_path / "run", data=data_root, quick=True, datasets=["ixi"],

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import make_head_volume, run_cli_without_simpleitk
 
 from AutoDDPMLib.cli import main
 from AutoDDPMLib.errors import AutoDDPMError
-
-from conftest import make_head_volume, run_cli_without_simpleitk
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -43,7 +42,7 @@ def test_run_end_to_end_with_json_progress(tiny_model, head_volume, tmp_path):
 
 
 def test_backend_onnxruntime_without_the_packages_is_one_clear_line(tiny_model, head_volume, tmp_path, capsys, monkeypatch):
-    import AutoDDPMLib.onnx_backend as onnx_backend
+    import AutoDDPMLib.diffusion.onnx_backend as onnx_backend
 
     monkeypatch.setattr(onnx_backend, "missing_onnx_packages", lambda: ["onnxruntime"])
     assert main(["run", str(head_volume), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_model),
@@ -250,8 +249,8 @@ def test_calibrate_sets_thresholds_from_healthy_data(tiny_model, tmp_path, capsy
 
 
 def test_each_schedule_gets_its_own_thresholds(tiny_model, tmp_path, capsys):
-    from AutoDDPMLib.bundle import read_card
-    from AutoDDPMLib.inference import AutoDDPM
+    from AutoDDPMLib.detection.inference import AutoDDPM
+    from AutoDDPMLib.models.bundle import read_card
 
     model, data = _model_and_healthy_volumes(tiny_model, tmp_path)
     assert main(["calibrate", str(model), "--data", str(data)]) == 0
@@ -275,8 +274,8 @@ def test_each_schedule_gets_its_own_thresholds(tiny_model, tmp_path, capsys):
     ("--resample-start", "resample_start", "201", "--resample-start must be between 5 ", 100, 50),
 ])
 def test_calibrate_can_move_a_stage_level(tiny_model, tmp_path, capsys, option, field, out_of_range, refusal, level, reference_level):
-    from AutoDDPMLib.bundle import read_card
-    from AutoDDPMLib.inference import AutoDDPM
+    from AutoDDPMLib.detection.inference import AutoDDPM
+    from AutoDDPMLib.models.bundle import read_card
 
     model, data = _model_and_healthy_volumes(tiny_model, tmp_path)
     before = (model / "model.json").read_text()
@@ -292,8 +291,8 @@ def test_calibrate_can_move_a_stage_level(tiny_model, tmp_path, capsys, option, 
 
 
 def test_calibrate_can_set_the_lpips_size(tiny_model, tmp_path, capsys):
-    from AutoDDPMLib.bundle import read_card
-    from AutoDDPMLib.inference import AutoDDPM
+    from AutoDDPMLib.detection.inference import AutoDDPM
+    from AutoDDPMLib.models.bundle import read_card
 
     model, data = _model_and_healthy_volumes(tiny_model, tmp_path)
     before = (model / "model.json").read_text()
@@ -389,8 +388,8 @@ def _healthy_cohort(folder: Path) -> Path:
 
 
 def test_train_from_a_prepared_slice_file_where_simpleitk_is_missing(tmp_path, capsys):
-    from AutoDDPMLib.slice_file import read_slice_file
-    from AutoDDPMLib.training_data import load_healthy_slices
+    from AutoDDPMLib.training.slice_file import read_slice_file
+    from AutoDDPMLib.training.training_data import load_healthy_slices
 
     data = _healthy_cohort(tmp_path / "train")
     slices = tmp_path / "cohort.safetensors"

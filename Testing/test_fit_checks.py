@@ -4,12 +4,11 @@ import json
 
 import pytest
 import SimpleITK as sitk
-
-from AutoDDPMLib.bundle import read_card
-from AutoDDPMLib.fit_checks import fit_warnings, modality_from_name
-from AutoDDPMLib.inference import AutoDDPM
-
 from conftest import make_head_volume
+
+from AutoDDPMLib.detection.inference import AutoDDPM
+from AutoDDPMLib.models.bundle import read_card
+from AutoDDPMLib.models.fit_checks import fit_warnings, modality_from_name
 
 
 @pytest.mark.parametrize("name, modality", [

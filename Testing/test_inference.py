@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from AutoDDPMLib.errors import AutoDDPMError
-from AutoDDPMLib.inference import AutoDDPM
-
 from conftest import make_head_volume
+
+from AutoDDPMLib.detection.inference import AutoDDPM
+from AutoDDPMLib.errors import AutoDDPMError
 
 
 def rotation(axis_angle_deg: float) -> tuple:
@@ -142,9 +141,9 @@ def test_bad_options(tiny_model, kwargs, message):
 
 
 def test_the_noise_schedule_comes_from_the_card(tiny_model_with):
-    from AutoDDPMLib.benchmark_methods import Runner
-    from AutoDDPMLib.benchmark_parts import PartStore
-    from AutoDDPMLib.bundle import read_card
+    from AutoDDPMLib.benchmark.methods import Runner
+    from AutoDDPMLib.benchmark.parts import PartStore
+    from AutoDDPMLib.models.bundle import read_card
 
     scheduler = {"num_train_timesteps": 800, "beta_start": 2e-4, "beta_end": 1e-2, "prediction": "epsilon", "max_timestep": 499}
     model = tiny_model_with("cosine-ish", scheduler=scheduler)
@@ -170,7 +169,7 @@ def test_a_card_with_a_bad_noise_schedule_is_refused(tiny_model_with, change, me
 @pytest.fixture
 def without_onnx(monkeypatch):
     """onnx and onnxruntime look uninstalled (as in CI)."""
-    import AutoDDPMLib.onnx_backend as onnx_backend
+    import AutoDDPMLib.diffusion.onnx_backend as onnx_backend
 
     monkeypatch.setattr(onnx_backend, "missing_onnx_packages", lambda: ["onnx", "onnxruntime"])
 
@@ -178,7 +177,7 @@ def without_onnx(monkeypatch):
 def test_onnxruntime_backend_gives_the_torch_results(tiny_model):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")  # torch.onnx.export needs it
-    from AutoDDPMLib.onnx_backend import OnnxRuntimeUNet
+    from AutoDDPMLib.diffusion.onnx_backend import OnnxRuntimeUNet
 
     image = make_head_volume()
     ort = AutoDDPM(tiny_model, seed=3, batch_size=4, backend="onnxruntime")
@@ -203,15 +202,15 @@ def test_onnxruntime_backend_without_the_packages_says_what_to_install(tiny_mode
 def test_onnxruntime_backend_is_cpu_only(tiny_model):
     import torch
 
-    from AutoDDPMLib.bundle import read_card
-    from AutoDDPMLib.networks import load_network
+    from AutoDDPMLib.models.bundle import read_card
+    from AutoDDPMLib.models.networks import load_network
 
     with pytest.raises(AutoDDPMError, match="CPU only and the device is cuda"):
         load_network(read_card(tiny_model), torch.device("cuda"), "onnxruntime")
 
 
 def test_auto_backend_without_the_packages_runs_torch(tiny_model, without_onnx):
-    from AutoDDPMLib.unet import UNet
+    from AutoDDPMLib.diffusion.unet import UNet
 
     engine = AutoDDPM(tiny_model, batch_size=4)
     assert engine.backend_name == "torch" and "not installed" in engine.backend_note
@@ -220,7 +219,7 @@ def test_auto_backend_without_the_packages_runs_torch(tiny_model, without_onnx):
 
 
 def test_a_failed_export_falls_back_to_torch_under_auto_only(tiny_model, monkeypatch):
-    import AutoDDPMLib.onnx_backend as onnx_backend
+    import AutoDDPMLib.diffusion.onnx_backend as onnx_backend
 
     def fail(network, threads=None):
         raise RuntimeError("unsupported operator\nmore details")

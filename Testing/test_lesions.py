@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from AutoDDPMLib.lesions import add_lesion, head_foreground
-from AutoDDPMLib.metrics import size_bin
+from AutoDDPMLib.benchmark.lesions import add_lesion, head_foreground
+from AutoDDPMLib.benchmark.metrics import size_bin
 
 
 def healthy_slice(n: int = 64, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests of the offline LPIPS-alex (AutoDDPMLib.lpips) and its weight conversion tool."""
+"""Tests of the offline LPIPS-alex (AutoDDPMLib.diffusion.lpips) and its weight conversion tool."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from AutoDDPMLib.diffusion.lpips import LPIPS, load_lpips, weights_path
 from AutoDDPMLib.errors import AutoDDPMError
-from AutoDDPMLib.lpips import LPIPS, load_lpips, weights_path
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = Path(__file__).resolve().parent / "data" / "lpips"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from AutoDDPMLib import metrics
+from AutoDDPMLib.benchmark import metrics
 
 
 def test_dice_by_hand():

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from AutoDDPMLib.bundle import load_unet, read_card
-from AutoDDPMLib.lpips import load_lpips
-from AutoDDPMLib.pipeline import AutoDDPMPipeline
-from AutoDDPMLib.sampling_schedules import SCHEDULES, SamplingSchedule
-from AutoDDPMLib.scheduler import DDPMScheduler
+from AutoDDPMLib.diffusion.lpips import load_lpips
+from AutoDDPMLib.diffusion.pipeline import AutoDDPMPipeline
+from AutoDDPMLib.diffusion.sampling_schedules import SCHEDULES, SamplingSchedule
+from AutoDDPMLib.diffusion.scheduler import DDPMScheduler
+from AutoDDPMLib.models.bundle import load_unet, read_card
 
 
 class CountingUNet(torch.nn.Module):

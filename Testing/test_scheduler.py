@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from AutoDDPMLib.scheduler import DDPMScheduler, strided_levels
+from AutoDDPMLib.diffusion.scheduler import DDPMScheduler, strided_levels
 
 
 @pytest.fixture(scope="module")

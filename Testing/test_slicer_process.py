@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from AutoDDPMLib.slicer_process import (
+from AutoDDPMLib.slicer_bridge.process import (
     MODULE_DIR,
     EngineProcess,
     engine_command,
@@ -19,7 +19,7 @@ from AutoDDPMLib.slicer_process import (
     parse_event,
     remove_temp_dir,
 )
-from AutoDDPMLib.slicer_results import summarize
+from AutoDDPMLib.slicer_bridge.results import summarize
 
 
 def test_engine_command_asks_for_json_progress() -> None:

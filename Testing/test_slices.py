@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from AutoDDPMLib.errors import AutoDDPMError
-from AutoDDPMLib.slices import AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
+from AutoDDPMLib.volumes.slices import AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -210,7 +210,7 @@ def test_from_model_grid_rejects_wrong_shape():
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data not available")
 def test_real_lgg_volume_round_trip():
-    from AutoDDPMLib.volume_io import read_volume
+    from AutoDDPMLib.volumes.volume_io import read_volume
 
     path = sorted((SHARED_DATA / "lgg_flair" / "val").glob("*_flair.nii.gz"))[0]
     image = read_volume(path)

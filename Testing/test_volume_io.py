@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from AutoDDPMLib.errors import AutoDDPMError
-from AutoDDPMLib.volume_io import expand_inputs, input_stem, read_volume, write_outputs_atomically, write_volume
+from AutoDDPMLib.volumes.volume_io import expand_inputs, input_stem, read_volume, write_outputs_atomically, write_volume
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from AutoDDPMLib.benchmark_datasets import load_ixi_dev, load_lgg_dev
-from AutoDDPMLib.benchmark_scoring import oracle_thresholds
-from AutoDDPMLib.calibrate import healthy_calibration_slices, healthy_thresholds
-from AutoDDPMLib.inference import AutoDDPM
-from AutoDDPMLib.metrics import SIZE_BIN_NAMES, average_precision, best_dice, dice_at_threshold
+from AutoDDPMLib.benchmark.datasets import load_ixi_dev, load_lgg_dev
+from AutoDDPMLib.benchmark.metrics import SIZE_BIN_NAMES, average_precision, best_dice, dice_at_threshold
+from AutoDDPMLib.benchmark.scoring import oracle_thresholds
+from AutoDDPMLib.detection.inference import AutoDDPM
 from AutoDDPMLib.provenance import git_commit
+from AutoDDPMLib.training.calibrate import healthy_calibration_slices, healthy_thresholds
 
 # Where each development set and the healthy slices that set its thresholds live under the data root.
 DEV_SETS = {

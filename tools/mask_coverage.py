@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from AutoDDPMLib.benchmark_datasets import load_ixi, load_lgg_dev
-from AutoDDPMLib.inference import AutoDDPM
+from AutoDDPMLib.benchmark.datasets import load_ixi, load_lgg_dev
+from AutoDDPMLib.detection.inference import AutoDDPM
 
 
 def main() -> None:

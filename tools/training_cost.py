@@ -20,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from AutoDDPMLib.diffusion.unet import UNet, UNetConfig
 from AutoDDPMLib.provenance import git_commit
-from AutoDDPMLib.unet import UNet, UNetConfig
 
 SIZES = [  # (grid, channels per level); attention at the coarsest level
     (64, (32, 64, 128, 128)),  # shipped

@@ -13,11 +13,11 @@ import os
 import sys
 from pathlib import Path
 
+from .diffusion.onnx_backend import BACKENDS
+from .diffusion.sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .errors import AutoDDPMError
-from .fit_checks import SLICE_LEVELS
-from .onnx_backend import BACKENDS
+from .models.fit_checks import SLICE_LEVELS
 from .progress import make_reporter
-from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 
 OUTPUT_SUFFIXES = {"pseudohealthy": "_pseudohealthy.nii.gz", "anomaly": "_anomaly.nii.gz", "mask": "_mask.nii.gz",
                    "spread": "_spread.nii.gz"}  # the spread only with --repeats
@@ -30,7 +30,7 @@ DEMO_SAMPLES = {
 
 
 def _engine(args: argparse.Namespace):
-    from .inference import AutoDDPM
+    from .detection.inference import AutoDDPM
 
     return AutoDDPM(args.model, schedule=args.schedule, device=args.device, seed=args.seed,
                     batch_size=args.batch_size, threshold=args.threshold, backend=args.backend)
@@ -38,7 +38,7 @@ def _engine(args: argparse.Namespace):
 
 def _process(engine, inputs: list[Path], output_dir: Path, reporter, repeats: int = 1) -> tuple[dict[Path, dict], list[str]]:
     """Run every input; one that fails is reported and skipped, the others still run."""
-    from .volume_io import input_stem, read_volume, write_outputs_atomically
+    from .volumes.volume_io import input_stem, read_volume, write_outputs_atomically
 
     stems = [input_stem(path) for path in inputs]
     duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
@@ -72,7 +72,7 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter, repeats: in
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .volume_io import expand_inputs
+    from .volumes.volume_io import expand_inputs
 
     if args.repeats < 1:
         raise AutoDDPMError("--repeats must be at least 1")
@@ -91,7 +91,7 @@ def _demo(args: argparse.Namespace) -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from .figures import FigureRow, save_overview
+    from .benchmark.figures import FigureRow, save_overview
     from .resources import resources_dir
 
     engine = _engine(args)
@@ -139,8 +139,8 @@ def _slices(image):
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .bundle import list_bundled_models
-    from .model_validation import validation_headline
+    from .benchmark.model_validation import validation_headline
+    from .models.bundle import list_bundled_models
 
     cards = list_bundled_models()
     if args.json:
@@ -161,7 +161,7 @@ def _models(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .calibrate import calibrate
+    from .training.calibrate import calibrate
 
     # Calibrating the reference schedule takes hours on a CPU: show how far it is.
     with tqdm(total=100, desc=f"calibrating ({args.schedule})", unit="%",
@@ -200,9 +200,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .bundle import read_card, resolve_model
-    from .train import Trainer, TrainConfig, read_checkpoint_config
-    from .unet import UNetConfig
+    from .diffusion.unet import UNetConfig
+    from .models.bundle import read_card, resolve_model
+    from .training.train import TrainConfig, Trainer, read_checkpoint_config
 
     if args.resume:
         config = read_checkpoint_config(args.output)
@@ -252,10 +252,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _prepare_slices(args: argparse.Namespace) -> int:
-    from .bundle import read_card, resolve_model
-    from .slice_file import write_slice_file
-    from .train import TrainConfig
-    from .training_data import load_healthy_slices
+    from .models.bundle import read_card, resolve_model
+    from .training.slice_file import write_slice_file
+    from .training.train import TrainConfig
+    from .training.training_data import load_healthy_slices
 
     defaults = TrainConfig(data=[])
     size, percentiles, min_foreground = args.image_size, defaults.percentiles, defaults.min_foreground_fraction
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.set_defaults(handler=_calibrate)
 
-    from .benchmark import add_benchmark_command
+    from .benchmark.runner import add_benchmark_command
 
     add_benchmark_command(commands)
 

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-
 REPOSITORY = Path(__file__).resolve().parents[2]
 # What a result depends on: the engine and the module, the weights they load and the package's pins.
 # Edits elsewhere (results being written, the README) do not make a result "uncommitted".

@@ -33,7 +33,7 @@ def add_head_volume(scene, folder: Path, name: str = "head", **kwargs):
     import SimpleITK as sitk
     import slicer
 
-    from AutoDDPMLib.slicer_results import read_volume
+    from AutoDDPMLib.slicer_bridge.results import read_volume
 
     path = folder / f"{name}.nii.gz"
     sitk.WriteImage(make_head_volume(**kwargs), str(path))

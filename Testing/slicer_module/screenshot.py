@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT / "AutoDDPM"))
 
 import slicer  # noqa: E402
 import vtk  # noqa: E402
+from scene_helpers import new_scene  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from AutoDDPM import SAMPLE_NAME, AutoDDPMLogic  # noqa: E402
-from AutoDDPMLib.slicer_results import read_volume, volume_array  # noqa: E402
-from scene_helpers import new_scene  # noqa: E402
+from AutoDDPMLib.slicer_bridge.results import read_volume, volume_array  # noqa: E402
 
 PANEL = 420  # pixels per view
 TITLE = 34

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import standins
 from scene_helpers import add_head_volume, new_scene
 

@@ -39,16 +39,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .benchmark_prepared_data import is_prepared_data, read_prepared_data, write_prepared_data
-from .benchmark_datasets import DATASETS, EvalSet, calibration_slices, default_datasets, load_with_provenance, spread
-from .benchmark_methods import MethodRun, Runner, build_methods
-from .benchmark_parts import PartStore, engine_digest, file_digest
-from .benchmark_report import write_figures, write_run
-from .benchmark_scoring import BIN_ORDER, calibrate_baselines, evaluate_rows, fidelity_maps
-from .bundle import WEIGHTS_FILE
-from .errors import AutoDDPMError
-from .onnx_backend import BACKENDS
-from .provenance import command_line, git_commit
+from ..diffusion.onnx_backend import BACKENDS
+from ..errors import AutoDDPMError
+from ..models.bundle import WEIGHTS_FILE
+from ..provenance import command_line, git_commit
+from .datasets import DATASETS, EvalSet, calibration_slices, default_datasets, load_with_provenance, spread
+from .methods import MethodRun, Runner, build_methods
+from .parts import PartStore, engine_digest, file_digest
+from .prepared_data import is_prepared_data, read_prepared_data, write_prepared_data
+from .report import write_figures, write_run
+from .scoring import BIN_ORDER, calibrate_baselines, evaluate_rows, fidelity_maps
 
 # Sizes of a --quick run (about 15 minutes for a 64x64 4.5M-parameter model on 2 CPU cores).
 QUICK = dict(max_volumes=3, max_images=8, reference_cases=8, calibration_slices=16, baseline_steps=10)
@@ -57,7 +57,7 @@ FULL = dict(max_volumes=None, max_images=None, reference_cases=None, calibration
 
 def default_data_root() -> Optional[Path]:
     """``<repository>/../shared/data`` when it exists (a development checkout), else None."""
-    candidate = Path(__file__).resolve().parents[3] / "shared" / "data"
+    candidate = Path(__file__).resolve().parents[4] / "shared" / "data"
     return candidate if candidate.is_dir() else None
 
 
@@ -67,7 +67,7 @@ def _log(message: str) -> None:
 
 def _inputs(model: Optional[str], data: Optional[str | Path], quick: bool, overrides: dict) -> tuple[Path, Any, Path, dict]:
     """The model folder and card, the data root (or prepared file) and the run's sizes, checked."""
-    from .bundle import read_card, resolve_model
+    from ..models.bundle import read_card, resolve_model
 
     root = Path(data) if data else default_data_root()
     if root is None or not (Path(root).is_dir() or is_prepared_data(root)):
@@ -150,7 +150,7 @@ def run_benchmark(
     """
     import torch
 
-    from .devices import describe_device, select_device
+    from ..diffusion.devices import describe_device, select_device
 
     started = time.perf_counter()
     folder, card, root, sizes = _inputs(model, data, quick, dict(
@@ -373,7 +373,7 @@ def benchmark_main(args: argparse.Namespace) -> int:
 
 def add_benchmark_command(subparsers) -> None:
     """Adds ``benchmark``, ``benchmark-merge`` and ``benchmark-speed`` to the ``autoddpm`` sub-commands (handler in ``args.handler``)."""
-    from .benchmark_merge import add_merge_command
+    from .merge import add_merge_command
     from .speed import add_speed_arguments, speed_main
 
     bench = subparsers.add_parser("benchmark", help="detection quality, fidelity and cost against baselines on the shared data")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import AutoDDPMError
+from ..errors import AutoDDPMError
 
 if TYPE_CHECKING:  # imported where images are converted: grids and windows work without SimpleITK (a GPU node)
     import SimpleITK as sitk

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .bundle import ModelCard, load_unet, new_card, save_tensors, save_unet, write_card
-from .devices import select_device
-from .errors import AutoDDPMError
-from .pipeline import SCHEDULES
-from .scheduler import DDPMScheduler, gaussian_noise, strided_levels
+from ..diffusion.devices import select_device
+from ..diffusion.pipeline import SCHEDULES
+from ..diffusion.scheduler import DDPMScheduler, gaussian_noise, strided_levels
+from ..diffusion.unet import UNet, UNetConfig
+from ..errors import AutoDDPMError
+from ..models.bundle import ModelCard, load_unet, new_card, save_tensors, save_unet, write_card
 from .slice_file import is_slice_file, read_slice_file
-from .unet import UNet, UNetConfig
 
 CHECKPOINT_DIR = "checkpoint"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import AutoDDPMError
+from ..errors import AutoDDPMError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 

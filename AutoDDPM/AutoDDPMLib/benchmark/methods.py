@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .benchmark_parts import PartStore, array_digest
+from .parts import PartStore, array_digest
 
 ANODDPM_LEVELS = (50, 100, 200, 300, 500)
 # Batches per stored chunk of a method run (see Runner._in_chunks): minutes each on a laptop CPU.
@@ -109,9 +109,9 @@ class Runner:
     def __init__(self, card, device, batch_size: int, seed: int, backend: str, parts: PartStore) -> None:
         import torch
 
-        from .networks import load_network
-        from .lpips import load_lpips
-        from .pipeline import AutoDDPMPipeline
+        from ..diffusion.lpips import load_lpips
+        from ..diffusion.pipeline import AutoDDPMPipeline
+        from ..models.networks import load_network
 
         self.device = device
         self.batch_size = batch_size

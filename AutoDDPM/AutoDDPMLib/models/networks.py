@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
+from ..diffusion.onnx_backend import BACKENDS
+from ..errors import AutoDDPMError
 from .bundle import ModelCard, load_unet
-from .errors import AutoDDPMError
-from .onnx_backend import BACKENDS
 
 
 def _first_line(error: BaseException) -> str:
@@ -30,7 +30,7 @@ def load_network(card: ModelCard, device: torch.device, backend: str = "auto") -
     where it can run, else torch; "why" says why torch runs instead (None when
     ONNX Runtime runs or torch was asked for).
     """
-    from . import onnx_backend
+    from ..diffusion import onnx_backend
 
     if backend not in BACKENDS:
         raise AutoDDPMError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")

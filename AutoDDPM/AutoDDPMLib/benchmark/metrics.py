@@ -260,7 +260,7 @@ def lpips_distance(x, y, region=None, lpips=None, batch_size: int = 64) -> float
     (within ~1e-4 of :meth:`LPIPS.distance`).
     """
     if lpips is None:
-        from .lpips import load_lpips
+        from ..diffusion.lpips import load_lpips
 
         lpips = load_lpips("cpu")
     device = lpips.shift.device

@@ -16,10 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .benchmark_report import read_run, write_figures, write_run
-from .benchmark_scoring import BIN_ORDER
-from .errors import AutoDDPMError
-from .provenance import command_line
+from ..errors import AutoDDPMError
+from ..provenance import command_line
+from .report import read_run, write_figures, write_run
+from .scoring import BIN_ORDER
 
 _SPLIT_NOTE = "Methods of this run:"
 

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import AutoDDPMError
+from ..errors import AutoDDPMError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

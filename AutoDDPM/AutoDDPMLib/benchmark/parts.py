@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bundle import save_tensors
+from ..models.bundle import save_tensors
 
 PARTS_FOLDER = "partial"
-_ENGINE = Path(__file__).resolve().parent
+_ENGINE = Path(__file__).resolve().parents[1]  # the AutoDDPMLib package
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -39,8 +39,8 @@ def file_digest(path: str | os.PathLike) -> str:
 def engine_digest() -> str:
     """SHA-256 of the engine's source files: a part made by other code is not reused."""
     digest = hashlib.sha256()
-    for path in sorted(_ENGINE.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(_ENGINE.rglob("*.py")):
+        digest.update(path.relative_to(_ENGINE).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

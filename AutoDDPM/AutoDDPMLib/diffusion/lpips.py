@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import AutoDDPMError
-from .resources import resources_dir
+from ..errors import AutoDDPMError
+from ..resources import resources_dir
 
 WEIGHTS_FILE = "lpips_alex.safetensors"
 

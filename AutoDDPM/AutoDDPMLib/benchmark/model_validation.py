@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .benchmark_report import read_run
-from .bundle import ModelCard, read_card, write_card
-from .errors import AutoDDPMError
+from ..errors import AutoDDPMError
+from ..models.bundle import ModelCard, read_card, write_card
+from .report import read_run
 
 METHOD = "AutoDDPM fast"  # the schedule `autoddpm run` and the Slicer module use by default
 

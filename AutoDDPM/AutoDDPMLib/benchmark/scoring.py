@@ -22,8 +22,8 @@ from typing import Optional
 
 import numpy as np
 
-from .benchmark_datasets import EvalSet
-from .benchmark_methods import MethodRun
+from .datasets import EvalSet
+from .methods import MethodRun
 
 BIN_ORDER = ("all", "small", "medium", "large")
 

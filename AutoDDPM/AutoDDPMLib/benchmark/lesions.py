@@ -32,8 +32,8 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
+from ..volumes.slices import FOREGROUND_LEVEL
 from .metrics import SIZE_BIN_NAMES, size_bin, size_bin_edges
-from .slices import FOREGROUND_LEVEL
 
 SHAPES = ("ellipse", "blob")
 POLARITIES = ("hyper", "hypo")

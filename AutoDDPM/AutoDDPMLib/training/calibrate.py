@@ -18,12 +18,12 @@ from typing import Callable
 
 import torch
 
-from .bundle import ModelCard, read_card, write_card
-from .errors import AutoDDPMError
-from .inference import AutoDDPM
-from .pipeline import AutoDDPMPipeline
-from .sampling_schedules import DEFAULT_SCHEDULE
-from .slices import FOREGROUND_LEVEL
+from ..detection.inference import AutoDDPM
+from ..diffusion.pipeline import AutoDDPMPipeline
+from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
+from ..errors import AutoDDPMError
+from ..models.bundle import ModelCard, read_card, write_card
+from ..volumes.slices import FOREGROUND_LEVEL
 from .training_data import load_healthy_slices
 
 

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AutoDDPMError
-from .resources import resources_dir
-from .sampling_schedules import SCHEDULES, SamplingSchedule
+from ..diffusion.sampling_schedules import SCHEDULES, SamplingSchedule
+from ..errors import AutoDDPMError
+from ..resources import resources_dir
 
 if TYPE_CHECKING:
     import torch
 
-    from .scheduler import DDPMScheduler
-    from .unet import UNet, UNetConfig
+    from ..diffusion.scheduler import DDPMScheduler
+    from ..diffusion.unet import UNet, UNetConfig
 
 CARD_FORMAT = "autoddpm-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -123,7 +123,7 @@ class ModelCard:
 
     def noise_scheduler(self) -> "DDPMScheduler":
         """The forward process the network was trained with: the card's number of levels and betas."""
-        from .scheduler import DDPMScheduler
+        from ..diffusion.scheduler import DDPMScheduler
 
         settings = self.data["scheduler"]
         return DDPMScheduler(**{k: settings[k] for k in ("num_train_timesteps", "beta_start", "beta_end") if k in settings})
@@ -266,7 +266,7 @@ def load_unet(card: ModelCard, device: "str | torch.device" = "cpu") -> "UNet":
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .unet import UNet, UNetConfig
+    from ..diffusion.unet import UNet, UNetConfig
 
     try:
         network = UNet(UNetConfig.from_dict(card.data["unet"]))

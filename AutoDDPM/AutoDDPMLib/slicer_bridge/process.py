@@ -21,10 +21,10 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .sampling_schedules import DEFAULT_SCHEDULE
+from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
 
 # The folder that holds the AutoDDPMLib package: it goes on the engine's PYTHONPATH.
-MODULE_DIR = Path(__file__).resolve().parents[1]
+MODULE_DIR = Path(__file__).resolve().parents[2]
 
 ERROR_PREFIX = "autoddpm: error: "
 

@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import AutoDDPMError
+from ..errors import AutoDDPMError
 
 DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev", "ixi-dev")
 DEV_STRIDE = 8  # the development sets: every 8th training patient (lgg-dev: 10 of 80) or subject (ixi-dev: 58 of 461)
@@ -61,7 +61,7 @@ class EvalSet:
 
     @property
     def foreground(self) -> np.ndarray:
-        from .slices import FOREGROUND_LEVEL
+        from ..volumes.slices import FOREGROUND_LEVEL
 
         return self.x[:, 0].numpy() > FOREGROUND_LEVEL
 
@@ -75,8 +75,8 @@ class EvalSet:
 
 def _volume_slices(image_path: Path, mask_path: Optional[Path], card):
     """All slices with signal of a volume on the model grid, and the mask on the same grid (> 0.5)."""
-    from .slices import AxialStack, has_signal, intensity_window, normalize, to_model_grid
-    from .volume_io import read_volume
+    from ..volumes.slices import AxialStack, has_signal, intensity_window, normalize, to_model_grid
+    from ..volumes.volume_io import read_volume
 
     percentiles, min_fraction = card.intensity_percentiles, card.min_foreground_fraction
     stack = AxialStack.from_image(read_volume(image_path))
@@ -101,8 +101,8 @@ def load_lgg(folder: Path, card, max_volumes: Optional[int], name: str = "lgg", 
     """LGG FLAIR patients (every ``stride``-th): every slice with signal, tumour and tumour-free (or tumour only)."""
     import torch
 
+    from ..training.training_data import find_training_images
     from .metrics import size_bin
-    from .training_data import find_training_images
 
     pairs = [p for p in find_training_images(folder) if p[1] is not None][::stride]
     if max_volumes:
@@ -225,7 +225,7 @@ def load_lgg_synthetic(folder: Path, card, max_images: Optional[int], seed: int)
     Mid-volume sections show brain with room for a large lesion; the lowest
     sections (orbits, skull base) would put lesions into the face.
     """
-    from .training_data import find_training_images
+    from ..training.training_data import find_training_images
 
     candidates, ids = [], []
     for image, mask in find_training_images(folder):
@@ -253,7 +253,7 @@ def calibration_slices(family: str, root: Path, card, count: int):
     """
     import torch
 
-    from .training_data import find_training_images, healthy_slices
+    from ..training.training_data import find_training_images, healthy_slices
 
     percentiles, min_fraction = card.intensity_percentiles, card.min_foreground_fraction
     if family == "card":

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .benchmark_methods import INTENSITY_METHOD
-from .benchmark_scoring import BIN_ORDER
-from .errors import AutoDDPMError
+from ..errors import AutoDDPMError
+from .methods import INTENSITY_METHOD
+from .scoring import BIN_ORDER
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], dict]:

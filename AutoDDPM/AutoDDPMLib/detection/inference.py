@@ -17,15 +17,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .bundle import read_card, resolve_model
-from .devices import is_out_of_memory, select_device
-from .errors import AutoDDPMError
-from .fit_checks import fit_warnings
-from .lpips import load_lpips
-from .networks import load_network
-from .pipeline import AutoDDPMOutput, AutoDDPMPipeline
-from .sampling_schedules import DEFAULT_SCHEDULE
-from .slices import FOREGROUND_LEVEL, AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
+from ..diffusion.devices import is_out_of_memory, select_device
+from ..diffusion.lpips import load_lpips
+from ..diffusion.pipeline import AutoDDPMOutput, AutoDDPMPipeline
+from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
+from ..errors import AutoDDPMError
+from ..models.bundle import read_card, resolve_model
+from ..models.fit_checks import fit_warnings
+from ..models.networks import load_network
+from ..volumes.slices import FOREGROUND_LEVEL, AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
 
 # Called with (fraction done in [0, 1], stage name).
 VolumeProgress = Callable[[float, str], None]

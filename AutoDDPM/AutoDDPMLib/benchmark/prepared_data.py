@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .bundle import save_tensors
-from .errors import AutoDDPMError
+from ..errors import AutoDDPMError
+from ..models.bundle import save_tensors
 
 PREPARED_SUFFIX = ".safetensors"
 

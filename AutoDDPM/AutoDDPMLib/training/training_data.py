@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import AutoDDPMError
-from .slices import AxialStack, has_signal, intensity_window, normalize, to_model_grid
-from .volume_io import input_stem, read_volume
+from ..errors import AutoDDPMError
+from ..volumes.slices import AxialStack, has_signal, intensity_window, normalize, to_model_grid
+from ..volumes.volume_io import input_stem, read_volume
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg")
 MASK_WORDS = ("mask", "seg", "label")

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .provenance import command_line, git_commit
+from ..provenance import command_line, git_commit
 
 
 def _log(message: str) -> None:
@@ -63,9 +63,9 @@ def run_speed(
     """Time the card's network forward for each backend and batch size; returns the rows."""
     import torch
 
-    from .bundle import load_unet, read_card, resolve_model
-    from .devices import describe_device, select_device
-    from .onnx_backend import onnxruntime_forward, unavailable_reason
+    from ..diffusion.devices import describe_device, select_device
+    from ..diffusion.onnx_backend import onnxruntime_forward, unavailable_reason
+    from ..models.bundle import load_unet, read_card, resolve_model
 
     folder = resolve_model(model)
     card = read_card(folder)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .bundle import save_tensors
-from .errors import AutoDDPMError
+from ..errors import AutoDDPMError
+from ..models.bundle import save_tensors
 
 SLICE_FILE_SUFFIX = ".safetensors"
 # Half precision halves the file; in [0, 1] it is exact to 2.5e-4, far below the noise levels trained on.

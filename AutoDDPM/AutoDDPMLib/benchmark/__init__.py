@@ -1,0 +1,3 @@
+"""The benchmark: datasets, synthetic lesions, the compared methods, scoring, runs split
+into parts and merged, reports, figures and speed measurements.
+"""

@@ -1,0 +1,3 @@
+"""Making models: training data, training, and calibration of a bundle's thresholds on
+healthy slices.
+"""
