@@ -25,10 +25,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from AutoDDPMLib.benchmark.model_validation import validation_headline
 from AutoDDPMLib.diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.models.bundle import DEFAULT_MODEL, ModelCard, bundled_models_dir, list_bundled_models, read_card, resolve_model
+from AutoDDPMLib.models.validation import validation_headline
 from AutoDDPMLib.resources import resources_dir
 from AutoDDPMLib.slicer_bridge.process import (
     EngineProcess,

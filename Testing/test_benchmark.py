@@ -406,7 +406,7 @@ def test_a_full_run_adds_the_mid_schedule_and_the_reference_residual_on_every_ca
 
 
 def test_a_benchmark_run_is_recorded_in_the_card_it_was_made_with(tiny_model_with, data_root, tmp_path, capsys, monkeypatch):
-    from AutoDDPMLib.benchmark.model_validation import record_validation
+    from AutoDDPMLib.benchmark.validation_record import record_validation
     from AutoDDPMLib.cli import main
     from AutoDDPMLib.errors import AutoDDPMError
     from AutoDDPMLib.models.bundle import read_card

@@ -16,14 +16,6 @@ def cmake_list(text: str, variable: str) -> list[str]:
     return [item.replace("${MODULE_NAME}", "AutoDDPM") for item in match.group(1).split()]
 
 
-def test_every_python_file_of_the_module_is_installed() -> None:
-    listed = cmake_list((MODULE_DIR / "CMakeLists.txt").read_text(), "MODULE_PYTHON_SCRIPTS")
-    on_disk = sorted(str(path.relative_to(MODULE_DIR)).replace("\\", "/") for path in MODULE_DIR.rglob("*.py")
-                     if "__pycache__" not in path.parts and "Testing" not in path.parts)
-    assert sorted(set(on_disk) - set(listed)) == [], "add these to MODULE_PYTHON_SCRIPTS in AutoDDPM/CMakeLists.txt"
-    assert sorted(set(listed) - set(on_disk)) == [], "listed in AutoDDPM/CMakeLists.txt but missing"
-
-
 def test_every_module_resource_is_installed_and_exists() -> None:
     listed = cmake_list((MODULE_DIR / "CMakeLists.txt").read_text(), "MODULE_PYTHON_RESOURCES")
     for resource in listed:

@@ -6,7 +6,7 @@
 
 The run must have been made with the thresholds the card holds now; the card
 gets the default schedule's results per dataset and lesion size, with the
-run's command, commit and date (see AutoDDPMLib/benchmark/model_validation.py).
+run's command, commit and date (see AutoDDPMLib/benchmark/validation_record.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from AutoDDPMLib.benchmark.model_validation import record_validation, validation_headline
+from AutoDDPMLib.benchmark.validation_record import record_validation
+from AutoDDPMLib.models.validation import validation_headline
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.models.bundle import bundled_models_dir
 

@@ -8,6 +8,7 @@ program, which is how the Slicer module launches it with Slicer's Python.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -139,7 +140,7 @@ def _slices(image):
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .benchmark.model_validation import validation_headline
+    from .models.validation import validation_headline
     from .models.bundle import list_bundled_models
 
     cards = list_bundled_models()
@@ -312,9 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.set_defaults(handler=_calibrate)
 
-    from .benchmark.runner import add_benchmark_command
+    # The Slicer extension installs the engine without its benchmark (the pip package has it).
+    if importlib.util.find_spec(f"{__package__}.benchmark") is not None:
+        from .benchmark.runner import add_benchmark_command
 
-    add_benchmark_command(commands)
+        add_benchmark_command(commands)
 
     prepare = commands.add_parser("prepare-slices", help="write a cohort's healthy training slices to one file, to train where the data is not")
     prepare.add_argument("--data", action="append", required=True, help="folder of healthy images/volumes (with optional *_mask lesion masks) or a text file listing them; repeatable")

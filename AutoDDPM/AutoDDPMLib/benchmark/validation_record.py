@@ -16,9 +16,8 @@ from typing import Any
 
 from ..errors import AutoDDPMError
 from ..models.bundle import ModelCard, read_card, write_card
+from ..models.validation import METHOD
 from .report import read_run
-
-METHOD = "AutoDDPM fast"  # the schedule `autoddpm run` and the Slicer module use by default
 
 
 def validation_summary(results: list[dict], meta: dict, source: str) -> dict[str, Any]:
@@ -60,16 +59,3 @@ def record_validation(run_dir: str | os.PathLike, model_dir: str | os.PathLike) 
             "since): rerun the benchmark before recording it")
     summary = validation_summary(results, meta, str(run_dir))
     return write_card(model_dir, dict(card.data, validation=summary))
-
-
-def validation_headline(card: ModelCard) -> str:
-    """One line for `autoddpm models`: calibrated Dice and AUPRC on the card's first validation dataset."""
-    validation = card.data.get("validation")
-    if not isinstance(validation, dict) or not validation.get("results"):
-        return "not recorded"
-    dataset, bins = next(iter(validation["results"].items()))
-    pooled = bins.get("all", {})
-    if pooled.get("dice") is None:
-        return "not recorded"
-    run = "quick run" if validation.get("quick") else "full run"
-    return f"{dataset}: Dice {pooled['dice']:.3f}, AUPRC {pooled['auprc']:.3f} ({run}, {pooled['slices']} slices)"
