@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from AutoDDPMLib.benchmark.validation_record import record_validation
-from AutoDDPMLib.models.validation import validation_headline
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.models.bundle import bundled_models_dir
+from AutoDDPMLib.models.validation import validation_headline
 
 
 def main() -> int:

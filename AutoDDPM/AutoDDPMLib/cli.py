@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from .detection.postprocessing import POSTPROCESS_CHOICES
 from .diffusion.onnx_backend import BACKENDS
 from .diffusion.sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .errors import AutoDDPMError
@@ -21,6 +22,7 @@ from .models.fit_checks import SLICE_LEVELS
 from .progress import make_reporter
 
 OUTPUT_SUFFIXES = {"pseudohealthy": "_pseudohealthy.nii.gz", "anomaly": "_anomaly.nii.gz", "mask": "_mask.nii.gz",
+                   "brain": "_brain.nii.gz",  # the region searched, when the model's post-processing has one
                    "spread": "_spread.nii.gz"}  # the spread only with --repeats
 # What `autoddpm demo` runs, by the model's modality: a real LGG patient for FLAIR; for T1, the paper's
 # setting, one IXI subject's mid-axial slice with a synthetic lesion of each size (tools/make_t1_samples.py).
@@ -34,7 +36,8 @@ def _engine(args: argparse.Namespace):
     from .detection.inference import AutoDDPM
 
     return AutoDDPM(args.model, schedule=args.schedule, device=args.device, seed=args.seed,
-                    batch_size=args.batch_size, threshold=args.threshold, backend=args.backend)
+                    batch_size=args.batch_size, threshold=args.threshold, backend=args.backend,
+                    postprocess=args.postprocess)
 
 
 def _process(engine, inputs: list[Path], output_dir: Path, reporter, repeats: int = 1) -> tuple[dict[Path, dict], list[str]]:
@@ -58,7 +61,7 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter, repeats: in
                 reporter.warning(warning)
             reporter.stage(path, "writing", 0.97)
             images = {"pseudohealthy": result.pseudo_healthy, "anomaly": result.anomaly_map, "mask": result.mask,
-                      "spread": result.spread}
+                      "brain": result.brain_region, "spread": result.spread}
             outputs = {key: (output_dir / f"{stem}{OUTPUT_SUFFIXES[key]}").resolve() for key, image in images.items()
                        if image is not None}
             write_outputs_atomically({outputs[key]: images[key] for key in outputs})
@@ -140,8 +143,8 @@ def _slices(image):
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .models.validation import validation_headline
     from .models.bundle import list_bundled_models
+    from .models.validation import validation_headline
 
     cards = list_bundled_models()
     if args.json:
@@ -194,7 +197,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="fast: strided steps, 25 network evaluations per slice (default); reference: the paper's 451")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     _add_backend_option(parser)
-    parser.add_argument("--threshold", type=float, default=None, help="threshold on the anomaly map for the mask (default: the model card's calibrated value)")
+    parser.add_argument("--postprocess", default="card", choices=list(POSTPROCESS_CHOICES),
+                        help="card: the model card's post-processing of the anomaly map (which deviations count, brain region, "
+                             "3D median, small components removed; default); none: the paper's raw map |x - x_ph| * M")
+    parser.add_argument("--threshold", type=float, default=None, help="threshold on the anomaly map for the mask (default: the model card's calibrated value for the --postprocess chosen)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same result")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default 16 on CPU, 64 on GPU; halved on out-of-memory)")
     parser.add_argument("--progress", default="bar", choices=["bar", "json", "none"], help="a progress bar, JSON lines for programs, or nothing")

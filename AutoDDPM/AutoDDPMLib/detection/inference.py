@@ -26,6 +26,8 @@ from ..models.bundle import read_card, resolve_model
 from ..models.fit_checks import fit_warnings
 from ..models.networks import load_network
 from ..volumes.slices import FOREGROUND_LEVEL, AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
+from .map_filters import anomaly_mask, postprocess_map
+from .postprocessing import POSTPROCESS_CHOICES, PostProcessing
 
 # Called with (fraction done in [0, 1], stage name).
 VolumeProgress = Callable[[float, str], None]
@@ -59,13 +61,18 @@ class VolumeResult:
     warnings: list[str] = field(default_factory=list)
     spread: sitk.Image | None = None
     repeats: int = 1
+    brain_region: sitk.Image | None = None  # where the map was searched (post-processing with a brain region only)
+    postprocessing: str = "none (the paper's raw map)"
 
 
 class AutoDDPM:
     """A loaded model bundle, ready to run AutoDDPM on slices or volumes.
 
     ``threshold`` (on the anomaly map) and ``mask_threshold`` (tau, on the
-    likelihood map) default to the model card's calibrated values. ``backend``
+    likelihood map) default to the model card's calibrated values. ``postprocess``
+    is ``card`` (the card's post-processing: polarity, brain region, 3D median,
+    small components; see detection.postprocess) or ``none`` (the paper's raw
+    map, with its own calibrated threshold). ``backend``
     runs the network with ``torch``, ``onnxruntime`` (CPU only, ``pip install
     "autoddpm[onnx]"``) or, by default, ``auto``: ONNX Runtime where it can run,
     else torch. ``backend_name`` says which runs and ``backend_note`` why torch
@@ -82,8 +89,13 @@ class AutoDDPM:
         threshold: float | None = None,
         mask_threshold: float | None = None,
         backend: str = "auto",
+        postprocess: str = "card",
     ) -> None:
+        if postprocess not in POSTPROCESS_CHOICES:
+            raise AutoDDPMError(f"--postprocess must be one of {', '.join(POSTPROCESS_CHOICES)}, not '{postprocess}'")
         self.card = read_card(resolve_model(model))
+        self.postprocessing = (PostProcessing.none() if postprocess == "none"
+                               else PostProcessing.from_dict(self.card.postprocessing))
         self.schedule_name = schedule
         self.device = select_device(device)
         self.seed = seed
@@ -91,13 +103,21 @@ class AutoDDPM:
         if self.batch_size < 1:
             raise AutoDDPMError("--batch-size must be at least 1")
         tau, anomaly, calibrated = self.card.thresholds_for(schedule)
-        self.threshold = anomaly if threshold is None else threshold
         self.threshold_warning = None
         if not calibrated and (threshold is None or mask_threshold is None):
             self.threshold_warning = (
                 f"model {self.card.name} has no thresholds calibrated for the {schedule} schedule, so its mask and "
                 f"anomaly threshold are not what its card promises; run `autoddpm calibrate MODEL_DIR --schedule {schedule} "
                 "--data HEALTHY_DATA` or give --threshold")
+        if not self.postprocessing.is_none:
+            postprocessed = self.card.postprocessed_threshold(schedule)
+            if postprocessed is None and threshold is None and self.threshold_warning is None:
+                self.threshold_warning = (
+                    f"model {self.card.name} has no threshold calibrated for its post-processed map with the {schedule} "
+                    f"schedule, so the mask uses the raw map's; run `autoddpm calibrate MODEL_DIR --schedule {schedule} "
+                    "--data VOLUMES_WITH_MASKS`, give --threshold, or run with --postprocess none")
+            anomaly = anomaly if postprocessed is None else postprocessed
+        self.threshold = anomaly if threshold is None else threshold
         unet, self.backend_name, self.backend_note = load_network(self.card, self.device, backend)
         self.pipeline = AutoDDPMPipeline(
             unet,
@@ -106,6 +126,7 @@ class AutoDDPM:
             tau if mask_threshold is None else mask_threshold,
             self.card.schedule(schedule),
             lpips_size=self.card.lpips_image_size,
+            polarity=self.postprocessing.polarity,
         )
 
     @property
@@ -200,14 +221,13 @@ class AutoDDPM:
         kept = pseudo_healthy[with_signal]
         kept[resampled] = reconstructed[resampled]
         pseudo_healthy[with_signal] = kept
-        anomaly = np.zeros_like(stack.array)
-        anomaly[with_signal] = np.clip(transform.from_model_grid(out.anomaly_map), 0, None)
-        mask = (anomaly > self.threshold).astype(np.uint8)
+        anomaly, brain = self.anomaly_in_volume(out.anomaly_map, transform, with_signal, slices01, stack.spacing)
+        mask = anomaly_mask(anomaly, self.threshold, stack.spacing, self.postprocessing).astype(np.uint8)
         spread = None
         if repeats > 1:
-            spread = np.zeros_like(stack.array)
-            maps = np.stack([np.clip(transform.from_model_grid(run.anomaly_map), 0, None) for run in runs])
-            spread[with_signal] = maps.std(axis=0)
+            maps = np.stack([self.anomaly_in_volume(run.anomaly_map, transform, with_signal, slices01, stack.spacing)[0]
+                             for run in runs])
+            spread = maps.std(axis=0)
 
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         flagged = int(mask.sum())
@@ -235,4 +255,14 @@ class AutoDDPM:
             warnings=warnings,
             spread=None if spread is None else stack.to_image(spread.astype(np.float32)),
             repeats=repeats,
+            brain_region=None if brain is None else stack.to_image(brain.astype(np.uint8)),
+            postprocessing=self.postprocessing.describe(),
         )
+
+    def anomaly_in_volume(self, grid_map: torch.Tensor, transform, with_signal: np.ndarray, slices01: np.ndarray,
+                          spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(The output anomaly map, the brain region or None) in the volume's canonical slices, from the
+        pipeline's map on the model grid: mapped back (zero on slices without signal), then post-processed."""
+        anomaly = np.zeros_like(slices01)
+        anomaly[with_signal] = np.clip(transform.from_model_grid(grid_map), 0, None)
+        return postprocess_map(anomaly, slices01, spacing, self.postprocessing)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .lpips import LPIPS
+from .polarity import POLARITIES, deviation
 from .sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES, SamplingSchedule
 from .scheduler import DDPMScheduler, gaussian_noise, strided_levels
 from .unet import UNet
@@ -32,7 +33,7 @@ class AutoDDPMOutput:
     """Everything AutoDDPM computes for a batch, each [B, 1, N, N]."""
 
     pseudo_healthy: torch.Tensor  # x_ph: the input outside the mask, re-sampled inside, in [0, 1]
-    anomaly_map: torch.Tensor  # A = |x - x_ph| * M
+    anomaly_map: torch.Tensor  # A = |x - x_ph| * M, or only its bright or dark part (see deviation)
     likelihood_map: torch.Tensor  # M = normalised residual x LPIPS, from the coarse reconstruction
     mask: torch.Tensor  # m: dilated M > tau, the region that was re-sampled (float 0/1)
     reconstruction: torch.Tensor  # x_rec: the coarse reconstruction from level 200
@@ -55,6 +56,7 @@ class AutoDDPMPipeline:
         mask_threshold: float,
         schedule: SamplingSchedule = SCHEDULES[DEFAULT_SCHEDULE],
         lpips_size: int | None = None,
+        polarity: str = "both",
     ) -> None:
         self.unet = unet
         self.scheduler = scheduler
@@ -62,6 +64,9 @@ class AutoDDPMPipeline:
         self.mask_threshold = mask_threshold
         self.schedule = schedule
         self.lpips_size = lpips_size
+        if polarity not in POLARITIES:
+            raise ValueError(f"unknown polarity '{polarity}': choose one of {', '.join(POLARITIES)}")
+        self.polarity = polarity
         self.evaluations_done = 0
         self._progress: Optional[ProgressCallback] = None
 
@@ -89,7 +94,7 @@ class AutoDDPMPipeline:
             self._progress = None
         return AutoDDPMOutput(
             pseudo_healthy=x_ph,
-            anomaly_map=(x - x_ph).abs() * likelihood,
+            anomaly_map=deviation(x, x_ph, self.polarity) * likelihood,
             likelihood_map=likelihood,
             mask=mask,
             reconstruction=x_rec,

@@ -100,6 +100,23 @@ class ModelCard:
                    and self._same_lpips_size(thresholds))
         return self.mask_threshold, self.anomaly_threshold, matched
 
+    @property
+    def postprocessing(self) -> dict:
+        """The card's post-processing settings of the anomaly map (empty: the paper's raw map; see detection.postprocess)."""
+        return dict(self.data.get("postprocessing") or {})
+
+    def postprocessed_threshold(self, schedule: str) -> float | None:
+        """The threshold on the post-processed map for runs with ``schedule``, or None when none was calibrated
+        for the card's current post-processing and tau (calibration writes it beside the schedule's raw threshold)."""
+        thresholds = self.data["thresholds"]
+        own = thresholds.get("schedules", {}).get(schedule)
+        entry = own if own else (thresholds if thresholds.get("calibration", {}).get("schedule") == schedule else {})
+        postprocessed = entry.get("postprocessed") or {}
+        if (postprocessed.get("settings") != self.postprocessing or "anomaly" not in postprocessed
+                or postprocessed.get("mask_tau") != entry.get("mask_tau")):
+            return None
+        return float(postprocessed["anomaly"])
+
     def _same_lpips_size(self, thresholds: dict) -> bool:
         """Whether ``thresholds`` were calibrated with the LPIPS size the card now sets (tau depends on it)."""
         calibration = thresholds.get("calibration", {})

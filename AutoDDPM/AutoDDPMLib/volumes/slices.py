@@ -39,7 +39,7 @@ class AxialStack:
 
     ``array`` is float32 [S, H, W] (slice index first, as ``GetArrayFromImage``
     orders an identity-direction volume); ``pixel_spacing`` is (row, column)
-    spacing in mm. ``to_image`` maps an array of the same shape back to the
+    spacing in mm, ``slice_spacing`` the distance between slices in mm. ``to_image`` maps an array of the same shape back to the
     input's exact geometry and voxel order.
     """
 
@@ -50,6 +50,7 @@ class AxialStack:
         geometry: Tuple[tuple, tuple, tuple, tuple],
         axes: Tuple[int, int, int],
         flips: Tuple[int, ...],
+        slice_spacing: float = 1.0,
     ):
         """Use ``from_image``; the arguments describe how ``array`` relates to the input.
 
@@ -59,6 +60,7 @@ class AxialStack:
         """
         self.array = array
         self.pixel_spacing = pixel_spacing
+        self.slice_spacing = slice_spacing
         self._geometry = geometry
         self._axes = axes
         self._flips = flips
@@ -98,7 +100,13 @@ class AxialStack:
             geometry=(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()),
             axes=tuple(axes),
             flips=tuple(flips),
+            slice_spacing=float(spacing[2]),
         )
+
+    @property
+    def spacing(self) -> Tuple[float, float, float]:
+        """(slice, row, column) spacing in mm, in the order of ``array``'s axes."""
+        return (self.slice_spacing, *self.pixel_spacing)
 
     def to_image(self, array: np.ndarray, reference: Optional[sitk.Image] = None) -> sitk.Image:
         """An [S, H, W] array in the canonical orientation as an image in the input's geometry.

@@ -1,0 +1,102 @@
+"""From the raw anomaly map to the one a reader sees: brain region, 3D median, small components.
+
+The pipeline makes its map slice by slice; tumours are 3D and sit inside the
+brain. As every method it is compared with does (pDDPM, cDDPM, Baur et al.'s
+comparative study), the map is post-processed before it is thresholded:
+
+1. **Brain region.** The map is zero outside the head region (the tissue of each
+   slice, holes filled) eroded in-plane by ``brain_erosion_mm``: scalp, skull and
+   the edge of the field of view never count. The erosion stays in-plane because
+   axial stacks are often thick and their slice spacing is not always known.
+2. **3D median.** A median over ``median_mm`` in every direction and at least
+   the neighbouring voxel on each side, so a 1 mm and a 5 mm stack both get a
+   3D filter: an isolated bright voxel or slice is noise, a tumour is not.
+3. **Small components.** Connected regions of the thresholded mask smaller than
+   ``min_component_mm3`` are dropped (26-connectivity, in the volume's spacing).
+
+Which deviations count (``polarity``) is decided in the pipeline (see
+``diffusion.pipeline.deviation``); the settings travel together in the model card.
+``PostProcessing.none()`` (detection.postprocessing) is the paper's raw map.
+
+Everything works on a [slices, rows, columns] array with its spacing in mm
+(slice, row, column): the volume in its own geometry at run time, the model grid
+in the benchmark.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from ..volumes.slices import FOREGROUND_LEVEL
+from .postprocessing import PostProcessing
+
+Spacing = Sequence[float]  # (slice, row, column) in mm
+
+
+def head_region(slices01: np.ndarray) -> np.ndarray:
+    """The head in each slice: its largest region of tissue with the holes (ventricles, dark lesions) filled."""
+    head = np.zeros(slices01.shape, dtype=bool)
+    for z, tissue in enumerate(slices01 > FOREGROUND_LEVEL):
+        labels, count = ndimage.label(tissue)
+        if count:
+            largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+            head[z] = ndimage.binary_fill_holes(labels == largest)
+    return head
+
+
+def brain_region(slices01: np.ndarray, spacing: Spacing, erosion_mm: float) -> np.ndarray:
+    """The head region of each slice eroded in-plane by ``erosion_mm`` (an exact Euclidean distance in mm)."""
+    head = head_region(slices01)
+    if erosion_mm <= 0:
+        return head
+    brain = np.zeros_like(head)
+    for z in range(len(head)):
+        if head[z].any():
+            # Distance to the nearest voxel outside the head; the padding makes the image border count as outside.
+            inside = np.pad(head[z], 1)
+            brain[z] = ndimage.distance_transform_edt(inside, sampling=spacing[1:])[1:-1, 1:-1] > erosion_mm
+    return brain
+
+
+def median_kernel(spacing: Spacing, size_mm: float) -> tuple[int, ...]:
+    """Voxels per axis of a median over ``size_mm``: odd, and at least 3 (the neighbours on each side)."""
+    return tuple(max(3, 2 * int(size_mm / s // 2) + 1) for s in spacing)
+
+
+def smooth(anomaly: np.ndarray, spacing: Spacing, size_mm: float) -> np.ndarray:
+    """3D median filter of the map over ``size_mm``."""
+    return ndimage.median_filter(anomaly, size=median_kernel(spacing, size_mm), mode="nearest")
+
+
+def postprocess_map(anomaly: np.ndarray, slices01: np.ndarray, spacing: Spacing,
+                    settings: PostProcessing) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(The output map, the brain region or None): ``anomaly`` limited to the brain and smoothed in 3D."""
+    brain = None
+    result = anomaly
+    if settings.brain_erosion_mm is not None:
+        brain = brain_region(slices01, spacing, settings.brain_erosion_mm)
+        result = np.where(brain, result, 0).astype(anomaly.dtype)
+    if settings.median_mm:
+        result = smooth(result, spacing, settings.median_mm)
+        if brain is not None:
+            result = np.where(brain, result, 0).astype(anomaly.dtype)  # the filter must not reach back out
+    return result, brain
+
+
+def remove_small_components(mask: np.ndarray, spacing: Spacing, min_mm3: float) -> np.ndarray:
+    """``mask`` without its 26-connected components smaller than ``min_mm3``."""
+    if not min_mm3 or not mask.any():
+        return mask
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel()) * float(np.prod(spacing))
+    keep = sizes >= min_mm3
+    keep[0] = False
+    return keep[labels]
+
+
+def anomaly_mask(anomaly: np.ndarray, threshold: float, spacing: Spacing, settings: PostProcessing) -> np.ndarray:
+    """The mask a reader sees: the output map above ``threshold``, without components too small to count."""
+    return remove_small_components(anomaly > threshold, spacing, settings.min_component_mm3)

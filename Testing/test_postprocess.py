@@ -1,0 +1,144 @@
+"""Post-processing of the anomaly map: polarity, brain region, 3D median and small components, in mm."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import make_head_volume
+
+from AutoDDPMLib.detection.inference import AutoDDPM
+from AutoDDPMLib.detection.map_filters import (
+    anomaly_mask,
+    brain_region,
+    head_region,
+    median_kernel,
+    postprocess_map,
+    remove_small_components,
+    smooth,
+)
+from AutoDDPMLib.detection.postprocessing import PostProcessing
+from AutoDDPMLib.diffusion.polarity import deviation
+from AutoDDPMLib.errors import AutoDDPMError
+
+FLAIR_LIKE = {"polarity": "bright", "brain_erosion_mm": 4.0, "median_mm": 3.0, "min_component_mm3": 20.0}
+
+
+def disc_volume(slices: int = 5, size: int = 64, radius: float = 25, hole: float = 0) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size] - size / 2 + 0.5
+    r = np.hypot(yy, xx)
+    tissue = ((r < radius) & (r >= hole)).astype(np.float32) * 0.6
+    return np.repeat(tissue[None], slices, axis=0)
+
+
+def test_deviation_counts_the_chosen_direction_only() -> None:
+    x, x_ph = torch.tensor([0.8, 0.2, 0.5]), torch.tensor([0.5, 0.5, 0.5])
+    assert torch.allclose(deviation(x, x_ph, "both"), torch.tensor([0.3, 0.3, 0.0]))
+    assert torch.allclose(deviation(x, x_ph, "bright"), torch.tensor([0.3, 0.0, 0.0]))
+    assert torch.allclose(deviation(x, x_ph, "dark"), torch.tensor([0.0, 0.3, 0.0]))
+    with pytest.raises(ValueError, match="unknown polarity 'up'"):
+        deviation(x, x_ph, "up")
+
+
+def test_settings_round_trip_and_refuse_what_they_do_not_know() -> None:
+    settings = PostProcessing.from_dict(FLAIR_LIKE)
+    assert settings.to_dict() == FLAIR_LIKE and not settings.is_none
+    assert PostProcessing.from_dict(None).is_none and PostProcessing.from_dict({}) == PostProcessing.none()
+    assert "bright deviations" in settings.describe() and "3D median 3 mm" in settings.describe()
+    with pytest.raises(AutoDDPMError, match="unknown post-processing settings in the model card: smoothing"):
+        PostProcessing.from_dict({"smoothing": 3})
+    with pytest.raises(AutoDDPMError, match="unknown polarity 'hyper'"):
+        PostProcessing(polarity="hyper")
+    with pytest.raises(AutoDDPMError, match="median_mm must be"):
+        PostProcessing(median_mm=-1.0)
+
+
+def test_head_region_fills_holes_and_keeps_the_largest_region() -> None:
+    head = disc_volume(hole=8)  # a ring: the hole is a ventricle, filled
+    head[:, 0:3, 0:3] = 0.6  # a speck of signal in the corner: not the head
+    region = head_region(head)
+    assert region[:, 32, 32].all() and not region[:, 1, 1].any()
+
+
+def test_brain_region_erodes_in_plane_by_millimetres() -> None:
+    volume = disc_volume(radius=25)
+    for pixel_mm in (1.0, 0.5):
+        brain = brain_region(volume, (5.0, pixel_mm, pixel_mm), erosion_mm=10.0)
+        # The disc's radius is 25 pixels: 10 mm is 10 pixels at 1 mm, 20 at 0.5 mm.
+        remaining = 25 - 10 / pixel_mm
+        row = brain[2, 32]
+        assert abs(row.sum() / 2 - remaining) <= 1.5
+        assert brain.all(axis=(1, 2)).sum() == 0 and (brain.sum(axis=(1, 2)) == brain[0].sum()).all()  # every slice alike
+    assert (brain_region(volume, (1, 1, 1), 0) == head_region(volume)).all()
+
+
+def test_median_kernel_spans_millimetres_and_at_least_the_neighbours() -> None:
+    assert median_kernel((5.0, 1.0, 1.0), 5.0) == (3, 5, 5)
+    assert median_kernel((1.0, 1.0, 1.0), 3.0) == (3, 3, 3)
+    assert median_kernel((1.0, 0.5, 0.5), 5.0) == (5, 11, 11)
+
+
+def test_median_removes_a_speck_and_keeps_a_blob() -> None:
+    anomaly = np.zeros((5, 32, 32), np.float32)
+    anomaly[2, 5, 5] = 1.0  # one voxel
+    anomaly[1:4, 15:25, 15:25] = 1.0  # a 3D blob
+    smoothed = smooth(anomaly, (1.0, 1.0, 1.0), 3.0)
+    assert smoothed[2, 5, 5] == 0 and smoothed[2, 20, 20] == 1.0
+
+
+def test_small_components_are_measured_in_cubic_millimetres() -> None:
+    mask = np.zeros((4, 10, 10), bool)
+    mask[1, 1, 1:6] = True  # 5 voxels
+    mask[2, 6:9, 6:9] = True  # 9 voxels
+    mask[3, 9, 9] = True  # touches the 9 only through a corner: 26-connected to it
+    spacing = (2.0, 2.0, 2.0)  # 8 mm3 a voxel: 40 and 80 mm3
+    assert remove_small_components(mask, spacing, 50.0).sum() == 10
+    assert remove_small_components(mask, spacing, 30.0).sum() == 15
+    assert remove_small_components(mask, spacing, 0.0) is mask
+
+
+def test_postprocessed_map_is_zero_outside_the_brain_and_its_mask_drops_specks() -> None:
+    slices01 = disc_volume(radius=25)
+    anomaly = np.full(slices01.shape, 0.2, np.float32)
+    settings = PostProcessing.from_dict(FLAIR_LIKE)
+    result, brain = postprocess_map(anomaly, slices01, (1.0, 1.0, 1.0), settings)
+    assert brain is not None and (result[~brain] == 0).all() and (result[brain] > 0).all()
+    raw, none_brain = postprocess_map(anomaly, slices01, (1.0, 1.0, 1.0), PostProcessing.none())
+    assert raw is anomaly and none_brain is None
+    speck = np.zeros_like(anomaly)
+    speck[2, 32, 32] = 1.0
+    assert not anomaly_mask(speck, 0.5, (1.0, 1.0, 1.0), settings).any()
+    assert anomaly_mask(speck, 0.5, (1.0, 1.0, 1.0), PostProcessing.none()).sum() == 1
+
+
+def card_with(folder, **changes):
+    card = json.loads((folder / "model.json").read_text())
+    card.update(changes)
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_engine_applies_the_cards_post_processing_and_none_gives_the_raw_map(tiny_model_with) -> None:
+    calibrated = {"mask_tau": 0.05, "anomaly": 0.05, "calibrated": True, "calibration": {"schedule": "fast"}}
+    model = card_with(tiny_model_with("pp"), postprocessing=FLAIR_LIKE, thresholds=calibrated)
+    image = make_head_volume(shape=(6, 40, 48))
+    raw = AutoDDPM(model, device="cpu", backend="torch", postprocess="none").process_volume(image)
+    processed = AutoDDPM(model, device="cpu", backend="torch").process_volume(image)
+    raw_map, map_ = (sitk.GetArrayFromImage(r.anomaly_map) for r in (raw, processed))
+    brain = sitk.GetArrayFromImage(processed.brain_region).astype(bool)
+    assert raw.brain_region is None and raw.postprocessing.startswith("none")
+    assert brain.any() and (map_[~brain] == 0).all() and raw_map[~brain].max() > 0
+    assert processed.brain_region.GetSpacing() == image.GetSpacing()
+    # No threshold was calibrated for the post-processed map: the run says so.
+    assert any("no threshold calibrated for its post-processed map" in w for w in processed.warnings)
+    # A card without post-processing runs the paper's map, as before.
+    plain = AutoDDPM(tiny_model_with("plain"), device="cpu", backend="torch").process_volume(image)
+    assert np.array_equal(sitk.GetArrayFromImage(plain.anomaly_map), raw_map)
+
+
+def test_engine_refuses_an_unknown_postprocess_choice(tiny_model) -> None:
+    with pytest.raises(AutoDDPMError, match="--postprocess must be one of card, none"):
+        AutoDDPM(tiny_model, device="cpu", postprocess="median")
