@@ -142,3 +142,60 @@ def test_engine_applies_the_cards_post_processing_and_none_gives_the_raw_map(tin
 def test_engine_refuses_an_unknown_postprocess_choice(tiny_model) -> None:
     with pytest.raises(AutoDDPMError, match="--postprocess must be one of card, none"):
         AutoDDPM(tiny_model, device="cpu", postprocess="median")
+
+
+def test_healthy_voxels_keep_away_from_the_lesion_but_take_lesion_free_slices() -> None:
+    from AutoDDPMLib.training.volume_calibration import healthy_voxels
+
+    tissue = np.ones((5, 40, 40), bool)
+    truth = np.zeros_like(tissue)
+    truth[2, 18:22, 18:22] = True
+    healthy = healthy_voxels(truth, tissue, (1.0, 1.0, 1.0), margin_mm=10.0)
+    assert not healthy[2, 20, 25] and healthy[2, 20, 35]  # 5 and 15 mm from the lesion on its slice
+    assert healthy[1].all() and healthy[3].all()  # slices without lesion count whole
+    assert (healthy_voxels(np.zeros_like(tissue), tissue, (1, 1, 1)) == tissue).all()
+
+
+def test_volume_threshold_flags_the_healthy_rate_after_small_components_go() -> None:
+    from AutoDDPMLib.training.volume_calibration import calibrate_volume_threshold, flagged_rate
+
+    rng = np.random.default_rng(0)
+    maps = [rng.random((4, 30, 30)).astype(np.float32) for _ in range(2)]
+    healthy = [np.ones(m.shape, bool) for m in maps]
+    spacings = [(1.0, 1.0, 1.0)] * 2
+    plain = PostProcessing(polarity="bright")
+    threshold, rate = calibrate_volume_threshold(maps, healthy, spacings, plain, 0.05)
+    assert rate <= 0.05 and np.isclose(threshold, np.quantile(np.concatenate([m.ravel() for m in maps]), 0.95), atol=1e-3)
+    # Dropping components below 3 voxels unflags isolated noise: a lower threshold keeps the same rate, and it is the lowest.
+    dropping = PostProcessing(polarity="bright", min_component_mm3=3.0)
+    lower, rate = calibrate_volume_threshold(maps, healthy, spacings, dropping, 0.05)
+    assert lower < threshold and rate <= 0.05
+    assert flagged_rate(maps, healthy, spacings, dropping, lower - 1e-3) > 0.05
+
+
+def test_calibrate_writes_the_post_processed_threshold_the_engine_then_uses(tiny_model_with, tmp_path) -> None:
+    from AutoDDPMLib.cli import main
+    from AutoDDPMLib.models.bundle import read_card
+
+    model = card_with(tiny_model_with("pp"), postprocessing=FLAIR_LIKE)
+    data = tmp_path / "volumes"
+    data.mkdir()
+    for seed in range(2):
+        image = make_head_volume(seed=seed)
+        sitk.WriteImage(image, str(data / f"p{seed}_flair.nii.gz"))
+        truth = (sitk.GetArrayFromImage(image) > 800).astype(np.uint8)  # the bright blob of make_head_volume
+        mask = sitk.GetImageFromArray(truth)
+        mask.CopyInformation(image)
+        sitk.WriteImage(mask, str(data / f"p{seed}_mask.nii.gz"))
+    assert main(["calibrate", str(model), "--data", str(data), "--backend", "torch"]) == 0
+    card = read_card(model)
+    entry = card.data["thresholds"]["postprocessed"]
+    assert entry["settings"] == FLAIR_LIKE and entry["calibration"]["volumes"] == 2
+    assert entry["calibration"]["flagged_healthy_voxels"] <= 0.01
+    assert card.postprocessed_threshold("fast") == entry["anomaly"]
+    engine = AutoDDPM(model, device="cpu", backend="torch")
+    assert engine.threshold == entry["anomaly"] and engine.threshold_warning is None
+    assert AutoDDPM(model, device="cpu", backend="torch", postprocess="none").threshold == card.anomaly_threshold
+    # Other settings than those calibrated for: the threshold no longer counts.
+    card_with(model, postprocessing=dict(FLAIR_LIKE, median_mm=7.0))
+    assert read_card(model).postprocessed_threshold("fast") is None

@@ -21,12 +21,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from AutoDDPMLib.benchmark.datasets import DEV_STRIDE
+from AutoDDPMLib.benchmark.metrics import dice
 from AutoDDPMLib.detection.inference import AutoDDPM
+from AutoDDPMLib.detection.map_filters import anomaly_mask, postprocess_map
+from AutoDDPMLib.detection.postprocessing import PostProcessing
+from AutoDDPMLib.diffusion.polarity import deviation
 from AutoDDPMLib.training.training_data import find_training_images
-from AutoDDPMLib.volumes.slices import AxialStack, has_signal, intensity_window, normalize, to_model_grid
+from AutoDDPMLib.training.volume_calibration import calibrate_volume_threshold, healthy_voxels
+from AutoDDPMLib.volumes.slices import FOREGROUND_LEVEL, AxialStack, has_signal, intensity_window, normalize, to_model_grid
 from AutoDDPMLib.volumes.volume_io import read_volume
+
+FOUND = 0.1  # a tumour counts as found when its patient's Dice is above this
 
 
 def patients(data: Path) -> dict[str, list[tuple[Path, Path]]]:
@@ -34,6 +42,20 @@ def patients(data: Path) -> dict[str, list[tuple[Path, Path]]]:
     train = [pair for pair in find_training_images(data / "lgg_flair" / "train") if pair[1] is not None]
     val = [pair for pair in find_training_images(data / "lgg_flair" / "val") if pair[1] is not None]
     return {"dev": train[::DEV_STRIDE], "val": val}
+
+
+def candidate_settings(stage: str) -> list[PostProcessing]:
+    """The settings each stage of the sweep compares (each stage builds on the choice of the one before)."""
+    bright = dict(polarity="bright")
+    region = dict(bright, brain_erosion_mm=12.0)
+    median = dict(region, median_mm=5.0)
+    stages = {
+        "polarity": [PostProcessing.none(), PostProcessing(**bright)],
+        "region": [PostProcessing(**bright, brain_erosion_mm=e) for e in (0.0, 4.0, 8.0, 12.0, 16.0, 20.0)],
+        "median": [PostProcessing(**region, median_mm=m) for m in (3.0, 5.0, 7.0)],
+        "components": [PostProcessing(**median, min_component_mm3=c) for c in (0.0, 100.0, 300.0, 1000.0, 3000.0)],
+    }
+    return [s for name, group in stages.items() if stage in (name, "all") for s in group]
 
 
 def compute_cache(engine: AutoDDPM, pairs: list[tuple[Path, Path]], cache: Path) -> None:
@@ -54,18 +76,100 @@ def compute_cache(engine: AutoDDPM, pairs: list[tuple[Path, Path]], cache: Path)
         print(f"computed {target.name}", file=sys.stderr, flush=True)
 
 
+class Volume:
+    """One patient's volume, truth and the cached model outputs, in the volume's canonical slices."""
+
+    def __init__(self, image_path: Path, mask_path: Path, card, cache_file: Path) -> None:
+        self.name = image_path.name.split("_flair")[0]
+        stack = AxialStack.from_image(read_volume(image_path))
+        self.spacing = stack.spacing
+        self.slices01 = normalize(stack.array, intensity_window(stack.array, card.intensity_percentiles))
+        self.keep = np.array([has_signal(s, card.min_foreground_fraction) for s in self.slices01], dtype=bool)
+        self.x, self.transform = to_model_grid(self.slices01[self.keep], stack.pixel_spacing, card.image_size)
+        self.truth = AxialStack.from_image(read_volume(mask_path)).array > 0
+        self.tissue = self.slices01 > FOREGROUND_LEVEL
+        cached = np.load(cache_file)
+        self.pseudo_healthy = torch.from_numpy(cached["pseudo_healthy"])
+        self.likelihood = torch.from_numpy(cached["likelihood"])
+
+    def raw_map(self, polarity: str) -> np.ndarray:
+        """The pipeline's map with ``polarity`` in the volume, as AutoDDPM.anomaly_in_volume makes it."""
+        grid_map = deviation(self.x, self.pseudo_healthy, polarity) * self.likelihood
+        anomaly = np.zeros_like(self.slices01)
+        anomaly[self.keep] = np.clip(self.transform.from_model_grid(grid_map), 0, None)
+        return anomaly
+
+
+def pooled_auprc(maps: list[np.ndarray], truths: list[np.ndarray]) -> float:
+    """AUPRC over every voxel, as benchmark.metrics.average_precision, with the zero scores as one group (fast)."""
+    scores = np.concatenate([m[m > 0] for m in maps]).astype(np.float64)
+    truth = np.concatenate([t[m > 0] for m, t in zip(maps, truths)])
+    positives = sum(int(t.sum()) for t in truths)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, truth = scores[order], truth[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1] if scores.size else np.array([], int)
+    tp = np.cumsum(truth)[last] if scores.size else np.array([])
+    fp = (last + 1) - tp
+    total = sum(m.size for m in maps)
+    tp, fp = np.r_[tp, positives], np.r_[fp, total - positives]  # the zero-score group comes last
+    recall, precision = tp / positives, tp / np.maximum(tp + fp, 1)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def evaluate(settings: PostProcessing, dev: list[Volume], val: list[Volume], raw: dict, healthy_rate: float) -> dict:
+    """Calibrate on the validation patients' healthy voxels, score the development patients."""
+    def maps_of(volumes):
+        return [postprocess_map(raw[(v.name, settings.polarity)], v.slices01, v.spacing, settings) for v in volumes]
+
+    val_maps = [m for m, _ in maps_of(val)]
+    healthy = [healthy_voxels(v.truth, v.tissue, v.spacing) for v in val]
+    threshold, rate = calibrate_volume_threshold(val_maps, healthy, [v.spacing for v in val], settings, healthy_rate)
+    dev_maps = maps_of(dev)
+    masks = [anomaly_mask(m, threshold, v.spacing, settings) for (m, _), v in zip(dev_maps, dev)]
+    per_patient = [dice(mask, v.truth) for mask, v in zip(masks, dev)]
+    in_region = [v.truth[brain].sum() / v.truth.sum() for (_, brain), v in zip(dev_maps, dev) if brain is not None]
+    overlap = sum(int((mask & v.truth).sum()) for mask, v in zip(masks, dev))
+    flagged = sum(int(mask.sum()) for mask in masks)
+    truth = sum(int(v.truth.sum()) for v in dev)
+    return {
+        "settings": settings.describe(), "threshold": threshold, "healthy_rate": rate,
+        "dice": 2 * overlap / max(1, flagged + truth),
+        "auprc": pooled_auprc([m for m, _ in dev_maps], [v.truth for v in dev]),
+        "median_patient_dice": float(np.median(per_patient)),
+        "found": sum(d > FOUND for d in per_patient), "patients": len(dev),
+        "tumour_in_region": float(np.mean(in_region)) if in_region else 1.0,
+        "per_patient": dict(zip([v.name for v in dev], per_patient)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="flair-lgg")
     parser.add_argument("--data", type=Path, required=True, help="the shared data folder (lgg_flair/train and lgg_flair/val)")
     parser.add_argument("--cache", type=Path, required=True, help="folder for the model's outputs, reused by later runs")
     parser.add_argument("--compute-only", action="store_true")
+    parser.add_argument("--stage", default="all", choices=("polarity", "region", "median", "components", "all"))
+    parser.add_argument("--healthy-rate", type=float, default=0.01)
     args = parser.parse_args()
     engine = AutoDDPM(args.model, seed=0)
     for split, pairs in patients(args.data).items():
         compute_cache(engine, pairs, args.cache / engine.card.name / engine.schedule_name / split)
     if args.compute_only:
         return
+    card = engine.card
+    cache = args.cache / card.name / engine.schedule_name
+    volumes = {split: [Volume(image, mask, card, cache / split / (image.name.replace(".nii.gz", "") + ".npz"))
+                       for image, mask in pairs] for split, pairs in patients(args.data).items()}
+    dev, val = volumes["dev"], volumes["val"]
+    raw = {(v.name, polarity): v.raw_map(polarity) for v in dev + val for polarity in ("both", "bright")}
+    print(f"model {card.name}, schedule {engine.schedule_name}; {len(dev)} development patients scored, "
+          f"thresholds from the healthy voxels of {len(val)} validation patients at {args.healthy_rate:.0%}\n")
+    print("| post-processing | threshold | Dice (pooled) | AUPRC | median patient Dice | found (Dice > 0.1) | tumour in region |")
+    print("|---|---|---|---|---|---|---|")
+    for settings in candidate_settings(args.stage):
+        row = evaluate(settings, dev, val, raw, args.healthy_rate)
+        print(f"| {row['settings']} | {row['threshold']:.4f} | {row['dice']:.3f} | {row['auprc']:.3f} | "
+              f"{row['median_patient_dice']:.3f} | {row['found']}/{row['patients']} | {row['tumour_in_region']:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
   healthy tissue pixels are marked for re-sampling.
 - The anomaly threshold (on the final map A) makes the output mask: at most
   ``healthy_fpr`` (1 % by default) of healthy tissue pixels are flagged.
+- When the card post-processes its map (detection.postprocess), the threshold on
+  the post-processed map follows the same rule on whole volumes run as ``autoddpm
+  run`` runs them (training.volume_calibration): a lesion's surroundings are left
+  out, its mask is only used to stay away from it.
 
 Both come from the schedule users run by default (``fast``), so what the card
 promises is what ``autoddpm run`` does. No lesion is ever looked at.
@@ -16,15 +20,19 @@ import os
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..detection.inference import AutoDDPM
+from ..detection.postprocessing import PostProcessing
 from ..diffusion.pipeline import AutoDDPMPipeline
 from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from ..errors import AutoDDPMError
 from ..models.bundle import ModelCard, read_card, write_card
-from ..volumes.slices import FOREGROUND_LEVEL
-from .training_data import load_healthy_slices
+from ..volumes.slices import FOREGROUND_LEVEL, AxialStack, intensity_window, normalize
+from ..volumes.volume_io import read_volume
+from .training_data import find_training_images, load_healthy_slices
+from .volume_calibration import HEALTHY_MARGIN_MM, calibrate_volume_threshold, healthy_voxels
 
 
 def _quantile(values: torch.Tensor, q: float) -> float:
@@ -83,6 +91,41 @@ def healthy_thresholds(
     return tau, _quantile(anomaly[tissue], 1 - healthy_fpr), likelihood, anomaly
 
 
+def postprocessed_threshold(
+    engine: AutoDDPM,
+    data: list[str | os.PathLike],
+    healthy_fpr: float,
+    progress: Callable[[float, str], None] | None = None,
+) -> dict:
+    """The card entry of the threshold on ``engine``'s post-processed maps, from the whole volumes of ``data``."""
+    pairs = [pair for source in data for pair in find_training_images(source)]
+    maps, healthy, spacings = [], [], []
+    for i, (image_path, mask_path) in enumerate(pairs):
+        image = read_volume(image_path)
+        stack = AxialStack.from_image(image)
+        tissue = normalize(stack.array, intensity_window(stack.array, engine.card.intensity_percentiles)) > FOREGROUND_LEVEL
+        truth = np.zeros_like(tissue) if mask_path is None else AxialStack.from_image(read_volume(mask_path)).array > 0
+        result = engine.process_volume(image)
+        maps.append(AxialStack.from_image(result.anomaly_map).array)
+        healthy.append(healthy_voxels(truth, tissue, stack.spacing))
+        spacings.append(stack.spacing)
+        if progress is not None:
+            progress((i + 1) / len(pairs), "post-processed maps of whole volumes")
+    threshold, flagged = calibrate_volume_threshold(maps, healthy, spacings, engine.postprocessing, healthy_fpr)
+    return {
+        "anomaly": threshold,
+        "mask_tau": engine.pipeline.mask_threshold,
+        "settings": engine.postprocessing.to_dict(),
+        "calibration": {
+            "volumes": len(pairs),
+            "healthy_voxels": int(sum(int(h.sum()) for h in healthy)),
+            "lesion_margin_mm": HEALTHY_MARGIN_MM,
+            "healthy_fpr": healthy_fpr,
+            "flagged_healthy_voxels": flagged,
+        },
+    }
+
+
 def calibrate(
     model_dir: str | os.PathLike,
     data: list[str | os.PathLike],
@@ -105,7 +148,8 @@ def calibrate(
     ``lpips_size`` the size slices are resized to for LPIPS in the mask step (the
     thresholds depend on each); the card gets the settings and their thresholds together.
     A new LPIPS size applies to every schedule: the thresholds of the others then count
-    as not calibrated until they are calibrated again.
+    as not calibrated until they are calibrated again. A card with post-processing also
+    gets the threshold on its post-processed map, from the whole volumes of ``data``.
     """
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
         raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
@@ -132,9 +176,16 @@ def calibrate(
     engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed, backend=backend)
     engine.pipeline.schedule, engine.pipeline.lpips_size = run_schedule, lpips_size
     tissue = slices > FOREGROUND_LEVEL
+    postprocessing = PostProcessing.from_dict(card.postprocessing)
+
+    def stage_progress(start: float, share: float):
+        return None if progress is None else lambda fraction, stage: progress(start + share * fraction, stage)
+
+    slice_share = 1.0 if postprocessing.is_none else 0.5
+    engine.pipeline.polarity = "both"  # tau and the raw map's threshold are for the paper's map (`--postprocess none`)
     tau, threshold, likelihood, anomaly = healthy_thresholds(
         engine.pipeline, slices, mask_fraction, healthy_fpr, engine.batch_size, engine.device,
-        torch.Generator().manual_seed(seed), progress)
+        torch.Generator().manual_seed(seed), stage_progress(0.0, slice_share))
     calibrated = {
         "mask_tau": tau,
         "anomaly": threshold,
@@ -154,6 +205,10 @@ def calibrate(
             "date": time.strftime("%Y-%m-%d"),
         },
     }
+    if not postprocessing.is_none:
+        # The pipeline now holds the new tau and the schedule being calibrated; the maps are made as `autoddpm run` makes them.
+        engine.pipeline.polarity = postprocessing.polarity
+        calibrated["postprocessed"] = postprocessed_threshold(engine, list(data), healthy_fpr, stage_progress(0.5, 0.5))
     # The card's main thresholds are those of the schedule `autoddpm run` uses by default;
     # other schedules keep theirs beside them (see ModelCard.thresholds_for).
     current = card.data["thresholds"]
