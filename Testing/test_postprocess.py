@@ -199,3 +199,34 @@ def test_calibrate_writes_the_post_processed_threshold_the_engine_then_uses(tiny
     # Other settings than those calibrated for: the threshold no longer counts.
     card_with(model, postprocessing=dict(FLAIR_LIKE, median_mm=7.0))
     assert read_card(model).postprocessed_threshold("fast") is None
+
+
+def test_volume_benchmark_scores_each_patient_as_autoddpm_run_makes_its_map(tiny_model_with, tmp_path) -> None:
+    from AutoDDPMLib.cli import main
+
+    model = card_with(tiny_model_with("pp"), postprocessing=FLAIR_LIKE)
+    data = tmp_path / "volumes"
+    data.mkdir()
+    for seed in range(2):
+        image = make_head_volume(seed=seed)
+        sitk.WriteImage(image, str(data / f"p{seed}_flair.nii.gz"))
+        mask = sitk.GetImageFromArray((sitk.GetArrayFromImage(image) > 800).astype(np.uint8))
+        mask.CopyInformation(image)
+        sitk.WriteImage(mask, str(data / f"p{seed}_mask.nii.gz"))
+    out = tmp_path / "bench"
+    assert main(["benchmark-volumes", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--backend", "torch"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["AutoDDPM fast", "AutoDDPM fast (raw map)", "Input intensity", "Input intensity (raw)"]
+    for row in rows:
+        assert sorted(row["per_patient_dice"]) == ["p0", "p1"] and row["patients"] == 2
+        assert 0 <= row["dice"] <= 1 and 0 <= row["found"] <= 2
+    # The bright blob is what intensity finds best: calibrated on the healthy voxels, it is found in both.
+    assert rows[2]["found"] == 2 and rows[2]["healthy_fpr"] <= 0.01
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["postprocessing"] == FLAIR_LIKE and meta["cases"] == 2
+    report = (out / "results.md").read_text()
+    assert "| p1 |" in report and "found (Dice > 0.1)" in report
+    assert (out / "patient_dice.png").is_file()
+    # A card without post-processing is scored by `autoddpm benchmark`, not here.
+    assert main(["benchmark-volumes", "--model", str(tiny_model_with("plain")), "--data", str(data), "--output-dir",
+                 str(tmp_path / "b2")]) == 2

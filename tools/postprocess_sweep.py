@@ -49,11 +49,13 @@ def candidate_settings(stage: str) -> list[PostProcessing]:
     bright = dict(polarity="bright")
     region = dict(bright, brain_erosion_mm=12.0)
     median = dict(region, median_mm=5.0)
+    chosen = dict(median, min_component_mm3=1000.0)
     stages = {
         "polarity": [PostProcessing.none(), PostProcessing(**bright)],
         "region": [PostProcessing(**bright, brain_erosion_mm=e) for e in (0.0, 4.0, 8.0, 12.0, 16.0, 20.0)],
         "median": [PostProcessing(**region, median_mm=m) for m in (3.0, 5.0, 7.0)],
         "components": [PostProcessing(**median, min_component_mm3=c) for c in (0.0, 100.0, 300.0, 1000.0, 3000.0)],
+        "check": [PostProcessing(**dict(chosen, brain_erosion_mm=e)) for e in (8.0, 12.0, 16.0)],
     }
     return [s for name, group in stages.items() if stage in (name, "all") for s in group]
 
@@ -79,10 +81,11 @@ def compute_cache(engine: AutoDDPM, pairs: list[tuple[Path, Path]], cache: Path)
 class Volume:
     """One patient's volume, truth and the cached model outputs, in the volume's canonical slices."""
 
-    def __init__(self, image_path: Path, mask_path: Path, card, cache_file: Path) -> None:
+    def __init__(self, image_path: Path, mask_path: Path, card, cache_file: Path, slice_spacing: float | None = None) -> None:
         self.name = image_path.name.split("_flair")[0]
         stack = AxialStack.from_image(read_volume(image_path))
-        self.spacing = stack.spacing
+        # LGG's volumes carry a nominal 1 mm grid; --slice-spacing reads them as the thick stacks they likely are.
+        self.spacing = stack.spacing if slice_spacing is None else (slice_spacing, *stack.pixel_spacing)
         self.slices01 = normalize(stack.array, intensity_window(stack.array, card.intensity_percentiles))
         self.keep = np.array([has_signal(s, card.min_foreground_fraction) for s in self.slices01], dtype=bool)
         self.x, self.transform = to_model_grid(self.slices01[self.keep], stack.pixel_spacing, card.image_size)
@@ -148,8 +151,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="the shared data folder (lgg_flair/train and lgg_flair/val)")
     parser.add_argument("--cache", type=Path, required=True, help="folder for the model's outputs, reused by later runs")
     parser.add_argument("--compute-only", action="store_true")
-    parser.add_argument("--stage", default="all", choices=("polarity", "region", "median", "components", "all"))
+    parser.add_argument("--stage", default="all", choices=("polarity", "region", "median", "components", "check", "all"))
     parser.add_argument("--healthy-rate", type=float, default=0.01)
+    parser.add_argument("--slice-spacing", type=float, default=None, metavar="MM",
+                        help="read every volume with this slice spacing instead of its header's (LGG's is a nominal 1 mm)")
     args = parser.parse_args()
     engine = AutoDDPM(args.model, seed=0)
     for split, pairs in patients(args.data).items():
@@ -158,12 +163,13 @@ def main() -> None:
         return
     card = engine.card
     cache = args.cache / card.name / engine.schedule_name
-    volumes = {split: [Volume(image, mask, card, cache / split / (image.name.replace(".nii.gz", "") + ".npz"))
+    volumes = {split: [Volume(image, mask, card, cache / split / (image.name.replace(".nii.gz", "") + ".npz"), args.slice_spacing)
                        for image, mask in pairs] for split, pairs in patients(args.data).items()}
     dev, val = volumes["dev"], volumes["val"]
     raw = {(v.name, polarity): v.raw_map(polarity) for v in dev + val for polarity in ("both", "bright")}
     print(f"model {card.name}, schedule {engine.schedule_name}; {len(dev)} development patients scored, "
-          f"thresholds from the healthy voxels of {len(val)} validation patients at {args.healthy_rate:.0%}\n")
+          f"thresholds from the healthy voxels of {len(val)} validation patients at {args.healthy_rate:.0%}; "
+          f"slice spacing {'from the headers' if args.slice_spacing is None else f'{args.slice_spacing:g} mm'}\n")
     print("| post-processing | threshold | Dice (pooled) | AUPRC | median patient Dice | found (Dice > 0.1) | tumour in region |")
     print("|---|---|---|---|---|---|---|")
     for settings in candidate_settings(args.stage):

@@ -372,14 +372,16 @@ def benchmark_main(args: argparse.Namespace) -> int:
 
 
 def add_benchmark_command(subparsers) -> None:
-    """Adds ``benchmark``, ``benchmark-merge`` and ``benchmark-speed`` to the ``autoddpm`` sub-commands (handler in ``args.handler``)."""
+    """Adds ``benchmark``, ``benchmark-merge``, ``benchmark-volumes`` and ``benchmark-speed`` to the ``autoddpm`` sub-commands (handler in ``args.handler``)."""
     from .merge import add_merge_command
     from .speed import add_speed_arguments, speed_main
+    from .volume_benchmark import add_volume_benchmark_command
 
     bench = subparsers.add_parser("benchmark", help="detection quality, fidelity and cost against baselines on the shared data")
     add_benchmark_arguments(bench)
     bench.set_defaults(handler=benchmark_main)
     add_merge_command(subparsers)
+    add_volume_benchmark_command(subparsers)
     speed = subparsers.add_parser("benchmark-speed", help="network forward speed: eager, channels_last, bfloat16, torch.compile, batch sizes")
     add_speed_arguments(speed)
     speed.set_defaults(handler=speed_main)
