@@ -40,6 +40,7 @@ from AutoDDPMLib.slicer_bridge.process import (
 )
 from AutoDDPMLib.slicer_bridge.results import (
     ANOMALY_MAP_REFERENCE,
+    MIN_COMPONENT_ATTRIBUTE,
     THRESHOLD_ATTRIBUTE,
     AnomalySummary,
     copy_window_level,
@@ -50,6 +51,7 @@ from AutoDDPMLib.slicer_bridge.results import (
     set_segment_mask,
     show_anomaly_map,
     summarize,
+    threshold_map,
     volume_array,
     write_volume,
 )
@@ -493,7 +495,8 @@ class AutoDDPMResult:
     """One run of AutoDDPM on a volume.
 
     state: "running", "importing", "done", "cancelled" or "failed" (then ``error`` says why).
-    pseudoHealthyVolume, anomalyMapVolume, segmentation: the output nodes, once "done"; spreadVolume too with repeats.
+    pseudoHealthyVolume, anomalyMapVolume, segmentation: the output nodes, once "done"; spreadVolume too with repeats,
+    brainRegionVolume when the model's post-processing searches a brain region (1 inside, 0 outside).
     threshold and summary: the threshold on the anomaly map and what it segments.
     engineSummary: the engine's final report (anomalous_voxels, seconds, output files, ...).
     """
@@ -505,6 +508,7 @@ class AutoDDPMResult:
     anomalyMapVolume: Optional[vtkMRMLScalarVolumeNode] = None
     segmentation: Optional[vtkMRMLSegmentationNode] = None
     spreadVolume: Optional[vtkMRMLScalarVolumeNode] = None  # only with repeats > 1
+    brainRegionVolume: Optional[vtkMRMLScalarVolumeNode] = None  # only with a post-processing brain region
     threshold: Optional[float] = None
     summary: Optional[AnomalySummary] = None
     engineStart: dict = field(default_factory=dict)
@@ -646,8 +650,9 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def calibratedThreshold(model: Union[str, os.PathLike, None], schedule: Union[str, "Schedule"] = DEFAULT_SCHEDULE) -> float:
-        """The model card's anomaly threshold for ``schedule``: what a run uses unless given another."""
-        return read_card(AutoDDPMLogic.modelFolder(model)).thresholds_for(str(getattr(schedule, "value", schedule)))[1]
+        """The model card's anomaly threshold for ``schedule`` (on its post-processed map when it has one):
+        what a run uses unless given another."""
+        return read_card(AutoDDPMLogic.modelFolder(model)).run_threshold(str(getattr(schedule, "value", schedule)))
 
     def process(
         self,
@@ -858,7 +863,11 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             if "spread" in files:  # runs with repeats: always a new node, there is no selector for it
                 spread = outputNode(None, "vtkMRMLScalarVolumeNode", _("spread"))
                 read_volume(spread, files["spread"])
-            for node in (mask, pseudoHealthy, anomalyMap, spread):
+            brain = None
+            if "brain" in files:  # what was searched: the map is zero outside it
+                brain = outputNode(None, "vtkMRMLScalarVolumeNode", _("searched region"))
+                read_volume(brain, files["brain"])
+            for node in (mask, pseudoHealthy, anomalyMap, spread, brain):
                 if node is not None and not same_geometry(node, inputVolume):
                     raise RuntimeError(_("the engine's output does not have the input's geometry"))
             copy_window_level(inputVolume, pseudoHealthy)
@@ -868,13 +877,15 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             maskArray = volume_array(mask) > 0
             set_segment_mask(segmentation, maskArray, inputVolume)
             segmentation.SetAttribute(THRESHOLD_ATTRIBUTE, repr(threshold))
-            place_beside(inputVolume, [pseudoHealthy, anomalyMap, segmentation] + ([spread] if spread is not None else []))
+            minComponent = float(result.engineSummary.get("postprocessing", {}).get("min_component_mm3") or 0.0)
+            segmentation.SetAttribute(MIN_COMPONENT_ATTRIBUTE, repr(minComponent))
+            place_beside(inputVolume, [pseudoHealthy, anomalyMap, segmentation] + [n for n in (spread, brain) if n is not None])
         except BaseException:
             for node in created:
                 scene.RemoveNode(node)
             raise
         result.pseudoHealthyVolume, result.anomalyMapVolume, result.segmentation = pseudoHealthy, anomalyMap, segmentation
-        result.spreadVolume = spread
+        result.spreadVolume, result.brainRegionVolume = spread, brain
         result.threshold = threshold
         result.summary = summarize(maskArray, inputVolume.GetSpacing(), threshold)
 
@@ -887,13 +898,14 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         """Re-threshold the stored anomaly map into the Anomaly segment, without running the model again.
 
         target: a result of :meth:`process` (its threshold and summary are updated) or its segmentation node.
-        Voxels with anomaly > threshold are in the segment. Returns the new summary.
+        Voxels with anomaly > threshold are in the segment, less parts smaller than the run's model drops
+        (its post-processing). Returns the new summary.
         """
         segmentation = target.segmentation if isinstance(target, AutoDDPMResult) else target
         if not self.isAnomalySegmentation(segmentation):
             raise ValueError(_("This segmentation was not made by AutoDDPM: it has no anomaly map to threshold."))
         anomalyMap = segmentation.GetNodeReference(ANOMALY_MAP_REFERENCE)
-        mask = volume_array(anomalyMap) > float(threshold)
+        mask = self._thresholded(segmentation, anomalyMap, float(threshold))
         set_segment_mask(segmentation, mask, anomalyMap)
         segmentation.SetAttribute(THRESHOLD_ATTRIBUTE, repr(float(threshold)))
         summary = summarize(mask, anomalyMap.GetSpacing(), threshold)
@@ -905,7 +917,12 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         """The summary of an AutoDDPM segmentation at its current threshold."""
         anomalyMap = segmentation.GetNodeReference(ANOMALY_MAP_REFERENCE)
         threshold = float(segmentation.GetAttribute(THRESHOLD_ATTRIBUTE) or 0.0)
-        return summarize(volume_array(anomalyMap) > threshold, anomalyMap.GetSpacing(), threshold)
+        return summarize(self._thresholded(segmentation, anomalyMap, threshold), anomalyMap.GetSpacing(), threshold)
+
+    @staticmethod
+    def _thresholded(segmentation: vtkMRMLSegmentationNode, anomalyMap: vtkMRMLScalarVolumeNode, threshold: float) -> np.ndarray:
+        minComponent = float(segmentation.GetAttribute(MIN_COMPONENT_ATTRIBUTE) or 0.0)
+        return threshold_map(volume_array(anomalyMap), anomalyMap.GetSpacing(), threshold, minComponent)
 
     @staticmethod
     def summaryText(summary: Optional[AnomalySummary]) -> str:

@@ -92,7 +92,8 @@ class JsonReporter(Reporter):
         self._emit("done", input=str(path), outputs={k: str(v) for k, v in outputs.items()}, threshold=engine.threshold,
                    slices=result.slices, slices_with_signal=result.slices_with_signal,
                    anomalous_voxels=result.anomalous_voxels, anomalous_volume_ml=result.anomalous_volume_ml,
-                   repeats=result.repeats, seconds=round(result.seconds, 3))
+                   repeats=result.repeats, seconds=round(result.seconds, 3),
+                   postprocessing=engine.postprocessing.to_dict())
 
     def finished(self) -> None:
         self._emit("finished", seconds=round(time.perf_counter() - self.started, 3))

@@ -386,3 +386,36 @@ def test_gpu_out_of_memory_retries_on_the_cpu(scene, logic, tiny_model, temp_roo
     assert result.state == "done" and result.engineStart["device"] == "cpu"
     assert any("running on the CPU" in warning for warning in result.warnings)
     assert list(temp_root.iterdir()) == []
+
+
+def test_post_processed_run_shows_the_searched_region_and_rethresholds_as_the_engine(
+        scene, logic, tiny_model_with, temp_root, tmp_path) -> None:
+    import slicer
+
+    postprocessing = {"polarity": "bright", "brain_erosion_mm": 2.0, "median_mm": 3.0, "min_component_mm3": 30.0}
+    thresholds = {"mask_tau": 0.05, "anomaly": 0.05, "calibrated": True, "calibration": {"schedule": "fast"},
+                  "postprocessed": {"anomaly": 0.002, "mask_tau": 0.05, "settings": postprocessing}}
+    model = tiny_model_with("pp", postprocessing=postprocessing, thresholds=thresholds)
+    assert logic.calibratedThreshold(str(model)) == 0.002  # the slider starts at the post-processed map's threshold
+    volume = add_head_volume(scene, tmp_path)
+    result = logic.process(volume, model=str(model), seed=0)
+    assert result.threshold == 0.002 and result.engineSummary["postprocessing"] == postprocessing
+    brain = slicer.util.arrayFromVolume(result.brainRegionVolume) > 0
+    anomaly = slicer.util.arrayFromVolume(result.anomalyMapVolume)
+    assert brain.any() and not brain.all() and (anomaly[~brain] == 0).all()
+    np.testing.assert_allclose(ijk_to_ras(result.brainRegionVolume), ijk_to_ras(volume), atol=1e-4)
+    engine_voxels = result.engineSummary["anomalous_voxels"]
+    assert segment_voxels(result.segmentation) == engine_voxels
+    # Re-thresholding drops the parts the engine drops: at the run's threshold it gives the engine's mask back,
+    # and at any threshold no kept part is smaller than the model's smallest.
+    from scipy import ndimage
+
+    voxel_mm3 = float(np.prod(volume.GetSpacing()))
+    for threshold in (0.0, 0.5 * result.threshold, result.threshold):
+        labels, _ = ndimage.label(anomaly > threshold, structure=np.ones((3, 3, 3)))
+        sizes = np.bincount(labels.ravel())
+        kept = int(sum(size for label, size in enumerate(sizes) if label and size * voxel_mm3 >= 30.0))
+        summary = logic.setThreshold(result, threshold)
+        assert summary.voxels == segment_voxels(result.segmentation) == kept
+    assert logic.setThreshold(result, result.threshold).voxels == engine_voxels
+    assert list(temp_root.iterdir()) == []

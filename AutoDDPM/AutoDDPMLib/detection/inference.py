@@ -102,22 +102,21 @@ class AutoDDPM:
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
         if self.batch_size < 1:
             raise AutoDDPMError("--batch-size must be at least 1")
-        tau, anomaly, calibrated = self.card.thresholds_for(schedule)
+        tau, _, calibrated = self.card.thresholds_for(schedule)
         self.threshold_warning = None
         if not calibrated and (threshold is None or mask_threshold is None):
             self.threshold_warning = (
                 f"model {self.card.name} has no thresholds calibrated for the {schedule} schedule, so its mask and "
                 f"anomaly threshold are not what its card promises; run `autoddpm calibrate MODEL_DIR --schedule {schedule} "
                 "--data HEALTHY_DATA` or give --threshold")
-        if not self.postprocessing.is_none:
-            postprocessed = self.card.postprocessed_threshold(schedule)
-            if postprocessed is None and threshold is None and self.threshold_warning is None:
-                self.threshold_warning = (
-                    f"model {self.card.name} has no threshold calibrated for its post-processed map with the {schedule} "
-                    f"schedule, so the mask uses the raw map's; run `autoddpm calibrate MODEL_DIR --schedule {schedule} "
-                    "--data VOLUMES_WITH_MASKS`, give --threshold, or run with --postprocess none")
-            anomaly = anomaly if postprocessed is None else postprocessed
-        self.threshold = anomaly if threshold is None else threshold
+        postprocessed = not self.postprocessing.is_none
+        if (postprocessed and self.card.postprocessed_threshold(schedule) is None and threshold is None
+                and self.threshold_warning is None):
+            self.threshold_warning = (
+                f"model {self.card.name} has no threshold calibrated for its post-processed map with the {schedule} "
+                f"schedule, so the mask uses the raw map's; run `autoddpm calibrate MODEL_DIR --schedule {schedule} "
+                "--data VOLUMES_WITH_MASKS`, give --threshold, or run with --postprocess none")
+        self.threshold = self.card.run_threshold(schedule, postprocessed) if threshold is None else threshold
         unet, self.backend_name, self.backend_note = load_network(self.card, self.device, backend)
         self.pipeline = AutoDDPMPipeline(
             unet,

@@ -117,6 +117,12 @@ class ModelCard:
             return None
         return float(postprocessed["anomaly"])
 
+    def run_threshold(self, schedule: str, postprocessed: bool = True) -> float:
+        """The threshold a run with ``schedule`` uses unless given one: the post-processed map's when the card
+        post-processes (``postprocessed``) and it was calibrated, else the raw map's."""
+        postprocessed_threshold = self.postprocessed_threshold(schedule) if postprocessed and self.postprocessing else None
+        return self.thresholds_for(schedule)[1] if postprocessed_threshold is None else postprocessed_threshold
+
     def _same_lpips_size(self, thresholds: dict) -> bool:
         """Whether ``thresholds`` were calibrated with the LPIPS size the card now sets (tau depends on it)."""
         calibration = thresholds.get("calibration", {})

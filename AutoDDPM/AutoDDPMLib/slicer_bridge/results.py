@@ -27,6 +27,8 @@ COLOR_TABLE_NAME = "AutoDDPM Anomaly"
 # scene, so the live re-threshold also works after reloading it.
 ANOMALY_MAP_REFERENCE = "AutoDDPM.AnomalyMap"
 THRESHOLD_ATTRIBUTE = "AutoDDPM.Threshold"
+# The run's smallest kept part in mm^3 (the model card's post-processing), so re-thresholding drops the same parts.
+MIN_COMPONENT_ATTRIBUTE = "AutoDDPM.MinComponentMm3"
 
 # DICOM terminology of the segment: a morphologically altered structure of
 # type "lesion" in the brain; Slicer shows it in the segment's terminology box.
@@ -65,6 +67,14 @@ def summarize(mask: np.ndarray, spacing: Iterable[float], threshold: float) -> A
         labels, components = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
         largest = int(np.bincount(labels.ravel())[1:].max())
     return AnomalySummary(float(threshold), voxels, voxels * voxel_ml, int(components), largest * voxel_ml)
+
+
+def threshold_map(anomaly: np.ndarray, spacing: Iterable[float], threshold: float, min_component_mm3: float) -> np.ndarray:
+    """The mask the engine makes of its map: above ``threshold``, without parts smaller than ``min_component_mm3``."""
+    # Imported here: it loads torch, which the module only needs once the engine has made a result.
+    from ..detection.map_filters import remove_small_components
+
+    return remove_small_components(np.asarray(anomaly) > threshold, list(spacing), min_component_mm3)
 
 
 def volume_array(node: "slicer.vtkMRMLScalarVolumeNode") -> np.ndarray:
