@@ -89,6 +89,17 @@ def test_median_removes_a_speck_and_keeps_a_blob() -> None:
     assert smoothed[2, 5, 5] == 0 and smoothed[2, 20, 20] == 1.0
 
 
+def test_median_inside_a_region_equals_the_whole_filter_there() -> None:
+    rng = np.random.default_rng(1)
+    anomaly = rng.random((6, 40, 40)).astype(np.float32)
+    region = np.zeros(anomaly.shape, bool)
+    region[1:5, 3:20, 10:39] = True  # touches the volume's edge on one side
+    anomaly[~region] = 0
+    whole = smooth(anomaly, (1.0, 1.0, 1.0), 5.0)
+    inside = smooth(anomaly, (1.0, 1.0, 1.0), 5.0, region)
+    assert np.array_equal(inside[region], whole[region]) and (inside[~region] == 0).all()
+
+
 def test_small_components_are_measured_in_cubic_millimetres() -> None:
     mask = np.zeros((4, 10, 10), bool)
     mask[1, 1, 1:6] = True  # 5 voxels

@@ -66,9 +66,21 @@ def median_kernel(spacing: Spacing, size_mm: float) -> tuple[int, ...]:
     return tuple(max(3, 2 * int(size_mm / s // 2) + 1) for s in spacing)
 
 
-def smooth(anomaly: np.ndarray, spacing: Spacing, size_mm: float) -> np.ndarray:
-    """3D median filter of the map over ``size_mm``."""
-    return ndimage.median_filter(anomaly, size=median_kernel(spacing, size_mm), mode="nearest")
+def smooth(anomaly: np.ndarray, spacing: Spacing, size_mm: float, region: Optional[np.ndarray] = None) -> np.ndarray:
+    """3D median filter of the map over ``size_mm``; with a ``region``, only the values inside it are filtered
+    (the others come back unchanged), which is the same there and several times faster on a head."""
+    kernel = median_kernel(spacing, size_mm)
+    if region is None:
+        return ndimage.median_filter(anomaly, size=kernel, mode="nearest")
+    result = anomaly.copy()
+    if not region.any():
+        return result
+    # The region's bounding box and a kernel's reach around it hold every value a voxel inside depends on;
+    # where the box meets the volume's edge, both filters repeat the same edge voxels.
+    box = tuple(slice(max(0, int(i.min()) - k // 2), int(i.max()) + k // 2 + 1) for i, k in zip(np.nonzero(region), kernel))
+    filtered = ndimage.median_filter(anomaly[box], size=kernel, mode="nearest")
+    result[box] = np.where(region[box], filtered, anomaly[box])
+    return result
 
 
 def postprocess_map(anomaly: np.ndarray, slices01: np.ndarray, spacing: Spacing,
@@ -80,9 +92,7 @@ def postprocess_map(anomaly: np.ndarray, slices01: np.ndarray, spacing: Spacing,
         brain = brain_region(slices01, spacing, settings.brain_erosion_mm)
         result = np.where(brain, result, 0).astype(anomaly.dtype)
     if settings.median_mm:
-        result = smooth(result, spacing, settings.median_mm)
-        if brain is not None:
-            result = np.where(brain, result, 0).astype(anomaly.dtype)  # the filter must not reach back out
+        result = smooth(result, spacing, settings.median_mm, brain)
     return result, brain
 
 
