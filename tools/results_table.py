@@ -26,9 +26,18 @@ def _rows(results: list[dict], dataset: str, size_bin: str, kind: str) -> dict[s
             if r["dataset"] == dataset and r["size_bin"] == size_bin and r["threshold_kind"] == kind}
 
 
-def summary(results: list[dict]) -> str:
+def headline_methods(results: list[dict]) -> list[str]:
+    """AutoDDPM's schedules, the best fixed-noise AnoDDPM (calibrated Dice, first dataset) and the input intensity."""
+    first = next(r["dataset"] for r in results)
+    calibrated = _rows(results, first, "all", "calibrated")
+    anoddpm = [m for m in calibrated if m.startswith("AnoDDPM")]
+    best = [max(anoddpm, key=lambda m: calibrated[m]["dice"])] if anoddpm else []
+    return [m for m in calibrated if m.startswith("AutoDDPM") or m.startswith("Input intensity") or m in best]
+
+
+def summary(results: list[dict], only: list[str] | None = None) -> str:
     datasets = [d for d in dict.fromkeys(r["dataset"] for r in results) if "[" not in d]
-    methods = list(dict.fromkeys(r["method"] for r in results if r["dataset"] in datasets))
+    methods = [m for m in dict.fromkeys(r["method"] for r in results if r["dataset"] in datasets) if only is None or m in only]
     first = datasets[0]
     header = ["method"] + [f"{d}: Dice calibrated / oracle, AUPRC" for d in datasets] + \
              ["evaluations / slice", f"s / slice ({first})", f"healthy-tissue MAE ({first})"]
@@ -64,11 +73,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a benchmark output folder (with results.json and meta.json)")
     parser.add_argument("--by-size", metavar="DATASET", help="per lesion-size bin, for this dataset")
+    parser.add_argument("--headline", action="store_true",
+                        help="only AutoDDPM, the best fixed-noise AnoDDPM and the input intensity (the README's rows)")
     args = parser.parse_args()
     results = json.loads((args.run / "results.json").read_text())
     meta = json.loads((args.run / "meta.json").read_text())
     print(f"`{meta['command']}` (commit {meta['commit']}, {meta['device']}, {meta['wall_seconds']:.0f} s)\n")
-    print(by_size(results, args.by_size) if args.by_size else summary(results))
+    print(by_size(results, args.by_size) if args.by_size else summary(results, headline_methods(results) if args.headline else None))
 
 
 if __name__ == "__main__":
