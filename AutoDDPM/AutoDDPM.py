@@ -675,9 +675,9 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         model: a bundled model's name or a model bundle folder (None: the default model).
         schedule: "fast" or "reference"; device: "auto", "cpu", "cuda" or "mps"; seed: makes runs repeatable.
         threshold: on the anomaly map (None: the model's calibrated threshold).
-        repeats: more than 1 runs AutoDDPM that many times with different seeds (that many times the time) and adds
-            ``result.spreadVolume``, the per-voxel standard deviation of the anomaly map over the runs; the other
-            outputs are the ``seed`` run's.
+        repeats: more than 1 runs AutoDDPM that many times with different seeds (that many times the time): the
+            outputs are the mean over the runs, and ``result.spreadVolume`` the per-voxel standard deviation of
+            their anomaly maps.
         output*: nodes to fill; None creates new ones named after the input (only once the run succeeds).
         waitForCompletion: True blocks until the results are in the scene (console, scripts, tests) and raises
             RuntimeError if the engine fails; False returns at once, runs in the background and reports through

@@ -6,7 +6,7 @@ import SimpleITK as sitk
 import torch
 from conftest import make_head_volume
 
-from AutoDDPMLib.detection.inference import AutoDDPM
+from AutoDDPMLib.detection.inference import REPEAT_SEED_STRIDE, AutoDDPM
 from AutoDDPMLib.errors import AutoDDPMError
 
 
@@ -81,14 +81,21 @@ def test_same_seed_same_volume(tiny_model):
     assert np.array_equal(sitk.GetArrayFromImage(a.pseudo_healthy), sitk.GetArrayFromImage(b.pseudo_healthy))
 
 
-def test_repeats_add_the_spread_and_keep_the_single_run(tiny_model):
+def test_repeats_average_the_runs_and_add_their_spread(tiny_model):
     image = make_head_volume()
-    single = AutoDDPM(tiny_model, seed=3, batch_size=4).process_volume(image)
+    engine = AutoDDPM(tiny_model, seed=3, batch_size=4)
+    single = engine.process_volume(image)
     seen = []
     repeated = AutoDDPM(tiny_model, seed=3, batch_size=4).process_volume(image, lambda f, stage: seen.append(f), repeats=3)
-    # The outputs are the --seed run's, bit for bit; only the spread is new.
-    for key in ("anomaly_map", "pseudo_healthy", "mask"):
-        assert np.array_equal(sitk.GetArrayFromImage(getattr(single, key)), sitk.GetArrayFromImage(getattr(repeated, key)))
+    # The outputs are the mean of the runs with seeds seed + r * REPEAT_SEED_STRIDE; the first is the single run.
+    runs = [AutoDDPM(tiny_model, seed=3 + r * REPEAT_SEED_STRIDE, batch_size=4).process_volume(image) for r in range(3)]
+    assert np.array_equal(sitk.GetArrayFromImage(runs[0].anomaly_map), sitk.GetArrayFromImage(single.anomaly_map))
+    for key in ("anomaly_map", "pseudo_healthy"):
+        mean = np.mean([sitk.GetArrayFromImage(getattr(run, key)) for run in runs], axis=0)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(getattr(repeated, key)), mean, rtol=1e-5, atol=1e-6)
+    mean_map = sitk.GetArrayFromImage(repeated.anomaly_map)
+    assert np.array_equal(sitk.GetArrayFromImage(repeated.mask), (mean_map > engine.threshold).astype(np.uint8))
+    assert not np.array_equal(mean_map, sitk.GetArrayFromImage(single.anomaly_map))
     assert single.spread is None and single.repeats == 1 and repeated.repeats == 3
     spread = sitk.GetArrayFromImage(repeated.spread)
     assert repeated.spread.GetSize() == image.GetSize() and repeated.spread.GetSpacing() == image.GetSpacing()

@@ -96,11 +96,9 @@ class Volume:
         self.likelihood = torch.from_numpy(cached["likelihood"])
 
     def raw_map(self, polarity: str) -> np.ndarray:
-        """The pipeline's map with ``polarity`` in the volume, as AutoDDPM.anomaly_in_volume makes it."""
+        """The pipeline's map with ``polarity`` in the volume, before post-processing, as ``autoddpm run`` makes it."""
         grid_map = deviation(self.x, self.pseudo_healthy, polarity) * self.likelihood
-        anomaly = np.zeros_like(self.slices01)
-        anomaly[self.keep] = np.clip(self.transform.from_model_grid(grid_map), 0, None)
-        return anomaly
+        return AutoDDPM.raw_anomaly_in_volume(grid_map, self.transform, self.keep, self.slices01)
 
 
 def pooled_auprc(maps: list[np.ndarray], truths: list[np.ndarray]) -> float:

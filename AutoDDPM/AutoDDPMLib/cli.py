@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", required=True, help="folder for <name>_pseudohealthy/_anomaly/_mask.nii.gz")
     _add_engine_options(run)
     run.add_argument("--repeats", type=int, default=1, metavar="N",
-                     help="run N times with different seeds (N times the time) and also write <name>_spread.nii.gz, "
-                          "the per-voxel standard deviation of the anomaly map; the other outputs stay the --seed run's")
+                     help="run N times with different seeds (N times the time): the outputs are the mean over the runs, "
+                          "and <name>_spread.nii.gz the per-voxel standard deviation of their anomaly maps")
     run.set_defaults(handler=_run)
 
     demo = commands.add_parser("demo", help="run on the bundled sample FLAIR volume and draw a figure")

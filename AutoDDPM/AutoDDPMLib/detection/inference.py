@@ -45,8 +45,8 @@ class VolumeResult:
     """The output volumes, in the input's geometry, and what it took to make them.
 
     ``spread`` (runs with repeats only) is the per-voxel standard deviation of the
-    anomaly map over the repeats: where it is high, another seed would draw
-    another map. The other outputs are those of the first repeat.
+    anomaly map (before post-processing) over the repeats: where it is high,
+    another seed would draw another map. The other outputs are the repeats' mean.
     """
 
     pseudo_healthy: sitk.Image
@@ -184,8 +184,10 @@ class AutoDDPM:
 
         ``name`` (a file or node name) is only read for what it says about the input's contrast.
         ``repeats`` > 1 runs the whole pipeline that many times with different seeds
-        (that many times the time) and adds their spread to the result; the
-        outputs themselves stay those of the single run with ``seed``.
+        (that many times the time): the pseudo-healthy volume and the anomaly map are
+        the mean over the runs (the map post-processed and thresholded after
+        averaging), and their spread, the per-voxel standard deviation of the maps
+        before post-processing, is added to the result.
         """
         if repeats < 1:
             raise AutoDDPMError("--repeats must be at least 1")
@@ -212,21 +214,24 @@ class AutoDDPM:
                     progress((repeat + fraction) / repeats, stage)
 
             runs.append(self.process_slices(grid, report, repeat))
-        out = runs[0]
 
-        resampled = transform.from_model_grid(out.mask) > 0
-        pseudo_healthy = stack.array.copy()
-        reconstructed = denormalize(transform.from_model_grid(out.pseudo_healthy), window)
-        kept = pseudo_healthy[with_signal]
-        kept[resampled] = reconstructed[resampled]
-        pseudo_healthy[with_signal] = kept
-        anomaly, brain = self.anomaly_in_volume(out.anomaly_map, transform, with_signal, slices01, stack.spacing)
+        def pseudo_healthy_of(run: AutoDDPMOutput) -> np.ndarray:
+            # The input voxel for voxel, but where the run re-sampled.
+            resampled = transform.from_model_grid(run.mask) > 0
+            volume = stack.array.copy()
+            kept = volume[with_signal]
+            kept[resampled] = denormalize(transform.from_model_grid(run.pseudo_healthy), window)[resampled]
+            volume[with_signal] = kept
+            return volume
+
+        raw_maps = [self.raw_anomaly_in_volume(run.anomaly_map, transform, with_signal, slices01) for run in runs]
+        pseudo_healthy = pseudo_healthy_of(runs[0])
+        raw_map, spread = raw_maps[0], None
+        if repeats > 1:  # the outputs are the mean over the runs, their spread the standard deviation of the maps
+            pseudo_healthy = np.mean([pseudo_healthy] + [pseudo_healthy_of(run) for run in runs[1:]], axis=0)
+            raw_map, spread = np.mean(raw_maps, axis=0), np.std(raw_maps, axis=0)
+        anomaly, brain = postprocess_map(raw_map, slices01, stack.spacing, self.postprocessing)
         mask = anomaly_mask(anomaly, self.threshold, stack.spacing, self.postprocessing).astype(np.uint8)
-        spread = None
-        if repeats > 1:
-            maps = np.stack([self.anomaly_in_volume(run.anomaly_map, transform, with_signal, slices01, stack.spacing)[0]
-                             for run in runs])
-            spread = maps.std(axis=0)
 
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         flagged = int(mask.sum())
@@ -258,10 +263,10 @@ class AutoDDPM:
             postprocessing=self.postprocessing.describe(),
         )
 
-    def anomaly_in_volume(self, grid_map: torch.Tensor, transform, with_signal: np.ndarray, slices01: np.ndarray,
-                          spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray | None]:
-        """(The output anomaly map, the brain region or None) in the volume's canonical slices, from the
-        pipeline's map on the model grid: mapped back (zero on slices without signal), then post-processed."""
+    @staticmethod
+    def raw_anomaly_in_volume(grid_map: torch.Tensor, transform, with_signal: np.ndarray, slices01: np.ndarray) -> np.ndarray:
+        """The pipeline's map on the model grid in the volume's canonical slices (zero on slices without signal),
+        before post-processing."""
         anomaly = np.zeros_like(slices01)
         anomaly[with_signal] = np.clip(transform.from_model_grid(grid_map), 0, None)
-        return postprocess_map(anomaly, slices01, spacing, self.postprocessing)
+        return anomaly
