@@ -60,28 +60,36 @@ def candidate_settings(stage: str) -> list[PostProcessing]:
     return [s for name, group in stages.items() if stage in (name, "all") for s in group]
 
 
-def compute_cache(engine: AutoDDPM, pairs: list[tuple[Path, Path]], cache: Path) -> None:
-    """The model-grid outputs of one run per volume (pseudo-healthy, likelihood map M, re-sampling mask)."""
+def cache_files(cache: Path, image_path: Path, repeats: int) -> list[Path]:
+    """Where the outputs of repeats 0 .. repeats-1 of one volume are kept."""
+    stem = image_path.name.replace(".nii.gz", "")
+    return [cache / (f"{stem}.npz" if r == 0 else f"{stem}.r{r}.npz") for r in range(repeats)]
+
+
+def compute_cache(engine: AutoDDPM, pairs: list[tuple[Path, Path]], cache: Path, repeats: int = 1) -> None:
+    """The model-grid outputs of each run of each volume (pseudo-healthy, likelihood map M, re-sampling mask),
+    repeat r with the seeds `autoddpm run --repeats` gives it."""
     cache.mkdir(parents=True, exist_ok=True)
     for image_path, _ in pairs:
-        target = cache / (image_path.name.replace(".nii.gz", "") + ".npz")
-        if target.exists():
+        missing = [(r, f) for r, f in enumerate(cache_files(cache, image_path, repeats)) if not f.exists()]
+        if not missing:
             continue
         stack = AxialStack.from_image(read_volume(image_path))
         slices01 = normalize(stack.array, intensity_window(stack.array, engine.card.intensity_percentiles))
         keep = np.array([has_signal(s, engine.card.min_foreground_fraction) for s in slices01], dtype=bool)
         grid, _ = to_model_grid(slices01[keep], stack.pixel_spacing, engine.card.image_size)
-        out = engine.process_slices(grid)
-        np.savez_compressed(target.with_suffix(".tmp.npz"), pseudo_healthy=out.pseudo_healthy.numpy(),
-                            likelihood=out.likelihood_map.numpy(), resampled=out.mask.numpy().astype(np.uint8))
-        target.with_suffix(".tmp.npz").rename(target)
-        print(f"computed {target.name}", file=sys.stderr, flush=True)
+        for repeat, target in missing:
+            out = engine.process_slices(grid, repeat=repeat)
+            np.savez_compressed(target.with_suffix(".tmp.npz"), pseudo_healthy=out.pseudo_healthy.numpy(),
+                                likelihood=out.likelihood_map.numpy(), resampled=out.mask.numpy().astype(np.uint8))
+            target.with_suffix(".tmp.npz").rename(target)
+            print(f"computed {target.name}", file=sys.stderr, flush=True)
 
 
 class Volume:
     """One patient's volume, truth and the cached model outputs, in the volume's canonical slices."""
 
-    def __init__(self, image_path: Path, mask_path: Path, card, cache_file: Path, slice_spacing: float | None = None) -> None:
+    def __init__(self, image_path: Path, mask_path: Path, card, cache: list[Path], slice_spacing: float | None = None) -> None:
         self.name = image_path.name.split("_flair")[0]
         stack = AxialStack.from_image(read_volume(image_path))
         # LGG's volumes carry a nominal 1 mm grid; --slice-spacing reads them as the thick stacks they likely are.
@@ -91,14 +99,21 @@ class Volume:
         self.x, self.transform = to_model_grid(self.slices01[self.keep], stack.pixel_spacing, card.image_size)
         self.truth = AxialStack.from_image(read_volume(mask_path)).array > 0
         self.tissue = self.slices01 > FOREGROUND_LEVEL
-        cached = np.load(cache_file)
-        self.pseudo_healthy = torch.from_numpy(cached["pseudo_healthy"])
-        self.likelihood = torch.from_numpy(cached["likelihood"])
+        self.runs = [np.load(path) for path in cache]  # one per repeat
 
     def raw_map(self, polarity: str) -> np.ndarray:
-        """The pipeline's map with ``polarity`` in the volume, before post-processing, as ``autoddpm run`` makes it."""
-        grid_map = deviation(self.x, self.pseudo_healthy, polarity) * self.likelihood
-        return AutoDDPM.raw_anomaly_in_volume(grid_map, self.transform, self.keep, self.slices01)
+        """The pipeline's map with ``polarity`` in the volume before post-processing, the mean over the repeats,
+        as ``autoddpm run`` makes it."""
+        maps = [AutoDDPM.raw_anomaly_in_volume(deviation(self.x, torch.from_numpy(run["pseudo_healthy"]), polarity)
+                                               * torch.from_numpy(run["likelihood"]), self.transform, self.keep, self.slices01)
+                for run in self.runs]
+        return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
+
+    def tumour_resampled(self) -> float:
+        """The share of the tumour that the first run's step 1 sent to re-sampling."""
+        resampled = np.zeros(self.truth.shape, bool)
+        resampled[self.keep] = self.transform.from_model_grid(torch.from_numpy(self.runs[0]["resampled"]).float()) > 0
+        return float(resampled[self.truth].mean())
 
 
 def pooled_auprc(maps: list[np.ndarray], truths: list[np.ndarray]) -> float:
@@ -161,7 +176,7 @@ def main() -> None:
         return
     card = engine.card
     cache = args.cache / card.name / engine.schedule_name
-    volumes = {split: [Volume(image, mask, card, cache / split / (image.name.replace(".nii.gz", "") + ".npz"), args.slice_spacing)
+    volumes = {split: [Volume(image, mask, card, cache_files(cache / split, image, 1), args.slice_spacing)
                        for image, mask in pairs] for split, pairs in patients(args.data).items()}
     dev, val = volumes["dev"], volumes["val"]
     raw = {(v.name, polarity): v.raw_map(polarity) for v in dev + val for polarity in ("both", "bright")}

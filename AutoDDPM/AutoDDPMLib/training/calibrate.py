@@ -49,6 +49,28 @@ def healthy_calibration_slices(data: list[str | os.PathLike], card: ModelCard, m
     return slices
 
 
+def coarse_likelihood(
+    pipeline: AutoDDPMPipeline,
+    batches: list[torch.Tensor],
+    generator: torch.Generator,
+    report: Callable[[int, str], None] | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Step 1 on batches of healthy slices: their coarse reconstructions, and the likelihood map M of all of them."""
+    schedule = pipeline.schedule
+    reconstructions, likelihoods = [], []
+    for i, batch in enumerate(batches):
+        reconstructions.append(pipeline.reconstruct(batch, schedule.coarse_start, schedule.coarse_steps, generator))
+        likelihoods.append(pipeline.likelihood_map(batch, reconstructions[-1]).cpu())
+        if report is not None:
+            report(i + 1, "coarse reconstruction")
+    return reconstructions, torch.cat(likelihoods)
+
+
+def healthy_tau(likelihood: torch.Tensor, tissue: torch.Tensor, mask_fraction: float) -> float:
+    """tau: flags ``mask_fraction`` of the healthy tissue pixels of the likelihood map M for re-sampling."""
+    return _quantile(likelihood[tissue], 1 - mask_fraction)
+
+
 def healthy_thresholds(
     pipeline: AutoDDPMPipeline,
     slices: torch.Tensor,
@@ -64,7 +86,6 @@ def healthy_thresholds(
     tau flags ``mask_fraction`` of their tissue pixels on the likelihood map M, the threshold
     ``healthy_fpr`` of them on the anomaly map A that the pipeline makes with that tau.
     """
-    schedule = pipeline.schedule
     tissue = slices > FOREGROUND_LEVEL
     batches = [batch.to(device) for batch in slices.split(batch_size)]
 
@@ -74,13 +95,8 @@ def healthy_thresholds(
 
     # tau depends only on the coarse reconstruction (step 1), which does not depend on tau:
     # reconstruct once, choose tau, then stitch and re-sample those same reconstructions.
-    reconstructions, likelihoods = [], []
-    for i, batch in enumerate(batches):
-        reconstructions.append(pipeline.reconstruct(batch, schedule.coarse_start, schedule.coarse_steps, generator))
-        likelihoods.append(pipeline.likelihood_map(batch, reconstructions[-1]).cpu())
-        report(i + 1, "coarse reconstruction")
-    likelihood = torch.cat(likelihoods)
-    tau = _quantile(likelihood[tissue], 1 - mask_fraction)
+    reconstructions, likelihood = coarse_likelihood(pipeline, batches, generator, report)
+    tau = healthy_tau(likelihood, tissue, mask_fraction)
 
     pipeline.mask_threshold = tau
     anomalies = []
