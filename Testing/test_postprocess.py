@@ -225,9 +225,13 @@ def test_volume_benchmark_scores_each_patient_as_autoddpm_run_makes_its_map(tiny
         mask.CopyInformation(image)
         sitk.WriteImage(mask, str(data / f"p{seed}_mask.nii.gz"))
     out = tmp_path / "bench"
-    assert main(["benchmark-volumes", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--backend", "torch"]) == 0
+    assert main(["benchmark-volumes", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--backend", "torch",
+                 "--baselines", "residual-fast"]) == 0
     rows = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["AutoDDPM fast", "AutoDDPM fast (raw map)", "Input intensity", "Input intensity (raw)"]
+    assert [r["method"] for r in rows] == ["AutoDDPM fast", "AutoDDPM fast (raw map)", "Input intensity", "Input intensity (raw)",
+                                           "Residual (coarse, fast)", "Residual (coarse, fast) (raw)"]
+    # Every calibrated baseline flags at most 1% of the healthy voxels; the map outside the brain is never flagged.
+    assert all(r["healthy_fpr"] <= 0.01 for r in rows[2:])
     for row in rows:
         assert sorted(row["per_patient_dice"]) == ["p0", "p1"] and row["patients"] == 2
         assert 0 <= row["dice"] <= 1 and 0 <= row["found"] <= 2

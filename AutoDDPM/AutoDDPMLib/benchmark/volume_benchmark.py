@@ -16,6 +16,10 @@ training.volume_calibration), except AutoDDPM with the card's own threshold:
 - ``Input intensity``: the normalised FLAIR itself as the map (no model), raw and
   with the card's post-processing, calibrated the same way: what a plain
   threshold finds.
+- with ``--baselines``, the fixed-noise reconstructions of the slice benchmark:
+  the residual of AutoDDPM's own coarse reconstruction (``residual-fast``) and
+  AnoDDPM from t = 100 in all its 101 steps (``anoddpm-100``), each raw (|x - x_rec|)
+  and with the card's polarity and post-processing, calibrated the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
@@ -45,6 +49,8 @@ if TYPE_CHECKING:
 # line builds this command's parser where SimpleITK is missing too (a GPU node that only trains).
 
 FOUND_DICE = 0.1  # a patient's tumour counts as found when its Dice is above this
+# The fixed-noise baselines: name, start level and reverse steps (None: the fast schedule's coarse reconstruction).
+RECONSTRUCTION_BASELINES = {"residual-fast": ("Residual (coarse, fast)", None, None), "anoddpm-100": ("AnoDDPM t=100", 100, 101)}
 
 
 class Case:
@@ -100,9 +106,31 @@ def run_autoddpm(engine: AutoDDPM, cases: list[Case], log) -> tuple[list[np.ndar
     return maps, masks, (time.perf_counter() - started) / len(cases)
 
 
-def intensity_method(cases: list[Case], settings: PostProcessing) -> tuple[list[np.ndarray], list[np.ndarray], float]:
-    """The normalised image as the anomaly map, post-processed with ``settings`` and calibrated on the healthy voxels."""
-    maps = [postprocess_map(case.slices01, case.slices01, case.spacing, settings)[0] for case in cases]
+def reconstruction_maps(engine: AutoDDPM, cases: list[Case], level: int, steps: int,
+                        polarity: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(raw |x - x_rec|, the ``polarity`` residual) in each volume, from a reconstruction of every slice with signal
+    from noise level ``level`` in ``steps`` steps, batch i drawing its noise from seed + i as ``autoddpm run`` does."""
+    import torch
+
+    from ..diffusion.polarity import deviation
+    from ..volumes.slices import has_signal, to_model_grid
+
+    card, raw, polar = engine.card, [], []
+    for case in cases:
+        keep = np.array([has_signal(s, card.min_foreground_fraction) for s in case.slices01], dtype=bool)
+        grid, transform = to_model_grid(case.slices01[keep], case.spacing[1:], card.image_size)
+        with torch.no_grad():
+            rec = torch.cat([engine.pipeline.reconstruct(batch.to(engine.device), level, steps,
+                                                         torch.Generator().manual_seed(engine.seed + i)).cpu()
+                             for i, batch in enumerate(grid.split(engine.batch_size))])
+        raw.append(engine.raw_anomaly_in_volume(deviation(grid, rec, "both"), transform, keep, case.slices01))
+        polar.append(engine.raw_anomaly_in_volume(deviation(grid, rec, polarity), transform, keep, case.slices01))
+    return raw, polar
+
+
+def calibrated_method(cases: list[Case], raw_maps: list[np.ndarray], settings: PostProcessing) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """A map post-processed with ``settings`` and thresholded at 1% of the healthy voxels: (maps, masks, threshold)."""
+    maps = [postprocess_map(raw, case.slices01, case.spacing, settings)[0] for raw, case in zip(raw_maps, cases)]
     threshold, _ = calibrate_volume_threshold(maps, [c.healthy for c in cases], [c.spacing for c in cases], settings)
     return maps, [anomaly_mask(m, threshold, c.spacing, settings) for m, c in zip(maps, cases)], threshold
 
@@ -150,11 +178,16 @@ def box_plot(rows: list[dict], path: Path) -> Optional[str]:
 
 
 def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_dir: str | os.PathLike,
-                         max_volumes: Optional[int] = None, backend: str = "auto", log=print) -> list[dict]:
-    """Run and score every method on the volumes with masks in ``data``; write results.json, meta.json, results.md."""
+                         max_volumes: Optional[int] = None, backend: str = "auto", baselines: Sequence[str] = (),
+                         log=print) -> list[dict]:
+    """Run and score every method (and the ``baselines``, keys of RECONSTRUCTION_BASELINES) on the volumes with masks
+    in ``data``; write results.json, meta.json, results.md."""
     from ..detection.inference import AutoDDPM
     from ..training.training_data import find_training_images
 
+    unknown = sorted(set(baselines) - set(RECONSTRUCTION_BASELINES))
+    if unknown:
+        raise AutoDDPMError(f"unknown baselines {', '.join(unknown)}: choose from {', '.join(RECONSTRUCTION_BASELINES)}")
     pairs = [(image, mask) for image, mask in find_training_images(data) if mask is not None][:max_volumes]
     if not pairs:
         raise AutoDDPMError(f"no volumes with expert masks (*_mask) in {data}")
@@ -170,13 +203,24 @@ def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_d
     maps, masks, seconds = run_autoddpm(raw_engine, cases, log)
     rows.append(score("AutoDDPM fast (raw map)", cases, maps, masks, raw_engine.threshold, seconds))
     for label, method_settings in (("Input intensity", settings), ("Input intensity (raw)", PostProcessing.none())):
-        maps, masks, threshold = intensity_method(cases, method_settings)
+        maps, masks, threshold = calibrated_method(cases, [case.slices01 for case in cases], method_settings)
         rows.append(score(label, cases, maps, masks, threshold))
+    schedule = engine.pipeline.schedule
+    for key in baselines:
+        label, level, steps = RECONSTRUCTION_BASELINES[key]
+        started = time.perf_counter()
+        raw, polar = reconstruction_maps(engine, cases, level or schedule.coarse_start, steps or schedule.coarse_steps,
+                                         settings.polarity)
+        seconds = (time.perf_counter() - started) / len(cases)
+        log(f"{label}: reconstructed")
+        for row_label, maps_in, method_settings in ((label, polar, settings), (f"{label} (raw)", raw, PostProcessing.none())):
+            maps, masks, threshold = calibrated_method(cases, maps_in, method_settings)
+            rows.append(score(row_label, cases, maps, masks, threshold, seconds))
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": engine.card.name, "data": str(data), "cases": len(cases), "postprocessing": settings.to_dict(),
-        "schedule": engine.schedule_name, "backend": engine.backend_name, "command": command_line("benchmark-volumes"),
+        "schedule": engine.schedule_name, "backend": engine.backend_name, "baselines": list(baselines), "command": command_line("benchmark-volumes"),
         "commit": git_commit(), "date": _dt.date.today().isoformat(), "found_dice": FOUND_DICE,
         "figure": box_plot(rows, output / "patient_dice.png"),
     }
@@ -195,11 +239,14 @@ def add_volume_benchmark_command(subparsers) -> None:
     command.add_argument("--output-dir", required=True)
     command.add_argument("--max-volumes", type=int, default=None)
     command.add_argument("--backend", default="auto", choices=list(BACKENDS))
+    command.add_argument("--baselines", nargs="*", default=[], choices=list(RECONSTRUCTION_BASELINES),
+                         help="also the fixed-noise reconstructions (network evaluations: residual-fast 10 per slice, "
+                              "anoddpm-100 101), raw and post-processed")
     command.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    rows = run_volume_benchmark(args.model, args.data, args.output_dir, args.max_volumes, args.backend)
+    rows = run_volume_benchmark(args.model, args.data, args.output_dir, args.max_volumes, args.backend, args.baselines)
     for row in rows:
         print(f"{row['method']:26s} Dice {row['dice']:.3f}  AUPRC {row['auprc']:.3f}  "
               f"patients found {row['found']}/{row['patients']}")
