@@ -34,6 +34,76 @@ def node_ids(scene) -> set[str]:
     return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
 
+def to_world(node) -> np.ndarray:
+    """The matrix from the node's own coordinates to world coordinates (its parent transforms applied)."""
+    import slicer
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    assert slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(node.GetParentTransformNode(), None, matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def world_ijk_to_ras(node) -> np.ndarray:
+    """Where a volume's voxels are in the world: its IJK-to-RAS matrix under its transforms."""
+    return to_world(node) @ ijk_to_ras(node)
+
+
+def segmentation_geometry_in_world(segmentation) -> tuple[np.ndarray, tuple]:
+    """The segmentation's reference image geometry (the grid the Segment Editor paints on), in world coordinates."""
+    import slicer
+    import vtk
+
+    matrix, extent = vtk.vtkMatrix4x4(), [0] * 6
+    geometry = segmentation.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, matrix, extent)
+    local = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return to_world(segmentation) @ local, tuple(extent)
+
+
+def segment_points_in_world(segmentation) -> np.ndarray:
+    """The world coordinates (mm, rounded to 0.01) of the Anomaly segment's voxels, sorted."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation.GetBinaryLabelmapRepresentation("Anomaly", labelmap)
+    extent = labelmap.GetExtent()
+    dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
+    values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(dims[::-1])
+    k, j, i = np.nonzero(values)
+    ijk = np.stack([i + extent[0], j + extent[2], k + extent[4], np.ones_like(i)])
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    local = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return sort_points((to_world(segmentation) @ local @ ijk)[:3].T)
+
+
+def mask_points_in_world(mask: np.ndarray, volume) -> np.ndarray:
+    """The world coordinates of the voxels of ``mask`` ([k, j, i] on ``volume``'s grid), as segment_points_in_world."""
+    k, j, i = np.nonzero(mask)
+    return sort_points((world_ijk_to_ras(volume) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T)
+
+
+def sort_points(points: np.ndarray) -> np.ndarray:
+    points = np.round(points, 2) + 0.0  # + 0.0: no -0.0
+    return points[np.lexsort(points.T[::-1])]
+
+
+def move_by_50mm(scene, volume) -> None:
+    """Put ``volume`` under a registration: 50 mm to the right and 30 degrees about the vertical axis."""
+    import vtk
+
+    transform = vtk.vtkTransform()
+    transform.Translate(50.0, 0.0, 0.0)
+    transform.RotateZ(30.0)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    node.SetMatrixTransformToParent(transform.GetMatrix())
+    volume.SetAndObserveTransformNodeID(node.GetID())
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """One blocking run on a synthetic head with a bright lesion, shared by the checks of its results."""
@@ -420,3 +490,54 @@ def test_post_processed_run_shows_the_searched_region_and_rethresholds_as_the_en
         assert summary.voxels == segment_voxels(result.segmentation) == kept
     assert logic.setThreshold(result, result.threshold).voxels == engine_voxels
     assert list(temp_root.iterdir()) == []
+
+
+def test_results_of_a_transformed_input_overlay_it(scene, logic, tiny_model_with, temp_root, tmp_path) -> None:
+    """An input under a registration: every output lies where the input lies in the world, voxel for voxel."""
+    import slicer
+
+    postprocessing = {"polarity": "bright", "brain_erosion_mm": 2.0, "median_mm": 3.0, "min_component_mm3": 0.0}
+    model = tiny_model_with("pp", postprocessing=postprocessing)
+    volume = add_head_volume(scene, tmp_path)
+    move_by_50mm(scene, volume)
+    # A threshold on the post-processed map that flags part of the head.
+    result = logic.process(volume, model=str(model), seed=0, threshold=0.002)
+    assert result.brainRegionVolume is not None
+    for node in (result.pseudoHealthyVolume, result.anomalyMapVolume, result.brainRegionVolume):
+        np.testing.assert_allclose(world_ijk_to_ras(node), world_ijk_to_ras(volume), atol=1e-4)
+    geometry, extent = segmentation_geometry_in_world(result.segmentation)
+    np.testing.assert_allclose(geometry, world_ijk_to_ras(volume), atol=1e-4)
+    dims = volume.GetImageData().GetDimensions()
+    assert extent == (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    mask = slicer.util.arrayFromVolume(result.anomalyMapVolume) > result.threshold
+    assert mask.any()
+    np.testing.assert_array_equal(segment_points_in_world(result.segmentation), mask_points_in_world(mask, volume))
+    # Re-thresholding keeps the overlay.
+    lower = logic.setThreshold(result, 0.001)
+    mask = slicer.util.arrayFromVolume(result.anomalyMapVolume) > 0.001
+    assert lower.voxels == int(mask.sum())
+    np.testing.assert_array_equal(segment_points_in_world(result.segmentation), mask_points_in_world(mask, volume))
+
+
+@pytest.mark.parametrize("order", ["segmentation first", "placed first"])
+def test_segmentation_of_a_transformed_input_overlays_it_in_any_order(scene, tmp_path, order) -> None:
+    """prepare_segmentation, set_segment_mask and place_beside give the same overlay whichever comes first."""
+    import slicer
+
+    from AutoDDPMLib.slicer_bridge.results import place_beside, prepare_segmentation, set_segment_mask
+
+    volume = add_head_volume(scene, tmp_path)
+    move_by_50mm(scene, volume)
+    anomaly_map = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "map")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    mask = np.zeros(slicer.util.arrayFromVolume(volume).shape, bool)
+    mask[2:4, 10:15, 20:30] = True
+    if order == "placed first":
+        place_beside(volume, [anomaly_map, segmentation])
+    prepare_segmentation(segmentation, volume, anomaly_map)
+    set_segment_mask(segmentation, mask, volume)
+    if order == "segmentation first":
+        place_beside(volume, [anomaly_map, segmentation])
+    geometry, _ = segmentation_geometry_in_world(segmentation)
+    np.testing.assert_allclose(geometry, world_ijk_to_ras(volume), atol=1e-4)
+    np.testing.assert_array_equal(segment_points_in_world(segmentation), mask_points_in_world(mask, volume))

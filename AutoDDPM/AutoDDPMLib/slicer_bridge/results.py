@@ -169,9 +169,16 @@ def copy_window_level(source: "slicer.vtkMRMLScalarVolumeNode", target: "slicer.
 
 def prepare_segmentation(segmentation: "slicer.vtkMRMLSegmentationNode", reference: "slicer.vtkMRMLScalarVolumeNode",
                          anomaly_map: "slicer.vtkMRMLScalarVolumeNode") -> None:
-    """Reference geometry, the "Anomaly" segment with its terminology, and the link to the anomaly map."""
+    """Reference geometry, the "Anomaly" segment with its terminology, and the link to the anomaly map.
+
+    The segmentation goes under ``reference``'s transform, as :func:`place_beside` puts it: its geometry and its
+    segment are then the reference's voxel grid as stored, and overlay the reference whatever transform that has.
+    """
     import slicer
 
+    # First the transform: the geometry is taken relative to the segmentation's transform at this moment, so a
+    # transform set afterwards would apply the reference's offset a second time.
+    segmentation.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
     segmentation.SetNodeReferenceID(ANOMALY_MAP_REFERENCE, anomaly_map.GetID())
     segmentation.CreateDefaultDisplayNodes()
@@ -189,7 +196,8 @@ def prepare_segmentation(segmentation: "slicer.vtkMRMLSegmentationNode", referen
 
 def set_segment_mask(segmentation: "slicer.vtkMRMLSegmentationNode", mask: np.ndarray,
                      reference: "slicer.vtkMRMLScalarVolumeNode") -> None:
-    """Replace the Anomaly segment's voxels with ``mask`` ([k, j, i] on ``reference``'s grid)."""
+    """Replace the Anomaly segment's voxels with ``mask`` ([k, j, i] on ``reference``'s grid as stored, which is the
+    segmentation's own coordinates once :func:`prepare_segmentation` has put it under ``reference``'s transform)."""
     import slicer
     import vtk
     from vtk.util import numpy_support
