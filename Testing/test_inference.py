@@ -238,3 +238,49 @@ def test_a_failed_export_falls_back_to_torch_under_auto_only(tiny_model, monkeyp
     assert engine.backend_note == "exporting model tiny to ONNX Runtime failed (RuntimeError: unsupported operator)"
     with pytest.raises(AutoDDPMError, match="to ONNX Runtime failed .*; use --backend torch"):
         AutoDDPM(tiny_model, backend="onnxruntime")
+
+
+class SmallGpu:
+    """The engine's pipeline on a device too small for any batch: it runs out of memory until the engine is on the CPU."""
+
+    def __init__(self, engine: AutoDDPM, error: Exception) -> None:
+        self.engine, self.pipeline, self.error, self.batches = engine, engine.pipeline, error, []
+
+    def __call__(self, batch, generator, report):
+        self.batches.append((self.engine.device.type, len(batch)))
+        if self.engine.device.type != "cpu":
+            raise self.error
+        return self.pipeline(batch, generator, report)
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+
+# torch.OutOfMemoryError arrived in torch 2.5; the package declares torch>=2.0, where only torch.cuda.OutOfMemoryError is.
+@pytest.mark.parametrize("torch_version", ["2.5 and later", "2.0 to 2.4"])
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("MPS backend out of memory (MPS allocated: 9.00 GB)")],
+                         ids=["cuda", "mps"])
+def test_out_of_memory_halves_the_batch_then_moves_to_the_cpu(tiny_model, monkeypatch, torch_version, error):
+    if torch_version == "2.0 to 2.4":
+        monkeypatch.delattr(torch, "OutOfMemoryError")
+    engine = AutoDDPM(tiny_model, seed=0, batch_size=2, backend="torch")  # the backend that runs on GPUs
+    # A device that is not the CPU and exists on every machine: the data go there before the pipeline fails.
+    engine.device = torch.device("meta")
+    engine.pipeline = SmallGpu(engine, error)
+    slices = torch.rand(3, 1, 32, 32)
+    output = engine.process_slices(slices)
+    assert engine.pipeline.batches[:3] == [("meta", 2), ("meta", 1), ("cpu", 1)]
+    assert engine.device.type == "cpu" and output.anomaly_map.shape == (3, 1, 32, 32)
+
+
+@pytest.mark.parametrize("torch_version", ["2.5 and later", "2.0 to 2.4"])
+def test_other_gpu_errors_are_not_taken_for_out_of_memory(tiny_model, monkeypatch, torch_version):
+    if torch_version == "2.0 to 2.4":
+        monkeypatch.delattr(torch, "OutOfMemoryError")
+    engine = AutoDDPM(tiny_model, seed=0, batch_size=2, backend="torch")
+    engine.device = torch.device("meta")
+    engine.pipeline = SmallGpu(engine, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.process_slices(torch.rand(2, 1, 32, 32))
+    assert engine.pipeline.batches == [("meta", 2)]

@@ -37,4 +37,6 @@ def describe_device(device: torch.device) -> str:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is a device running out of memory (CUDA or MPS)."""
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    # torch.cuda.OutOfMemoryError exists on every torch the package accepts (>= 2.0), CPU-only builds included;
+    # torch.OutOfMemoryError, its alias, only from 2.5. MPS raises a plain RuntimeError that says so.
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
