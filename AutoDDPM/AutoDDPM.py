@@ -243,8 +243,9 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 parameterNode.threshold = self.logic.calibratedThreshold(None, parameterNode.schedule)
                 parameterNode.model = DEFAULT_MODEL
-            except AutoDDPMError as error:
-                self.addLog(str(error))
+            except (AutoDDPMError, ValueError) as error:
+                # A broken install (no Resources folder, a damaged card): the panel still works, and says why.
+                self.showProblem(str(error))
         self.setParameterNode(parameterNode)
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
@@ -274,7 +275,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             cards = list_bundled_models()
         except AutoDDPMError as error:
             cards = []
-            self.addLog(str(error))
+            self.showProblem(str(error))
         for card in cards:
             self.addModelItem(card)
         combo.addItem(_("Load model folder..."))
@@ -295,7 +296,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             folder = str(resolve_model(model or None))
         except AutoDDPMError as error:
-            self.addLog(str(error))
+            self.showProblem(str(error))
             return
         for index in range(combo.count):
             if combo.itemData(index) and Path(combo.itemData(index)) == Path(folder):
@@ -305,7 +306,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             card = read_card(folder)
         except AutoDDPMError as error:
-            self.addLog(str(error))
+            self.showProblem(str(error))
             return
         self.addModelItem(card)
         self.selectModel(folder)
@@ -335,8 +336,11 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.selectModel(self._parameterNode.model)  # back to the previous choice
                 return
             self.selectModel(folder)
-        # Bundled models are saved with the scene by name, so the scene also opens on another computer.
-        bundled = Path(folder).resolve().parent == bundled_models_dir().resolve()
+        try:
+            # Bundled models are saved with the scene by name, so the scene also opens on another computer.
+            bundled = Path(folder).resolve().parent == bundled_models_dir().resolve()
+        except AutoDDPMError:
+            bundled = False  # an install without its models: the folder is all there is to save
         self._parameterNode.model = Path(folder).name if bundled else folder
         # A new model brings its own calibrated threshold.
         self._parameterNode.threshold = self.logic.calibratedThreshold(folder, self._parameterNode.schedule)
@@ -483,6 +487,15 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def addLog(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
         logging.info(text)
+
+    def showProblem(self, message: str) -> None:
+        """Say what keeps the panel from working (missing or damaged models) in the status line and the log.
+
+        Several steps of setting up meet the same broken install: it is said once.
+        """
+        if self.ui.statusLabel.text != message:
+            self.ui.statusLabel.text = message
+            self.addLog(message)
 
 
 #

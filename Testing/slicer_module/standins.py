@@ -4,15 +4,24 @@ slicer-core gives the real MRML scene, nodes, storage and segmentation logic,
 but not Qt, CTK, the scripted-module base classes, the parameter-node wrapper,
 the translation functions or the application's start-up (which registers the
 segmentation converters). These minimal versions let the module's Logic run
-against real nodes; the widget itself only runs inside Slicer.
+against real nodes, and the widget's own code run on a panel of stand-in
+widgets read from the module's .ui file (:func:`load_ui`); Qt's widgets, their
+layout and rendering only run inside Slicer.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
+import importlib.util
+import os
 import sys
 import time
 import types
+import typing
 import unittest
+from pathlib import Path
+from xml.etree import ElementTree
 
 
 class QTimer:
@@ -41,9 +50,184 @@ class ScriptedLoadableModule:
         self.parent = parent
 
 
+class Qt:
+    """The item data roles the module uses."""
+
+    ToolTipRole = 3
+    UserRole = 256
+
+
+class Widget:
+    """A widget of the .ui as the module uses it: properties it sets, signals it connects to (run at once)."""
+
+    def __init__(self, name: str = "", parameterName: str | None = None) -> None:
+        self.name = name
+        self.parameterName = parameterName
+        self.enabled = self.visible = True
+        self.text = self.toolTip = ""
+        self._slots: dict[str, list] = {}
+        self._blocked = False
+
+    def connect(self, signal: str, slot) -> None:
+        self._slots.setdefault(signal, []).append(slot)
+
+    def disconnect(self, signal: str, slot) -> None:
+        self._slots[signal].remove(slot)
+
+    def emit(self, signal: str, *args) -> None:
+        if not self._blocked:
+            for slot in list(self._slots.get(signal, [])):
+                slot(*args)
+
+    def blockSignals(self, block: bool) -> bool:
+        wasBlocked, self._blocked = self._blocked, block
+        return wasBlocked
+
+    def property(self, name: str):
+        return self.parameterName if name == "SlicerParameterName" else None
+
+    def setMRMLScene(self, scene) -> None:
+        self.mrmlScene = scene
+
+
+class SliderWidget(Widget):
+    """ctkSliderWidget: ``value``, and valueChanged(double) when it changes."""
+
+    changedSignal = "valueChanged(double)"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._value = 0.0
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    @value.setter
+    def value(self, value: float) -> None:
+        if value != self._value:
+            self._value = float(value)
+            self.emit(self.changedSignal, self._value)
+
+    def read(self) -> float:
+        return self.value
+
+    def write(self, value: float) -> None:
+        self.value = value
+
+
+class NodeComboBox(Widget):
+    """qMRMLNodeComboBox: currentNode(), and currentNodeChanged(vtkMRMLNode*) when it changes."""
+
+    changedSignal = "currentNodeChanged(vtkMRMLNode*)"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._node = None
+
+    def currentNode(self):
+        return self._node
+
+    def setCurrentNode(self, node) -> None:
+        if node is not self._node:
+            self._node = node
+            self.emit(self.changedSignal, node)
+
+    def read(self):
+        return self.currentNode()
+
+    def write(self, node) -> None:
+        self.setCurrentNode(node)
+
+
+class ComboBox(Widget):
+    """QComboBox with item data (not bound to parameters here: the tests set those parameters themselves)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.items: list[dict] = []
+        self.currentIndex = -1
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.currentIndex = -1
+
+    def insertItem(self, index: int, text: str, data=None) -> None:
+        self.items.insert(index, {"text": text, Qt.UserRole: data})
+
+    def addItem(self, text: str, data=None) -> None:
+        self.insertItem(self.count, text, data)
+
+    def itemData(self, index: int, role: int = Qt.UserRole):
+        return self.items[index].get(role)
+
+    def setItemData(self, index: int, value, role: int = Qt.UserRole) -> None:
+        self.items[index][role] = value
+
+
+class PlainTextEdit(Widget):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lines: list[str] = []
+
+    def appendPlainText(self, text: str) -> None:
+        self.lines.append(text)
+
+    def clear(self) -> None:
+        self.lines.clear()
+
+
+WIDGET_CLASSES = {"ctkSliderWidget": SliderWidget, "qMRMLNodeComboBox": NodeComboBox, "QComboBox": ComboBox,
+                  "QPlainTextEdit": PlainTextEdit}
+
+
+def load_ui(path: str | os.PathLike) -> Widget:
+    """slicer.util.loadUI: the .ui file's top widget, with a stand-in for each named widget in ``children``."""
+    top, *elements = list(ElementTree.parse(path).getroot().iter("widget"))
+    root = Widget(top.get("name"))
+    root.children = {}
+    for element in elements:
+        parameter = element.find("property[@name='SlicerParameterName']/string")
+        kind = WIDGET_CLASSES.get(element.get("class"), Widget)
+        root.children[element.get("name")] = kind(element.get("name"), None if parameter is None else parameter.text)
+    return root
+
+
+def child_widget_variables(root: Widget) -> types.SimpleNamespace:
+    """slicer.util.childWidgetVariables: each named widget as an attribute."""
+    return types.SimpleNamespace(**root.children)
+
+
+class Layout(list):
+    def addWidget(self, widget) -> None:
+        self.append(widget)
+
+    def addStretch(self, stretch: int = 0) -> None:
+        pass
+
+
 class ScriptedLoadableModuleWidget:
     def __init__(self, parent=None) -> None:
         self.parent = parent
+        self.layout = Layout()
+        self.moduleName = type(self).__name__.removesuffix("Widget")
+
+    def setup(self) -> None:
+        """Slicer adds the developer tools (Reload, Reload and Test) here."""
+
+    def resourcePath(self, filename: str) -> str:
+        return str(Path(sys.modules[type(self).__module__].__file__).parent / "Resources" / filename)
+
+    def onReload(self) -> None:
+        """What slicer.util.reloadScriptedModule does to the module's code: run its file again as a new module."""
+        spec = importlib.util.spec_from_file_location(self.moduleName, sys.modules[type(self).__module__].__file__)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[self.moduleName] = module
+        spec.loader.exec_module(module)
 
 
 class ScriptedLoadableModuleLogic:
@@ -76,13 +260,110 @@ class WithinRange:
 
 
 def parameterNodeWrapper(cls):
-    """Only wraps the node: the Logic never reads parameters, the widget does (in Slicer)."""
+    """Typed parameters kept in the node, and the two-way binding of connectGui, as Slicer's wrapper does them.
+
+    Values are stored as the node's parameters (node references for nodes), so every wrapper of a node sees the
+    same values; a write modifies the node once. connectGui binds the widgets of the .ui that name a parameter and
+    can show it (sliders, node selectors) and, like Slicer's, updates them from a ModifiedEvent observer.
+    """
+    fields = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        kind = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+        fields[name] = (kind, getattr(cls, name, None))
+        setattr(cls, name, property(functools.partial(_read_parameter, name=name),
+                                    functools.partial(_write_parameter, name=name)))
 
     def __init__(self, node) -> None:
         self.parameterNode = node
+        self._guis: dict[int, tuple[dict, int]] = {}
+        self._updatingGui = False
+        for name, (kind, default) in fields.items():
+            if not _is_node_type(kind) and name not in node.GetParameterNames():
+                _write_parameter(self, default, name=name)
 
+    def connectGui(self, gui) -> int:
+        import vtk
+
+        widgets = {widget.property("SlicerParameterName"): widget for widget in vars(gui).values()
+                   if widget.property("SlicerParameterName") and hasattr(widget, "changedSignal")}
+        slots = {}
+        for name, widget in widgets.items():
+            widget.write(getattr(self, name))
+            slots[name] = functools.partial(_gui_changed, self, name, widget)
+            widget.connect(widget.changedSignal, slots[name])
+        observer = self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: _update_gui(self))
+        tag = max(self._guis, default=0) + 1
+        self._guis[tag] = ({name: (widgets[name], slot) for name, slot in slots.items()}, observer)
+        return tag
+
+    def disconnectGui(self, tag) -> None:
+        if tag in self._guis:
+            bindings, observer = self._guis.pop(tag)
+            for widget, slot in bindings.values():
+                widget.disconnect(widget.changedSignal, slot)
+            self.parameterNode.RemoveObserver(observer)
+
+    cls._fields = fields
     cls.__init__ = __init__
+    cls.connectGui = connectGui
+    cls.disconnectGui = disconnectGui
+    cls.AddObserver = lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(event, callback, priority)
+    cls.RemoveObserver = lambda self, tag: self.parameterNode.RemoveObserver(tag)
+    cls.StartModify = lambda self: self.parameterNode.StartModify()
+    cls.EndModify = lambda self, wasModifying: self.parameterNode.EndModify(wasModifying)
     return cls
+
+
+def _is_node_type(kind) -> bool:
+    import slicer
+
+    return isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode)
+
+
+def _read_parameter(wrapper, name: str):
+    kind, default = wrapper._fields[name]
+    node = wrapper.parameterNode
+    if _is_node_type(kind):
+        return node.GetNodeReference(name)
+    text = node.GetParameter(name)
+    if issubclass(kind, enum.Enum):
+        return kind(text)
+    return text == "True" if kind is bool else kind(text)
+
+
+def _write_parameter(wrapper, value, name: str) -> None:
+    import slicer
+
+    kind, _ = wrapper._fields[name]
+    node = wrapper.parameterNode
+    with slicer.util.NodeModify(node):
+        if _is_node_type(kind):
+            node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+        else:
+            node.SetParameter(name, str(value.value if isinstance(value, enum.Enum) else value))
+
+
+def _gui_changed(wrapper, name: str, widget, *args) -> None:
+    import slicer
+
+    with slicer.util.NodeModify(wrapper.parameterNode):
+        if not wrapper._updatingGui:
+            setattr(wrapper, name, widget.read())
+
+
+def _update_gui(wrapper) -> None:
+    import slicer
+
+    if wrapper._updatingGui:
+        return
+    wrapper._updatingGui = True
+    try:
+        with slicer.util.NodeModify(wrapper.parameterNode):
+            for bindings, _ in list(wrapper._guis.values()):
+                for name, (widget, _) in bindings.items():
+                    widget.write(getattr(wrapper, name))
+    finally:
+        wrapper._updatingGui = False
 
 
 def install() -> None:
@@ -97,6 +378,7 @@ def install() -> None:
         "slicer.i18n": types.ModuleType("slicer.i18n"),
     }
     modules["qt"].QTimer = QTimer
+    modules["qt"].Qt = Qt
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
                  "ScriptedLoadableModuleTest"):
         setattr(modules["slicer.ScriptedLoadableModule"], name, globals()[name])

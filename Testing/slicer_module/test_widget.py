@@ -1,0 +1,97 @@
+"""The module panel's own code (AutoDDPMWidget) on stand-in widgets read from AutoDDPM.ui, against real MRML.
+
+Qt does not run here: standins.load_ui gives each widget of the .ui a stand-in
+whose signals run their slots at once, and the parameter node wrapper binds the
+slider and node selectors as Slicer's does. What the panel does with them (which
+threshold it shows, what it re-thresholds, what it says) is the module's code.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import standins
+from scene_helpers import add_head_volume
+
+
+@pytest.fixture()
+def make_panel(scene, monkeypatch: pytest.MonkeyPatch):
+    """Makes the module panel as Slicer sets it up when the module is first entered."""
+    import slicer
+
+    import AutoDDPM
+
+    monkeypatch.setattr(slicer.util, "loadUI", standins.load_ui)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", standins.child_widget_variables)
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: None)
+    panels = []
+
+    def make():
+        widget = AutoDDPM.AutoDDPMWidget(types.SimpleNamespace(isEntered=True))
+        panels.append(widget)
+        widget.setup()
+        return widget
+
+    yield make
+    for widget in panels:
+        widget.cleanup()
+
+
+@pytest.fixture()
+def panel(make_panel):
+    return make_panel()
+
+
+def test_panel_starts_with_the_default_model_and_its_threshold(panel) -> None:
+    from AutoDDPM import DEFAULT_MODEL, AutoDDPMLogic
+
+    parameters = panel._parameterNode
+    assert parameters.model == DEFAULT_MODEL
+    assert parameters.threshold == AutoDDPMLogic.calibratedThreshold(None, parameters.schedule)
+    assert panel.ui.thresholdSliderWidget.value == parameters.threshold
+    assert Path(panel.ui.modelComboBox.itemData(panel.ui.modelComboBox.currentIndex)).name == DEFAULT_MODEL
+    assert panel.ui.applyButton.text == "Apply" and not panel.ui.applyButton.enabled  # no input volume yet
+    assert panel.ui.statusLabel.text == ""
+
+
+def no_resources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An extension installed without its Resources folder."""
+    from AutoDDPMLib import resources
+
+    monkeypatch.delenv("AUTODDPM_RESOURCES", raising=False)
+    monkeypatch.setattr(resources, "_PACKAGE_DIR", tmp_path / "lib" / "AutoDDPMLib")
+    return "cannot find the AutoDDPM Resources folder"
+
+
+def corrupt_default_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The default model's card damaged (a failed update, a disk error)."""
+    from AutoDDPM import DEFAULT_MODEL
+
+    card = tmp_path / "Resources" / "Models" / DEFAULT_MODEL / "model.json"
+    card.parent.mkdir(parents=True)
+    card.write_text('{"name": ')
+    monkeypatch.setenv("AUTODDPM_RESOURCES", str(card.parents[2]))
+    return "is not valid JSON"
+
+
+@pytest.mark.parametrize("break_install", [no_resources, corrupt_default_model])
+def test_a_broken_install_shows_a_message_in_a_working_panel(make_panel, scene, tiny_model, tmp_path, monkeypatch,
+                                                             break_install) -> None:
+    message = break_install(tmp_path, monkeypatch)
+    panel = make_panel()
+    # The panel is set up to the end and says what is wrong, once.
+    assert message in panel.ui.statusLabel.text
+    assert sum(message in line for line in panel.ui.logTextEdit.lines) == 1
+    assert panel.ui.applyButton.text == "Apply" and not panel.ui.progressBar.visible
+    # It still works: an input volume enables Apply, whose run then fails with the message.
+    volume = add_head_volume(scene, tmp_path)
+    panel._parameterNode.inputVolume = volume
+    assert panel.ui.applyButton.enabled
+    with pytest.raises(ValueError, match=message):
+        panel.logic.process(volume, model=panel._parameterNode.model or None)
+    # A model folder can still be chosen, with its threshold.
+    panel.selectModel(str(tiny_model))
+    panel.onModelActivated(panel.ui.modelComboBox.currentIndex)
+    assert panel._parameterNode.model == str(tiny_model) and panel._parameterNode.threshold == 0.05
