@@ -3,10 +3,11 @@ import importlib
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Union
+from typing import Annotated, Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import qt
@@ -258,7 +259,9 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # The node's threshold is its next run's (a saved scene may hold another than its result's).
+            with self.thresholdShownOnly():
+                self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self._schedule = self._parameterNode.schedule
             self.selectModel(self._parameterNode.model)
@@ -343,7 +346,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             bundled = False  # an install without its models: the folder is all there is to save
         self._parameterNode.model = Path(folder).name if bundled else folder
         # A new model brings its own calibrated threshold.
-        self._parameterNode.threshold = self.logic.calibratedThreshold(folder, self._parameterNode.schedule)
+        self.showCalibratedThreshold()
         self.showModelInfo(self.ui.modelComboBox.currentIndex)
 
     def onInputChanged(self, inputVolume) -> None:
@@ -365,7 +368,32 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # Thresholds are calibrated per schedule: another schedule brings its own.
             self._schedule = schedule
             if self._parameterNode.model:
-                self._parameterNode.threshold = self.logic.calibratedThreshold(self._parameterNode.model, schedule)
+                self.showCalibratedThreshold()
+
+    def showCalibratedThreshold(self) -> None:
+        """Put the selected model's calibrated threshold for the selected schedule on the slider, for the next run."""
+        try:
+            threshold = self.logic.calibratedThreshold(self._parameterNode.model or None, self._parameterNode.schedule)
+        except (AutoDDPMError, ValueError) as error:
+            self.showProblem(str(error))
+            return
+        with self.thresholdShownOnly():
+            self._parameterNode.threshold = threshold
+
+    @contextmanager
+    def thresholdShownOnly(self) -> Iterator[None]:
+        """Threshold changes made inside move the slider, and leave the result on display as it is.
+
+        The slider holds the threshold of the next run; only the user moving it re-thresholds the selected result.
+        Otherwise a result keeps the threshold it was made (or last re-thresholded) with: a change of model or
+        schedule is for the next run.
+        """
+        slider = self.ui.thresholdSliderWidget
+        wasBlocked = slider.blockSignals(True)
+        try:
+            yield
+        finally:
+            slider.blockSignals(wasBlocked)
 
     def updateApplyButton(self, caller=None, event=None) -> None:
         if self.logic.isRunning:
@@ -457,10 +485,9 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             parameters.outputAnomalyMap = result.anomalyMapVolume
             parameters.outputSegmentation = result.segmentation
         # The engine's threshold is already applied: moving the slider there must not redo it.
-        wasBlocked = self.ui.thresholdSliderWidget.blockSignals(True)
-        parameters.threshold = result.threshold
-        self.ui.thresholdSliderWidget.value = result.threshold
-        self.ui.thresholdSliderWidget.blockSignals(wasBlocked)
+        with self.thresholdShownOnly():
+            parameters.threshold = result.threshold
+            self.ui.thresholdSliderWidget.value = result.threshold
         slicer.util.setSliceViewerLayers(background=result.inputVolume, foreground=result.anomalyMapVolume,
                                          foregroundOpacity=0.5, fit=True)
         self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=result.engineSummary.get("seconds", 0))

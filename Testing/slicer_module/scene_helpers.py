@@ -47,3 +47,14 @@ def add_head_volume(scene, folder: Path, name: str = "head", **kwargs):
     study = hierarchy.CreateStudyItem(patient, "Study")
     hierarchy.CreateItem(study, node)
     return node
+
+
+def segment_voxels(segmentation) -> int:
+    """Voxels in the Anomaly segment, counted on its own binary labelmap."""
+    import slicer
+    from vtk.util import numpy_support
+
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation.GetBinaryLabelmapRepresentation("Anomaly", labelmap)
+    scalars = labelmap.GetPointData().GetScalars()
+    return 0 if scalars is None else int((numpy_support.vtk_to_numpy(scalars) > 0).sum())

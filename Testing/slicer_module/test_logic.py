@@ -8,18 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import standins
-from scene_helpers import add_head_volume, new_scene
-
-
-def segment_voxels(segmentation) -> int:
-    """Voxels in the Anomaly segment, counted on its own binary labelmap."""
-    import slicer
-    from vtk.util import numpy_support
-
-    labelmap = slicer.vtkOrientedImageData()
-    segmentation.GetBinaryLabelmapRepresentation("Anomaly", labelmap)
-    scalars = labelmap.GetPointData().GetScalars()
-    return 0 if scalars is None else int((numpy_support.vtk_to_numpy(scalars) > 0).sum())
+from scene_helpers import add_head_volume, new_scene, segment_voxels
 
 
 def ijk_to_ras(node) -> np.ndarray:

@@ -8,12 +8,13 @@ threshold it shows, what it re-thresholds, what it says) is the module's code.
 
 from __future__ import annotations
 
+import shutil
 import types
 from pathlib import Path
 
 import pytest
 import standins
-from scene_helpers import add_head_volume
+from scene_helpers import add_head_volume, segment_voxels
 
 
 @pytest.fixture()
@@ -95,3 +96,64 @@ def test_a_broken_install_shows_a_message_in_a_working_panel(make_panel, scene, 
     panel.selectModel(str(tiny_model))
     panel.onModelActivated(panel.ui.modelComboBox.currentIndex)
     assert panel._parameterNode.model == str(tiny_model) and panel._parameterNode.threshold == 0.05
+
+
+def choose_model(panel, folder: Path) -> None:
+    """The user picks a model in the combo box (a folder loaded before, or a bundled model)."""
+    panel.selectModel(str(folder))
+    panel.onModelActivated(panel.ui.modelComboBox.currentIndex)
+
+
+def test_a_new_model_or_schedule_leaves_the_results_as_their_run_made_them(panel, scene, tiny_model_with, temp_root,
+                                                                         tmp_path) -> None:
+    from AutoDDPM import AutoDDPMLogic, Schedule
+
+    fast = {"mask_tau": 0.05, "anomaly": 0.05}
+    model = tiny_model_with("model", thresholds=dict(fast, schedules={"reference": {"mask_tau": 0.2, "anomaly": 0.3}}))
+    other = tiny_model_with("other", thresholds={"mask_tau": 0.05, "anomaly": 0.02})
+    parameters, slider = panel._parameterNode, panel.ui.thresholdSliderWidget
+    choose_model(panel, model)
+    assert parameters.threshold == slider.value == 0.05
+    # Apply, as the panel runs it: the Logic, then the panel takes the result.
+    parameters.inputVolume = add_head_volume(scene, tmp_path)
+    result = panel.logic.process(parameters.inputVolume, model=parameters.model, threshold=parameters.threshold)
+    panel.onProcessingCompleted(result)
+    segmentation = parameters.outputSegmentation
+    assert panel.ui.outputSegmentationSelector.currentNode() is segmentation
+    made = (segmentation.GetAttribute("AutoDDPM.Threshold"), segment_voxels(segmentation), panel.ui.summaryLabel.text)
+    assert float(made[0]) == 0.05 and made[1] == result.engineSummary["anomalous_voxels"] > 0
+
+    def as_made() -> tuple:
+        return segmentation.GetAttribute("AutoDDPM.Threshold"), segment_voxels(segmentation), panel.ui.summaryLabel.text
+
+    # Another schedule (as its combo box sets it), another model: the next run's threshold, not the result's.
+    parameters.schedule = Schedule.reference
+    assert parameters.threshold == slider.value == 0.3
+    assert as_made() == made
+    choose_model(panel, other)
+    assert parameters.threshold == slider.value == AutoDDPMLogic.calibratedThreshold(str(other), Schedule.reference)
+    assert as_made() == made
+    # The scene's parameters shown again (leaving and re-entering the scene, the slider elsewhere meanwhile).
+    panel.setParameterNode(None)
+    wasBlocked = slider.blockSignals(True)
+    slider.value = 0.5
+    slider.blockSignals(wasBlocked)
+    panel.initializeParameterNode()
+    assert slider.value == parameters.threshold != 0.5
+    assert as_made() == made
+    # The user moving the slider re-thresholds the result, live.
+    slider.value = 0.01
+    assert float(segmentation.GetAttribute("AutoDDPM.Threshold")) == parameters.threshold == 0.01
+    assert segment_voxels(segmentation) > made[1]
+    assert "0.01" in panel.ui.summaryLabel.text
+
+
+def test_a_model_folder_gone_since_it_was_chosen_is_said_on_a_schedule_change(panel, tiny_model_with) -> None:
+    from AutoDDPM import Schedule
+
+    model = tiny_model_with("moved-away")
+    choose_model(panel, model)
+    shutil.rmtree(model)
+    panel._parameterNode.schedule = Schedule.reference
+    assert "unknown model" in panel.ui.statusLabel.text
+    assert panel._parameterNode.threshold == panel.ui.thresholdSliderWidget.value == 0.05
