@@ -3,6 +3,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -218,6 +219,18 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic:
             self.logic.cancel()
         self.removeObservers()
+
+    def onReload(self) -> None:
+        """Reload (developer mode) runs AutoDDPMLib again too: an edit there needs no Slicer restart."""
+        # AutoDDPMLib is forgotten and the module's reload imports it afresh, each module after those it imports.
+        # importlib.reload of one module after another would leave a module with the old classes of those reloaded
+        # after it (the models' AutoDDPMError no longer the one the panel catches). The old module names that
+        # legacy_paths answers go too, with its finder: the new package installs its own.
+        package = "AutoDDPMLib"
+        for name in [name for name in sys.modules if name == package or name.startswith(package + ".")]:
+            del sys.modules[name]
+        sys.meta_path[:] = [finder for finder in sys.meta_path if not type(finder).__module__.startswith(package + ".")]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.initializeParameterNode()

@@ -8,8 +8,11 @@ threshold it shows, what it re-thresholds, what it says) is the module's code.
 
 from __future__ import annotations
 
+import importlib
 import shutil
+import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,3 +160,39 @@ def test_a_model_folder_gone_since_it_was_chosen_is_said_on_a_schedule_change(pa
     panel._parameterNode.schedule = Schedule.reference
     assert "unknown model" in panel.ui.statusLabel.text
     assert panel._parameterNode.threshold == panel.ui.thresholdSliderWidget.value == 0.05
+
+
+def is_ours(name: str) -> bool:
+    return name == "AutoDDPM" or name == "AutoDDPMLib" or name.startswith("AutoDDPMLib.")
+
+
+@pytest.fixture()
+def loaded_modules():
+    """The module and AutoDDPMLib as loaded now (old module names included); put back afterwards for the other tests."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        importlib.import_module("AutoDDPMLib.bundle")  # an old name, as a script of 0.1.0 imports it
+    saved = {name: module for name, module in sys.modules.items() if is_ours(name)}
+    meta_path = list(sys.meta_path)
+    yield saved
+    for name in [name for name in sys.modules if is_ours(name)]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+    sys.meta_path[:] = meta_path
+
+
+def test_reload_runs_autoddpmlib_again(panel, loaded_modules) -> None:
+    panel.onReload()
+    reloaded = sys.modules["AutoDDPM"]
+    lib = {name: module for name, module in sys.modules.items() if is_ours(name) and name != "AutoDDPM"}
+    # Every AutoDDPMLib module the reloaded module uses ran again from its file: an edit there takes effect ...
+    assert {"AutoDDPMLib.errors", "AutoDDPMLib.models.bundle", "AutoDDPMLib.slicer_bridge.results"} <= set(lib)
+    assert not [name for name, module in lib.items() if module is loaded_modules.get(name)]
+    # ... and each sees the others' new classes: the panel still catches what the engine's helpers raise.
+    assert reloaded.AutoDDPMError is lib["AutoDDPMLib.models.bundle"].AutoDDPMError
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        reloaded.AutoDDPMLogic.modelFolder("no-such-model")
+    # An old module name leads to the new module, through the one finder of the new package.
+    with pytest.warns(DeprecationWarning, match="moved to AutoDDPMLib.models.bundle"):
+        assert importlib.import_module("AutoDDPMLib.bundle") is lib["AutoDDPMLib.models.bundle"]
+    assert [type(finder).__module__ for finder in sys.meta_path].count("AutoDDPMLib.legacy_paths") == 1
