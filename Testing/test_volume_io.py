@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import locale
 import time
 from pathlib import Path
 
@@ -48,15 +49,21 @@ def write_dicom_series(image: sitk.Image, folder: Path) -> None:
         "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])),
         "0018|0050": str(image.GetSpacing()[2]),
     }
-    for k in range(image.GetDepth()):
-        slice_k = image[:, :, k]
-        for tag, value in shared_tags.items():
-            slice_k.SetMetaData(tag, value)
-        slice_k.SetMetaData("0008|0018", f"{series_uid}.3.{k}")  # SOP instance UID
-        slice_k.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
-        slice_k.SetMetaData("0020|0013", str(k + 1))
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(slice_k)
+    # GDCM's writer sets the process's locale to "C", and Python's default text encoding with it (to ASCII):
+    # later tests that read UTF-8 sources would fail.
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        for k in range(image.GetDepth()):
+            slice_k = image[:, :, k]
+            for tag, value in shared_tags.items():
+                slice_k.SetMetaData(tag, value)
+            slice_k.SetMetaData("0008|0018", f"{series_uid}.3.{k}")  # SOP instance UID
+            slice_k.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+            slice_k.SetMetaData("0020|0013", str(k + 1))
+            writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+            writer.Execute(slice_k)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
 
 
 @pytest.mark.parametrize("extension", [".nii.gz", ".nii", ".nrrd", ".mha"])
