@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import locale
+import struct
 import time
 from pathlib import Path
 
@@ -12,7 +14,16 @@ import pytest
 import SimpleITK as sitk
 
 from AutoDDPMLib.errors import AutoDDPMError
-from AutoDDPMLib.volumes.volume_io import expand_inputs, input_stem, read_volume, write_outputs_atomically, write_volume
+from AutoDDPMLib.volumes.volume_io import (
+    check_input,
+    check_output_dir,
+    expand_inputs,
+    input_stem,
+    make_output_dir,
+    read_volume,
+    write_outputs_atomically,
+    write_volume,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -33,6 +44,29 @@ def assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
     np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
     np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+def write_nifti_with_sform(path: Path, sform: tuple[float, ...], qform_code: int = 1) -> Path:
+    """A NIfTI-1 file of ``make_volume``'s voxels whose sform (sform_code 2) is ``sform`` (12 values, row by row).
+
+    ITK writes only rigid grids; other tools (nibabel, FSL, SPM) write any affine.
+    """
+    plain = path.with_name(path.name.replace(".gz", ""))
+    sitk.WriteImage(make_volume(), str(plain))
+    header = bytearray(plain.read_bytes())
+    header[252:256] = struct.pack("<2h", qform_code, 2)
+    header[280:328] = struct.pack("<12f", *sform)
+    if path.name.endswith(".gz"):
+        plain.unlink()
+        path.write_bytes(gzip.compress(bytes(header)))
+    else:
+        path.write_bytes(bytes(header))
+    return path
+
+
+# A voxel grid that is no rotation: x leans along y (shear), and a y voxel 1.3 mm long where pixdim says 1.1 (scale).
+SHEARED_SFORM = (0.0, -1.1, 0.3, 10.0, 0.9, 0.0, 0.0, -5.0, 0.0, 0.0, 3.0, 2.5)
+RESCALED_SFORM = (0.0, -1.3, 0.0, 10.0, 0.9, 0.0, 0.0, -5.0, 0.0, 0.0, 3.0, 2.5)
 
 
 def write_dicom_series(image: sitk.Image, folder: Path) -> None:
@@ -200,12 +234,33 @@ def _bad_inputs(tmp_path: Path):
     sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(colour))
     cases.append((colour, "colour"))
 
-    for name, value in (("nan", np.nan), ("inf", np.inf)):
-        array = sitk.GetArrayFromImage(make_volume())
+    # ITK reads NaN and Inf in a NIfTI file as 0; NRRD and MetaImage keep them.
+    for name, value, dtype in (("nan", np.nan, np.float32), ("inf", np.inf, np.float32), ("neg_inf64", -np.inf, np.float64)):
+        array = sitk.GetArrayFromImage(make_volume()).astype(dtype)
         array[1, 2, 3] = value
-        path = tmp_path / f"{name}.nrrd"
-        sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
-        cases.append((path, "NaN or infinite"))
+        for extension in (".nrrd", ".nii", ".nii.gz"):
+            path = tmp_path / f"{name}{extension}"
+            sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+            cases.append((path, "NaN or infinite"))
+
+    complex_nifti = tmp_path / "complex.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(sitk.GetArrayFromImage(make_volume()).astype(np.complex64)), str(complex_nifti))
+    cases.append((complex_nifti, "complex"))
+
+    # What a volume of 0-255 intensities becomes when cast to int8: values above 127 wrap to negative ones.
+    wrapped = tmp_path / "wrapped_int8.nii.gz"
+    sitk.WriteImage(sitk.Cast(make_volume() * 2.5, sitk.sitkInt8), str(wrapped))
+    cases.append((wrapped, "signed 8-bit"))
+
+    sheared = make_volume()
+    sheared.SetDirection((0.0, 1.0, 0.2, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    for extension in (".mha", ".nrrd"):
+        sitk.WriteImage(sheared, str(tmp_path / f"sheared{extension}"))
+        cases.append((tmp_path / f"sheared{extension}", "non-orthogonal direction matrix"))
+    # With a qform ITK silently takes it instead of the sform; without one it fails: in either case it warns.
+    for name, sform, qform_code in (("sheared_sform", SHEARED_SFORM, 1), ("sheared_sform_only", SHEARED_SFORM, 0),
+                                    ("rescaled_sform", RESCALED_SFORM, 1)):
+        cases.append((write_nifti_with_sform(tmp_path / f"{name}.nii.gz", sform, qform_code), "sheared or rescaled"))
 
     constant = tmp_path / "constant.mha"
     sitk.WriteImage(sitk.Image([5, 5, 5], sitk.sitkInt16) + 7, str(constant))
@@ -223,11 +278,13 @@ def _bad_inputs(tmp_path: Path):
     return cases
 
 
-def test_bad_inputs_give_clear_one_line_errors(tmp_path):
+def test_bad_inputs_give_clear_one_line_errors(tmp_path, capfd):
     for path, words in _bad_inputs(tmp_path):
+        capfd.readouterr()
         with pytest.raises(AutoDDPMError) as caught:
             read_volume(path)
             pytest.fail(f"{path.name} was accepted")
+        assert capfd.readouterr().err == "", f"ITK printed warnings for {path.name}"
         message = str(caught.value)
         assert "\n" not in message, message
         assert path.name in message, message
@@ -236,6 +293,65 @@ def test_bad_inputs_give_clear_one_line_errors(tmp_path):
         else:
             assert words in message, message
         assert "; " in message, f"the message should say what to do: {message}"
+
+
+# What check_input cannot see without the voxels: it leaves these to read_volume.
+_REFUSED_ONLY_WITH_THE_VOXELS = {"truncated.nrrd", "truncated.mha", "vector.nrrd", "colour.png", "nan.nrrd", "inf.nrrd", "neg_inf64.nrrd", "constant.mha",
+                                 "wrapped_int8.nii.gz"}
+
+
+def test_check_input_refuses_from_the_header_what_read_volume_would(tmp_path):
+    for path, _ in _bad_inputs(tmp_path):
+        with pytest.raises(AutoDDPMError) as by_read:
+            read_volume(path)
+        if path.name in _REFUSED_ONLY_WITH_THE_VOXELS:
+            check_input(path)
+            continue
+        with pytest.raises(AutoDDPMError) as by_check:
+            check_input(path)
+        assert str(by_check.value) == str(by_read.value)
+
+
+def test_int8_volumes_without_negative_values_read_exactly(tmp_path):
+    original = sitk.Cast(make_volume(), sitk.sitkInt8)  # 0..100: no wrap
+    sitk.WriteImage(original, str(tmp_path / "scan.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(tmp_path / "scan.nii.gz")),
+                                  sitk.GetArrayFromImage(original))
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nrrd", ".mha"])
+def test_an_oblique_grid_is_kept_in_the_outputs(tmp_path, extension):
+    original = make_volume()
+    c, s = np.cos(0.5), np.sin(0.5)  # about 29 degrees about x, then a swap of x and y: oblique but orthogonal
+    rotation = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    original.SetDirection(rotation.ravel().tolist())
+    sitk.WriteImage(original, str(tmp_path / f"scan{extension}"))
+    write_volume(read_volume(tmp_path / f"scan{extension}"), tmp_path / "result.nii.gz")
+    assert_same_geometry(sitk.ReadImage(str(tmp_path / "result.nii.gz")), original)
+
+
+def test_check_output_dir_refuses_what_cannot_be_written_and_leaves_nothing(tmp_path):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a folder")
+    cases = [
+        (a_file, "is a file"),
+        (a_file / "sub", f"cannot be created: {a_file} is a file"),
+        (Path("/proc/autoddpm-results"), "cannot write to output folder /proc/autoddpm-results (creating a file in /proc failed"),
+        (Path("/sys/autoddpm/results"), "cannot write to output folder /sys/autoddpm/results (creating a file in /sys failed"),
+    ]
+    for folder, words in cases:
+        with pytest.raises(AutoDDPMError) as caught:
+            check_output_dir(folder)
+        message = str(caught.value)
+        assert words in message and "\n" not in message and "; " in message, message
+    with pytest.raises(AutoDDPMError, match="cannot create output folder"):
+        make_output_dir(a_file / "sub")
+    # A writable folder, existing or not, passes without anything created or left in it.
+    check_output_dir(tmp_path)
+    check_output_dir(tmp_path / "new" / "nested")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.txt"]
+    make_output_dir(tmp_path / "new" / "nested")
+    assert (tmp_path / "new" / "nested").is_dir()
 
 
 def test_write_volume_round_trip_and_no_temporaries(tmp_path):

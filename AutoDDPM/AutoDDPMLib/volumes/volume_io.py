@@ -2,19 +2,25 @@
 
 Every problem a user can fix (wrong path, unsupported or broken file, an image
 that is not a single scalar volume, no signal) becomes an ``AutoDDPMError``
-whose one-line message names the file and what to do. Outputs are written
-atomically so an interrupted or failed run never leaves a half-written file.
+whose one-line message names the file and what to do. ``check_input`` and
+``check_output_dir`` find most of them from headers alone, before a run spends
+minutes on a model. Outputs are written atomically so an interrupted or failed
+run never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import sys
 import tempfile
 import zlib
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Union
+from typing import Dict, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,6 +39,52 @@ _VOLUME_SUFFIXES = tuple(suffix for suffix in _KNOWN_SUFFIXES if suffix != ".dcm
 
 # What to tell the user when SimpleITK cannot make sense of a file.
 _SUPPORTED = "NIfTI (.nii/.nii.gz), NRRD, MetaImage (.mha/.mhd), PNG/JPEG or a DICOM series folder"
+
+# NIfTI datatype codes of float32 and float64 voxels: ITK reads their NaN and Inf as 0, so they are scanned here.
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+# How far a voxel grid's direction cosines may be from a rotation, and a NIfTI sform's scales from pixdim, before
+# ITK replaces the grid (ITK's own tolerances): the outputs would then not line up with the input.
+_GRID_TOLERANCE = 1e-4
+_SCALE_TOLERANCE_MM = 1e-3
+_RESAMPLE_ADVICE = ("which the outputs cannot keep, so they would not line up with the input; resample it onto an "
+                    "orthogonal voxel grid (with the registration or resampling tool you use) and run it again")
+
+
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK's warnings span several lines; the checks here report what they warn about in one."""
+    warnings_were_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_were_shown)
+
+
+@contextmanager
+def _file_reader_quiet() -> Iterator[None]:
+    """No ITK warnings, and nothing the libraries under ITK print, while one file is read.
+
+    MetaIO, for one, prints its own lines to the process's stderr before ITK
+    raises the error that ``read_volume`` turns into one line; what they say is
+    in that line or in the checks made before reading.
+    """
+    try:
+        saved: Optional[int] = os.dup(2)
+    except OSError:  # no stderr at all (e.g. a Windows GUI process): nothing to keep quiet
+        saved = None
+    if saved is not None:
+        if sys.stderr is not None:
+            sys.stderr.flush()  # what Python printed before goes where it was meant to
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+    try:
+        with _itk_warnings_off():
+            yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _first_line(error: Exception) -> str:
@@ -69,21 +121,18 @@ def input_stem(path: PathLike) -> str:
 def _dicom_series_ids(folder: Path) -> tuple[str, ...]:
     """The DICOM series in ``folder`` (none for a folder of other files)."""
     # GDCM prints a warning for a folder without series; the callers say it better.
-    warnings_were_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.GlobalWarningDisplayOff()
     try:
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        with _itk_warnings_off():
+            return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError as error:
         raise AutoDDPMError(
             f"cannot scan folder {folder} for DICOM files ({_first_line(error)}); "
             "check that the folder is readable"
         ) from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_were_shown)
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
-    """Reads the first DICOM series found in ``folder``."""
+def _dicom_series_reader(folder: Path) -> sitk.ImageSeriesReader:
+    """A reader of the first DICOM series found in ``folder``."""
     series_ids = _dicom_series_ids(folder)
     if not series_ids:
         raise AutoDDPMError(
@@ -92,13 +141,7 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
-    try:
-        return reader.Execute()
-    except RuntimeError as error:
-        raise AutoDDPMError(
-            f"cannot read the DICOM series in {folder} ({_first_line(error)}); "
-            "check that the files are complete image slices of one series"
-        ) from None
+    return reader
 
 
 def expand_inputs(paths: Iterable[PathLike], skip_endings: tuple[str, ...] = ()) -> tuple[list[Path], list[Path]]:
@@ -136,49 +179,180 @@ def expand_inputs(paths: Iterable[PathLike], skip_endings: tuple[str, ...] = ())
     return volumes, skipped
 
 
-def _nifti_bytes_missing(path: Path) -> bool:
-    """Whether a NIfTI file holds fewer voxel bytes than its header promises.
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """What the checks need from a NIfTI-1 or NIfTI-2 header."""
 
-    ITK fills a truncated NIfTI (e.g. an interrupted download) with zeros without
-    complaint, which would silently become a "lesion-free" black region; NRRD and
-    MetaImage readers already fail on such files.
-    """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    byte_order: str  # "<" or ">", as struct and numpy spell it
+    datatype: int
+    bitpix: int
+    voxel_offset: int
+    voxels: int
+    voxel_sizes: np.ndarray  # pixdim[1:4], millimetres
+    sform_code: int
+    sform: np.ndarray  # 3x4: voxel index -> RAS millimetres
+
+
+def _parse_nifti_header(header: bytes) -> Optional[_NiftiHeader]:
+    """The header's fields, or None when the bytes are no NIfTI header (ITK then judges the file)."""
+    for order in "<>":
+        (size,) = struct.unpack(order + "i", header[:4])
+        if size == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
+            pixdim = struct.unpack(order + "8f", header[76:108])
+            (offset,) = struct.unpack(order + "f", header[108:112])
+            (sform_code,) = struct.unpack(order + "h", header[254:256])
+            rows = struct.unpack(order + "12f", header[280:328])
+        elif size == 540 and len(header) >= 540:
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
+            dims = struct.unpack(order + "8q", header[16:80])
+            pixdim = struct.unpack(order + "8d", header[104:168])
+            (offset,) = struct.unpack(order + "q", header[168:176])
+            (sform_code,) = struct.unpack(order + "i", header[348:352])
+            rows = struct.unpack(order + "12d", header[400:496])
+        else:
+            continue
+        voxels = math.prod(max(int(extent), 1) for extent in dims[1 : 1 + max(0, min(dims[0], 7))])
+        return _NiftiHeader(order, datatype, bitpix, int(offset), voxels, np.abs(pixdim[1:4]), sform_code,
+                            np.array(rows).reshape(3, 4))
+    return None
+
+
+def _nifti_header(path: Path) -> Optional[_NiftiHeader]:
+    """The header of a NIfTI file, or None when there is none to read (ITK then says why)."""
     try:
-        with opener(path, "rb") as stream:
-            header = stream.read(540)
-            if len(header) < 348:
-                return True
-            # NIfTI-1 headers are 348 bytes, NIfTI-2 540; either byte order.
-            for order in "<>":
-                (size,) = struct.unpack(order + "i", header[:4])
-                if size == 348:
-                    dims = struct.unpack(order + "8h", header[40:56])
-                    (bitpix,) = struct.unpack(order + "h", header[72:74])
-                    (offset,) = struct.unpack(order + "f", header[108:112])
-                    break
-                if size == 540:
-                    dims = struct.unpack(order + "8q", header[16:80])
-                    (bitpix,) = struct.unpack(order + "h", header[14:16])
-                    (offset,) = struct.unpack(order + "q", header[168:176])
-                    break
-            else:
-                return False  # not a NIfTI header after all: let ITK judge it
-            voxels = 1
-            for extent in dims[1 : 1 + max(0, min(dims[0], 7))]:
-                voxels *= max(int(extent), 1)
-            expected = int(offset) + voxels * bitpix // 8
-            if opener is open:
-                return path.stat().st_size < expected
-            received = len(header)
-            while received < expected:
-                chunk = stream.read(1 << 20)
-                if not chunk:
-                    return True
-                received += len(chunk)
-            return False
-    except (EOFError, zlib.error, gzip.BadGzipFile):
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as stream:
+            raw = stream.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return _parse_nifti_header(raw) if len(raw) >= 348 else None
+
+
+def _nifti_grid_changed(header: _NiftiHeader) -> bool:
+    """Whether ITK would read another voxel grid than the file's sform states.
+
+    ITK keeps only a rotation and pixdim's voxel sizes, with its own tolerances:
+    it replaces a sheared sform by the qform (or fails) and a rescaled one by
+    pixdim's sizes, printing multi-line warnings either way.
+    """
+    if header.sform_code <= 0:
+        return False
+    matrix = header.sform[:, :3]
+    scales = np.linalg.norm(matrix, axis=0)
+    if np.abs(scales - header.voxel_sizes).max() > _SCALE_TOLERANCE_MM or not np.all(scales > 0):
         return True
+    rotation = matrix / scales
+    return bool(np.abs(rotation @ rotation.T - np.eye(3)).max() > _GRID_TOLERANCE)
+
+
+def _scan_nifti_voxels(path: Path, header: _NiftiHeader) -> tuple[bool, bool]:
+    """Whether voxel bytes are missing, and whether a float voxel is NaN or infinite.
+
+    ITK fills a truncated NIfTI (e.g. an interrupted download) with zeros and reads
+    NaN/Inf as 0, without complaint: either would silently become a "lesion-free"
+    black region. NRRD and MetaImage readers already fail on truncated files and
+    keep NaN/Inf, which ``read_volume`` refuses.
+    """
+    compressed = path.name.lower().endswith(".gz")
+    expected = header.voxels * header.bitpix // 8
+    float_type = _NIFTI_FLOAT_TYPES.get(header.datatype)
+    if not compressed and float_type is None:
+        return path.stat().st_size < header.voxel_offset + expected, False
+    dtype = None if float_type is None else np.dtype(header.byte_order + float_type)
+    received, finite = 0, True
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as stream:
+            stream.seek(header.voxel_offset)
+            while received < expected:
+                # 1 MiB at a time: a whole volume need not fit in memory twice.
+                chunk = stream.read(min(1 << 20, expected - received))
+                if not chunk:
+                    break
+                received += len(chunk)
+                if dtype is not None and finite:
+                    whole = len(chunk) - len(chunk) % dtype.itemsize
+                    finite = bool(np.isfinite(np.frombuffer(chunk[:whole], dtype)).all())
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return True, not finite
+    return received < expected, not finite
+
+
+def _not_finite_error(path: Path) -> AutoDDPMError:
+    return AutoDDPMError(
+        f"{path} contains NaN or infinite voxel values; "
+        "fix or re-export the volume so that every voxel is a finite number"
+    )
+
+
+def _check_header(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Refuses, from its header alone, an image that is not one real-valued 2D or 3D grid."""
+    if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise AutoDDPMError(
+            f"{path} holds complex voxel values (e.g. raw k-space or phase data); "
+            "give a magnitude MRI volume (one real value per voxel)"
+        )
+    dimension, size = reader.GetDimension(), reader.GetSize()
+    # Some writers (NRRD, MetaImage) keep a singleton time axis on plain 3D volumes: _to_3d drops it.
+    if dimension not in (2, 3) and not (dimension == 4 and size[3] == 1):
+        raise AutoDDPMError(
+            f"{path} is a {dimension}D image of size {'x'.join(map(str, size))}; "
+            "give a single 3D volume (split time series or multi-channel scans into separate 3D files)"
+        )
+    if 0 in size:
+        raise AutoDDPMError(f"{path} holds no voxels (size {'x'.join(map(str, size))}); give a non-empty volume")
+    axes = min(dimension, 3)
+    direction = np.array(reader.GetDirection()).reshape(dimension, dimension)[:axes, :axes]
+    if np.abs(direction.T @ direction - np.eye(axes)).max() > _GRID_TOLERANCE:
+        raise AutoDDPMError(f"{path} has a non-orthogonal direction matrix (a sheared voxel grid), " + _RESAMPLE_ADVICE)
+
+
+def _checked_reader(path: Path) -> Union[sitk.ImageFileReader, sitk.ImageSeriesReader]:
+    """A reader for ``path`` once its header passed every check that needs no voxels."""
+    if not path.exists():
+        raise AutoDDPMError(f"input {path} does not exist; check the path")
+    if path.is_dir():
+        return _dicom_series_reader(path)
+    nifti = _nifti_header(path) if _suffix(path).lower() in (".nii", ".nii.gz") else None
+    # Before ITK reads it: ITK fails or warns on such a file, in words that do not say what to do.
+    if nifti is not None and _nifti_grid_changed(nifti):
+        raise AutoDDPMError(f"{path} has a sheared or rescaled voxel grid (its sform is not a rotation times pixdim's "
+                            "voxel sizes), " + _RESAMPLE_ADVICE)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _file_reader_quiet():
+            reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise AutoDDPMError(
+            f"cannot read {path} ({_first_line(error)}); "
+            f"check that the file is complete and is one of: {_SUPPORTED}"
+        ) from None
+    if nifti is not None:
+        missing, not_finite = _scan_nifti_voxels(path, nifti)
+        if missing:
+            raise AutoDDPMError(
+                f"{path} is truncated or corrupt (it holds fewer voxels than its header describes); "
+                "copy or download the file again"
+            )
+        if not_finite:
+            raise _not_finite_error(path)
+    _check_header(path, reader)
+    return reader
+
+
+def check_input(path: PathLike) -> None:
+    """Refuses an input whose header already shows that ``read_volume`` would refuse it.
+
+    Checks, without loading the voxels into memory: the file or DICOM series
+    exists and is readable, holds one real-valued 2D or 3D image with voxels in
+    it on an orthogonal grid and, for NIfTI, is complete and free of NaN/Inf.
+    What needs the voxels themselves (colour, no signal, NaN/Inf in other
+    formats, wrapped int8) is checked when ``read_volume`` reads them.
+
+    Raises AutoDDPMError with a one-line message naming the file and what to do.
+    """
+    _checked_reader(Path(path))
 
 
 def _to_scalar(image: sitk.Image, path: Path) -> sitk.Image:
@@ -199,11 +373,9 @@ def _to_scalar(image: sitk.Image, path: Path) -> sitk.Image:
     )
 
 
-def _to_3d(image: sitk.Image, path: Path) -> sitk.Image:
+def _to_3d(image: sitk.Image) -> sitk.Image:
     """A 3D image: a 2D image becomes one slice, a 4D image with one time point loses that axis."""
     dimension = image.GetDimension()
-    if dimension == 3:
-        return image
     if dimension == 2:
         volume = sitk.JoinSeries(image)
         spacing = image.GetSpacing()
@@ -213,15 +385,11 @@ def _to_3d(image: sitk.Image, path: Path) -> sitk.Image:
         volume.SetOrigin((origin[0], origin[1], 0.0))
         volume.SetDirection((d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0))
         return volume
-    if dimension == 4 and image.GetSize()[3] == 1:
-        # Some writers (NRRD, MetaImage) keep a singleton time axis on plain 3D volumes.
+    if dimension == 4:
         size = list(image.GetSize())
         size[3] = 0
         return sitk.Extract(image, size, [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
-    raise AutoDDPMError(
-        f"{path} is a {dimension}D image of size {'x'.join(map(str, image.GetSize()))}; "
-        "give a single 3D volume (split time series or multi-channel scans into separate 3D files)"
-    )
+    return image
 
 
 def read_volume(path: PathLike) -> sitk.Image:
@@ -231,46 +399,93 @@ def read_volume(path: PathLike) -> sitk.Image:
     a folder holding a DICOM series (the first series found). A 2D image becomes a
     3D image with one slice. The file is only read, never modified.
 
-    Raises AutoDDPMError for a missing or unreadable file, an image that is 4D,
-    colour or multi-component, holds NaN/Inf, is empty, or has no signal
-    (every voxel the same value).
+    Raises AutoDDPMError for a missing or unreadable file, and for an image that
+    ``check_input`` refuses or that is colour or multi-component, holds NaN/Inf,
+    has no signal (every voxel the same value), or is int8 with negative values
+    (0-255 intensities wrapped by a cast to int8).
     """
     path = Path(path)
-    if not path.exists():
-        raise AutoDDPMError(f"input {path} does not exist; check the path")
-    if path.is_dir():
-        image = _read_dicom_folder(path)
-    else:
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as error:
+    reader = _checked_reader(path)
+    try:
+        # A file's warnings are about what _checked_reader refused already; a DICOM series'
+        # (e.g. unevenly spaced slices) are worth their lines.
+        with nullcontext() if path.is_dir() else _file_reader_quiet():
+            image = reader.Execute()
+    except RuntimeError as error:
+        if path.is_dir():
             raise AutoDDPMError(
-                f"cannot read {path} ({_first_line(error)}); "
-                f"check that the file is complete and is one of: {_SUPPORTED}"
+                f"cannot read the DICOM series in {path} ({_first_line(error)}); "
+                "check that the files are complete image slices of one series"
             ) from None
-        if _suffix(path).lower() in (".nii", ".nii.gz") and _nifti_bytes_missing(path):
-            raise AutoDDPMError(
-                f"{path} is truncated or corrupt (it holds fewer voxels than its header describes); "
-                "copy or download the file again"
-            )
+        raise AutoDDPMError(
+            f"cannot read {path} ({_first_line(error)}); "
+            f"check that the file is complete and is one of: {_SUPPORTED}"
+        ) from None
 
-    image = _to_3d(_to_scalar(image, path), path)
-    if 0 in image.GetSize():
-        raise AutoDDPMError(f"{path} holds no voxels (size {'x'.join(map(str, image.GetSize()))}); give a non-empty volume")
-    image = sitk.Cast(image, sitk.sitkFloat32)
+    image = _to_scalar(image, path)
+    if image.GetPixelID() == sitk.sitkInt8:
+        low = int(sitk.GetArrayViewFromImage(image).min())
+        if low < 0:
+            raise AutoDDPMError(
+                f"{path} is stored as signed 8-bit integers and holds negative values (down to {low}), which is what "
+                "0-255 intensities become when cast to int8; re-export it as unsigned 8-bit (uint8) or a wider type"
+            )
+    image = sitk.Cast(_to_3d(image), sitk.sitkFloat32)
 
     voxels = sitk.GetArrayViewFromImage(image)
     if not np.all(np.isfinite(voxels)):
-        raise AutoDDPMError(
-            f"{path} contains NaN or infinite voxel values; "
-            "fix or re-export the volume so that every voxel is a finite number"
-        )
+        raise _not_finite_error(path)
     low, high = float(voxels.min()), float(voxels.max())
     if low == high:
         raise AutoDDPMError(
             f"{path} has no signal (every voxel equals {low:g}); check that this is the right scan"
         )
     return image
+
+
+def check_output_dir(folder: PathLike) -> None:
+    """Refuses an output folder that cannot be created or written to, and leaves nothing behind.
+
+    The folder, or the nearest folder above it that exists, must be a folder in
+    which a file (or the missing folders) can be created: a test file or folder
+    is made there and removed at once. That finds what permission bits do not
+    tell root: read-only disks, /proc and /sys.
+
+    Raises AutoDDPMError with a one-line message naming the folder and what to do.
+    """
+    folder = Path(folder)
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise AutoDDPMError(
+            f"output folder {folder} " + ("is a file" if existing == folder else f"cannot be created: {existing} is a file")
+            + "; give the path of a folder (one that is missing is created)"
+        )
+    try:
+        if existing == folder:
+            handle, probe = tempfile.mkstemp(dir=folder, prefix=".autoddpm-write-test-")
+            os.close(handle)
+            os.remove(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".autoddpm-write-test-"))
+    except OSError as error:
+        raise AutoDDPMError(
+            f"cannot write to output folder {folder} (creating a file in {existing} failed: {error.strerror}); "
+            "choose a folder on a writable disk where you may create files"
+        ) from None
+
+
+def make_output_dir(folder: PathLike) -> None:
+    """Creates the output folder and any missing folders above it (a run creates it only to write into it).
+
+    Raises AutoDDPMError with a one-line message when it cannot be created.
+    """
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AutoDDPMError(
+            f"cannot create output folder {folder} ({error.strerror}); "
+            "choose a folder on a writable disk where you may create files"
+        ) from None
 
 
 def _temporary_name(target: Path) -> Path:
