@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import make_head_volume, run_cli_without_simpleitk
+from test_volume_io import SHEARED_SFORM, write_nifti_with_sform
 
 from AutoDDPMLib.cli import main
 from AutoDDPMLib.errors import AutoDDPMError
@@ -114,34 +115,117 @@ def write(path: Path, array: np.ndarray, vector: bool = False) -> Path:
     return path
 
 
-def bad_inputs(tmp: Path) -> dict:
+def bad_runs(tmp: Path) -> dict:
+    """Every `autoddpm run` refused with exit 2: (arguments, words its one error line must contain, whether the
+    refusal comes before the model loads, from headers and options alone)."""
     head = sitk.GetArrayFromImage(make_head_volume())
-    nan = head.copy()
-    nan[2, 10, 10] = np.nan
+    good = write(tmp / "head.nii.gz", head)
+    out = tmp / "out"
     corrupt = tmp / "corrupt.nii.gz"
     corrupt.write_bytes(b"this is not a NIfTI file at all" * 10)
-    return {
-        "missing": (tmp / "nope.nii.gz", "does not exist"),
-        "corrupt": (corrupt, "corrupt"),
-        "4D": (write(tmp / "four.nii.gz", np.ones((2, 3, 40, 40), np.float32) * np.arange(40)), "4D"),
-        "vector": (write(tmp / "rgb.nrrd", np.random.rand(4, 40, 40, 3).astype(np.float32), vector=True), "component"),
-        "constant": (write(tmp / "flat.nii.gz", np.full((4, 40, 40), 7, np.float32)), "no signal"),
-        "nan": (write(tmp / "nan.mha", nan), "NaN"),  # ITK reads NaN in NIfTI as 0
-        "small": (write(tmp / "small.nii.gz", head[:, :20, :20].copy()), "smaller than the model grid"),
+    inputs = {
+        "missing": (tmp / "nope.nii.gz", "does not exist", True),
+        "corrupt": (corrupt, "corrupt", True),
+        "4D": (write(tmp / "four.nii.gz", np.ones((2, 3, 40, 40), np.float32) * np.arange(40)), "4D", True),
+        "vector": (write(tmp / "rgb.nrrd", np.random.rand(4, 40, 40, 3).astype(np.float32), vector=True), "component", False),
+        "constant": (write(tmp / "flat.nii.gz", np.full((4, 40, 40), 7, np.float32)), "no signal", False),
+        "small": (write(tmp / "small.nii.gz", head[:, :20, :20].copy()), "smaller than the model grid", False),
+        "complex NIfTI": (write(tmp / "complex.nii.gz", head.astype(np.complex64)), "complex voxel values", True),
+        "complex MetaImage": (write(tmp / "complex.mha", head.astype(np.complex64)), "2 values per voxel", False),
+        "int8 wrapped": (write(tmp / "int8.nii.gz", head.astype(np.int16).astype(np.int8)), "signed 8-bit", False),
+        "sheared MetaImage": (tmp / "sheared.mha", "non-orthogonal direction matrix", True),
+        "sheared NIfTI": (write_nifti_with_sform(tmp / "sheared.nii.gz", SHEARED_SFORM), "sheared or rescaled", True),
     }
+    for name, value in (("NaN", np.nan), ("Inf", np.inf)):
+        for extension in (".mha", ".nii", ".nii.gz"):
+            array = head.copy()
+            array[2, 10, 10] = value
+            # ITK reads NaN and Inf in NIfTI as 0: only AutoDDPM's own scan of the file sees them.
+            inputs[f"{name} in {extension}"] = (write(tmp / f"{name}{extension}", array), "NaN or infinite",
+                                                extension != ".mha")
+    sheared = make_head_volume()
+    sheared.SetDirection((1.0, 0.2, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(sheared, str(tmp / "sheared.mha"))
+    runs = {name: (["run", str(path), "--output-dir", str(out)], words, early) for name, (path, words, early) in inputs.items()}
+
+    options = {
+        "threshold nan": (["--threshold", "nan"], "--threshold must be a finite number of at least 0"),
+        "threshold inf": (["--threshold", "inf"], "--threshold must be a finite number of at least 0"),
+        "threshold below 0": (["--threshold", "-1"], "--threshold must be a finite number of at least 0"),
+        "batch size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
+        "batch size below 0": (["--batch-size", "-3"], "--batch-size must be at least 1"),
+    }
+    runs.update({name: (["run", str(good), "--output-dir", str(out), *extra], words, True)
+                 for name, (extra, words) in options.items()})
+    for threads in ("0", "-1"):
+        runs[f"threads {threads}"] = (["--threads", threads, "run", str(good), "--output-dir", str(out)],
+                                      "--threads must be at least 1", True)
+
+    a_file = tmp / "results.txt"
+    a_file.write_text("not a folder")
+    folders = {
+        "output dir is a file": (a_file, f"output folder {a_file} is a file"),
+        "output dir inside a file": (a_file / "sub", f"{a_file} is a file"),
+        "output dir under /proc": (Path("/proc/autoddpm-results"), "cannot write to output folder /proc/autoddpm-results"),
+        "output dir under /sys": (Path("/sys/autoddpm/results"), "cannot write to output folder /sys/autoddpm/results"),
+    }
+    runs.update({name: (["run", str(good), "--output-dir", str(folder)], words, True)
+                 for name, (folder, words) in folders.items()})
+    return runs
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "4D", "vector", "constant", "nan", "small"])
-def test_bad_input_exit_2_one_line_no_outputs(tiny_model, tmp_path, case):
-    path, expected = bad_inputs(tmp_path)[case]
+BAD_RUNS = [
+    "missing", "corrupt", "4D", "vector", "constant", "small", "complex NIfTI", "complex MetaImage", "int8 wrapped",
+    "sheared MetaImage", "sheared NIfTI", "NaN in .mha", "NaN in .nii", "NaN in .nii.gz", "Inf in .mha", "Inf in .nii",
+    "Inf in .nii.gz", "threshold nan", "threshold inf", "threshold below 0", "batch size 0", "batch size below 0",
+    "threads 0", "threads -1", "output dir is a file", "output dir inside a file", "output dir under /proc",
+    "output dir under /sys",
+]
+
+
+def files_under(folder: Path) -> dict:
+    """Every path under ``folder``, with each file's bytes and modification time."""
+    return {path: (path.read_bytes(), path.stat().st_mtime_ns) if path.is_file() else "folder"
+            for path in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", BAD_RUNS)
+def test_bad_run_exit_2_one_line_nothing_written(tiny_model, tmp_path, capfd, case):
+    args, expected, before_the_model = bad_runs(tmp_path)[case]
+    # What headers and options show is refused before the model loads: a model that is not there is never looked for.
+    model = "no-such-model" if before_the_model else str(tiny_model)
+    before = files_under(tmp_path)
+    code = main([*args, "--model", model, "--progress", "none"])
+    err = capfd.readouterr().err  # the process's stderr, where ITK's C++ warnings would land too
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("autoddpm: error:"), err
+    assert expected.lower() in lines[0].lower(), lines[0]
+    # The inputs are untouched, and nothing is written: no output folder, no temporary file.
+    assert files_under(tmp_path) == before
+
+
+def test_bad_inputs_among_several_are_reported_before_the_model(tiny_model, tmp_path, capfd):
+    runs = bad_runs(tmp_path)
+    nan, complex_volume = runs["NaN in .nii.gz"][0][1], runs["complex NIfTI"][0][1]
     out = tmp_path / "out"
-    proc = run_cli("run", str(path), "--output-dir", str(out), "--model", str(tiny_model), "--progress", "none")
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("autoddpm: error:"), proc.stderr
-    assert expected.lower() in lines[0].lower()
-    assert "Traceback" not in proc.stderr
-    assert not out.exists() or not any(out.iterdir())
+    assert main(["run", nan, complex_volume, "--output-dir", str(out), "--model", "no-such-model"]) == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert [line.split(": ")[:2] for line in lines] == [["autoddpm", "error"]] * 2
+    assert "NaN" in lines[0] and "complex" in lines[1]
+    # With a good input among them the model is loaded for it, after the bad ones were reported.
+    assert main(["run", nan, str(tmp_path / "head.nii.gz"), "--output-dir", str(out), "--model", "no-such-model"]) == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert "NaN" in lines[0] and "unknown model" in lines[1]
+    assert not out.exists()
+
+
+def test_demo_checks_options_and_output_folder_before_the_model(tmp_path, capsys):
+    a_file = tmp_path / "demo.txt"
+    a_file.write_text("not a folder")
+    for args, words in ((["--output-dir", str(a_file)], "is a file"), (["--threshold", "nan"], "--threshold must be")):
+        assert main(["demo", *args, "--model", "no-such-model"]) == 2
+        assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.txt"]
 
 
 def broken_models(tiny_model: Path, tmp: Path) -> dict:

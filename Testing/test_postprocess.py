@@ -184,20 +184,24 @@ def test_volume_threshold_flags_the_healthy_rate_after_small_components_go() -> 
     assert flagged_rate(maps, healthy, spacings, dropping, lower - 1e-3) > 0.05
 
 
+def patients_with_masks(folder, count: int = 2):
+    """``count`` synthetic heads with their bright blob as the expert mask, named as LGG patients are."""
+    folder.mkdir()
+    for seed in range(count):
+        image = make_head_volume(seed=seed)
+        sitk.WriteImage(image, str(folder / f"p{seed}_flair.nii.gz"))
+        mask = sitk.GetImageFromArray((sitk.GetArrayFromImage(image) > 800).astype(np.uint8))  # the blob is 900
+        mask.CopyInformation(image)
+        sitk.WriteImage(mask, str(folder / f"p{seed}_mask.nii.gz"))
+    return folder
+
+
 def test_calibrate_writes_the_post_processed_threshold_the_engine_then_uses(tiny_model_with, tmp_path) -> None:
     from AutoDDPMLib.cli import main
     from AutoDDPMLib.models.bundle import read_card
 
     model = card_with(tiny_model_with("pp"), postprocessing=FLAIR_LIKE)
-    data = tmp_path / "volumes"
-    data.mkdir()
-    for seed in range(2):
-        image = make_head_volume(seed=seed)
-        sitk.WriteImage(image, str(data / f"p{seed}_flair.nii.gz"))
-        truth = (sitk.GetArrayFromImage(image) > 800).astype(np.uint8)  # the bright blob of make_head_volume
-        mask = sitk.GetImageFromArray(truth)
-        mask.CopyInformation(image)
-        sitk.WriteImage(mask, str(data / f"p{seed}_mask.nii.gz"))
+    data = patients_with_masks(tmp_path / "volumes")
     assert main(["calibrate", str(model), "--data", str(data), "--backend", "torch"]) == 0
     card = read_card(model)
     entry = card.data["thresholds"]["postprocessed"]
@@ -216,14 +220,7 @@ def test_volume_benchmark_scores_each_patient_as_autoddpm_run_makes_its_map(tiny
     from AutoDDPMLib.cli import main
 
     model = card_with(tiny_model_with("pp"), postprocessing=FLAIR_LIKE)
-    data = tmp_path / "volumes"
-    data.mkdir()
-    for seed in range(2):
-        image = make_head_volume(seed=seed)
-        sitk.WriteImage(image, str(data / f"p{seed}_flair.nii.gz"))
-        mask = sitk.GetImageFromArray((sitk.GetArrayFromImage(image) > 800).astype(np.uint8))
-        mask.CopyInformation(image)
-        sitk.WriteImage(mask, str(data / f"p{seed}_mask.nii.gz"))
+    data = patients_with_masks(tmp_path / "volumes")
     out = tmp_path / "bench"
     assert main(["benchmark-volumes", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--backend", "torch",
                  "--baselines", "residual-fast"]) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -40,15 +41,44 @@ def _engine(args: argparse.Namespace):
                     postprocess=args.postprocess)
 
 
+def _check_engine_options(args: argparse.Namespace) -> None:
+    """Refuses option values the engine would silently turn into something else."""
+    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold >= 0):
+        raise AutoDDPMError(f"--threshold must be a finite number of at least 0 (got {args.threshold}); "
+                            "leave it out for the model card's calibrated value")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise AutoDDPMError(f"--batch-size must be at least 1 (got {args.batch_size}); "
+                            "leave it out for the default")
+
+
+def _check_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
+    """The inputs whose headers pass, checked before the model loads rather than minutes into a run.
+
+    A single input that fails is an error; among several, each that fails is reported and left out.
+    """
+    from .volumes.volume_io import check_input
+
+    passed, failures = [], []
+    for path in inputs:
+        try:
+            check_input(path)
+            passed.append(path)
+        except AutoDDPMError as error:
+            if len(inputs) == 1:
+                raise
+            failures.append(f"{path}: {error}")
+            print(f"autoddpm: error: {path}: {error}", file=sys.stderr)
+    return passed, failures
+
+
 def _process(engine, inputs: list[Path], output_dir: Path, reporter, repeats: int = 1) -> tuple[dict[Path, dict], list[str]]:
     """Run every input; one that fails is reported and skipped, the others still run."""
-    from .volumes.volume_io import input_stem, read_volume, write_outputs_atomically
+    from .volumes.volume_io import input_stem, make_output_dir, read_volume, write_outputs_atomically
 
     stems = [input_stem(path) for path in inputs]
     duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
     if duplicates:
         raise AutoDDPMError(f"several inputs share the name {', '.join(duplicates)}: their outputs would overwrite each other; rename them or run them separately")
-    output_dir.mkdir(parents=True, exist_ok=True)
     done, failures = {}, []
     for path, stem in zip(inputs, stems):
         try:
@@ -62,6 +92,8 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter, repeats: in
             reporter.stage(path, "writing", 0.97)
             images = {"pseudohealthy": result.pseudo_healthy, "anomaly": result.anomaly_map, "mask": result.mask,
                       "brain": result.brain_region, "spread": result.spread}
+            # Created only now, so that a run that fails before its first result leaves no empty folder.
+            make_output_dir(output_dir)
             outputs = {key: (output_dir / f"{stem}{OUTPUT_SUFFIXES[key]}").resolve() for key, image in images.items()
                        if image is not None}
             write_outputs_atomically({outputs[key]: images[key] for key in outputs})
@@ -76,19 +108,24 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter, repeats: in
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .volumes.volume_io import expand_inputs
+    from .volumes.volume_io import check_output_dir, expand_inputs
 
     if args.repeats < 1:
         raise AutoDDPMError("--repeats must be at least 1")
+    _check_engine_options(args)
     inputs, skipped = expand_inputs(args.inputs, skip_endings=tuple(OUTPUT_SUFFIXES.values()))
     if skipped:
         print(f"autoddpm: skipping {len(skipped)} file(s) named like lesion masks or AutoDDPM outputs: "
               + ", ".join(path.name for path in skipped), file=sys.stderr)
+    check_output_dir(args.output_dir)
+    inputs, refused = _check_inputs(inputs)
+    if not inputs:
+        return 2
     reporter = make_reporter(args.progress)
     engine = _engine(args)
     _, failures = _process(engine, inputs, Path(args.output_dir), reporter, args.repeats)
     reporter.finished()
-    return 2 if failures else 0
+    return 2 if refused or failures else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -97,7 +134,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .benchmark.figures import FigureRow, save_overview
     from .resources import resources_dir
+    from .volumes.volume_io import check_output_dir
 
+    _check_engine_options(args)
+    check_output_dir(args.output_dir)
     engine = _engine(args)
     modality = str(engine.card.data["modality"])
     if modality.upper() not in DEMO_SAMPLES:
@@ -365,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``autoddpm`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.threads is not None and args.threads < 1:
+            raise AutoDDPMError(f"--threads must be at least 1 (got {args.threads}); leave it out for the default")
         if args.threads:
             import torch
 
