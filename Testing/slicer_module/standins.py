@@ -206,9 +206,6 @@ class Layout(list):
     def addWidget(self, widget) -> None:
         self.append(widget)
 
-    def addStretch(self, stretch: int = 0) -> None:
-        pass
-
 
 class ScriptedLoadableModuleWidget:
     def __init__(self, parent=None) -> None:
@@ -309,8 +306,6 @@ def parameterNodeWrapper(cls):
     cls.disconnectGui = disconnectGui
     cls.AddObserver = lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(event, callback, priority)
     cls.RemoveObserver = lambda self, tag: self.parameterNode.RemoveObserver(tag)
-    cls.StartModify = lambda self: self.parameterNode.StartModify()
-    cls.EndModify = lambda self, wasModifying: self.parameterNode.EndModify(wasModifying)
     return cls
 
 
@@ -321,7 +316,7 @@ def _is_node_type(kind) -> bool:
 
 
 def _read_parameter(wrapper, name: str):
-    kind, default = wrapper._fields[name]
+    kind, _ = wrapper._fields[name]
     node = wrapper.parameterNode
     if _is_node_type(kind):
         return node.GetNodeReference(name)
