@@ -10,15 +10,10 @@ run never leaves a half-written file.
 
 from __future__ import annotations
 
-import gzip
-import math
 import os
-import struct
 import sys
 import tempfile
-import zlib
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional, Union
 
@@ -26,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import AutoDDPMError
+from .nifti_header import GRID_TOLERANCE, nifti_grid_changed, read_nifti_header, scan_nifti_voxels
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -40,12 +36,6 @@ _VOLUME_SUFFIXES = tuple(suffix for suffix in _KNOWN_SUFFIXES if suffix != ".dcm
 # What to tell the user when SimpleITK cannot make sense of a file.
 _SUPPORTED = "NIfTI (.nii/.nii.gz), NRRD, MetaImage (.mha/.mhd), PNG/JPEG or a DICOM series folder"
 
-# NIfTI datatype codes of float32 and float64 voxels: ITK reads their NaN and Inf as 0, so they are scanned here.
-_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
-# How far a voxel grid's direction cosines may be from a rotation, and a NIfTI sform's scales from pixdim, before
-# ITK replaces the grid (ITK's own tolerances): the outputs would then not line up with the input.
-_GRID_TOLERANCE = 1e-4
-_SCALE_TOLERANCE_MM = 1e-3
 _RESAMPLE_ADVICE = ("which the outputs cannot keep, so they would not line up with the input; resample it onto an "
                     "orthogonal voxel grid (with the registration or resampling tool you use) and run it again")
 
@@ -179,105 +169,6 @@ def expand_inputs(paths: Iterable[PathLike], skip_endings: tuple[str, ...] = ())
     return volumes, skipped
 
 
-@dataclass(frozen=True)
-class _NiftiHeader:
-    """What the checks need from a NIfTI-1 or NIfTI-2 header."""
-
-    byte_order: str  # "<" or ">", as struct and numpy spell it
-    datatype: int
-    bitpix: int
-    voxel_offset: int
-    voxels: int
-    voxel_sizes: np.ndarray  # pixdim[1:4], millimetres
-    sform_code: int
-    sform: np.ndarray  # 3x4: voxel index -> RAS millimetres
-
-
-def _parse_nifti_header(header: bytes) -> Optional[_NiftiHeader]:
-    """The header's fields, or None when the bytes are no NIfTI header (ITK then judges the file)."""
-    for order in "<>":
-        (size,) = struct.unpack(order + "i", header[:4])
-        if size == 348:
-            dims = struct.unpack(order + "8h", header[40:56])
-            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
-            pixdim = struct.unpack(order + "8f", header[76:108])
-            (offset,) = struct.unpack(order + "f", header[108:112])
-            (sform_code,) = struct.unpack(order + "h", header[254:256])
-            rows = struct.unpack(order + "12f", header[280:328])
-        elif size == 540 and len(header) >= 540:
-            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
-            dims = struct.unpack(order + "8q", header[16:80])
-            pixdim = struct.unpack(order + "8d", header[104:168])
-            (offset,) = struct.unpack(order + "q", header[168:176])
-            (sform_code,) = struct.unpack(order + "i", header[348:352])
-            rows = struct.unpack(order + "12d", header[400:496])
-        else:
-            continue
-        voxels = math.prod(max(int(extent), 1) for extent in dims[1 : 1 + max(0, min(dims[0], 7))])
-        return _NiftiHeader(order, datatype, bitpix, int(offset), voxels, np.abs(pixdim[1:4]), sform_code,
-                            np.array(rows).reshape(3, 4))
-    return None
-
-
-def _nifti_header(path: Path) -> Optional[_NiftiHeader]:
-    """The header of a NIfTI file, or None when there is none to read (ITK then says why)."""
-    try:
-        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as stream:
-            raw = stream.read(540)
-    except (OSError, EOFError, zlib.error):
-        return None
-    return _parse_nifti_header(raw) if len(raw) >= 348 else None
-
-
-def _nifti_grid_changed(header: _NiftiHeader) -> bool:
-    """Whether ITK would read another voxel grid than the file's sform states.
-
-    ITK keeps only a rotation and pixdim's voxel sizes, with its own tolerances:
-    it replaces a sheared sform by the qform (or fails) and a rescaled one by
-    pixdim's sizes, printing multi-line warnings either way.
-    """
-    if header.sform_code <= 0:
-        return False
-    matrix = header.sform[:, :3]
-    scales = np.linalg.norm(matrix, axis=0)
-    if np.abs(scales - header.voxel_sizes).max() > _SCALE_TOLERANCE_MM or not np.all(scales > 0):
-        return True
-    rotation = matrix / scales
-    return bool(np.abs(rotation @ rotation.T - np.eye(3)).max() > _GRID_TOLERANCE)
-
-
-def _scan_nifti_voxels(path: Path, header: _NiftiHeader) -> tuple[bool, bool]:
-    """Whether voxel bytes are missing, and whether a float voxel is NaN or infinite.
-
-    ITK fills a truncated NIfTI (e.g. an interrupted download) with zeros and reads
-    NaN/Inf as 0, without complaint: either would silently become a "lesion-free"
-    black region. NRRD and MetaImage readers already fail on truncated files and
-    keep NaN/Inf, which ``read_volume`` refuses.
-    """
-    compressed = path.name.lower().endswith(".gz")
-    expected = header.voxels * header.bitpix // 8
-    float_type = _NIFTI_FLOAT_TYPES.get(header.datatype)
-    if not compressed and float_type is None:
-        return path.stat().st_size < header.voxel_offset + expected, False
-    dtype = None if float_type is None else np.dtype(header.byte_order + float_type)
-    received, finite = 0, True
-    try:
-        with (gzip.open if compressed else open)(path, "rb") as stream:
-            stream.seek(header.voxel_offset)
-            while received < expected:
-                # 1 MiB at a time: a whole volume need not fit in memory twice.
-                chunk = stream.read(min(1 << 20, expected - received))
-                if not chunk:
-                    break
-                received += len(chunk)
-                if dtype is not None and finite:
-                    whole = len(chunk) - len(chunk) % dtype.itemsize
-                    finite = bool(np.isfinite(np.frombuffer(chunk[:whole], dtype)).all())
-    except (EOFError, zlib.error, gzip.BadGzipFile):
-        return True, not finite
-    return received < expected, not finite
-
-
 def _not_finite_error(path: Path) -> AutoDDPMError:
     return AutoDDPMError(
         f"{path} contains NaN or infinite voxel values; "
@@ -303,7 +194,7 @@ def _check_header(path: Path, reader: sitk.ImageFileReader) -> None:
         raise AutoDDPMError(f"{path} holds no voxels (size {'x'.join(map(str, size))}); give a non-empty volume")
     axes = min(dimension, 3)
     direction = np.array(reader.GetDirection()).reshape(dimension, dimension)[:axes, :axes]
-    if np.abs(direction.T @ direction - np.eye(axes)).max() > _GRID_TOLERANCE:
+    if np.abs(direction.T @ direction - np.eye(axes)).max() > GRID_TOLERANCE:  # ITK's own tolerance: beyond it ITK replaces the grid
         raise AutoDDPMError(f"{path} has a non-orthogonal direction matrix (a sheared voxel grid), " + _RESAMPLE_ADVICE)
 
 
@@ -313,9 +204,9 @@ def _checked_reader(path: Path) -> Union[sitk.ImageFileReader, sitk.ImageSeriesR
         raise AutoDDPMError(f"input {path} does not exist; check the path")
     if path.is_dir():
         return _dicom_series_reader(path)
-    nifti = _nifti_header(path) if _suffix(path).lower() in (".nii", ".nii.gz") else None
+    nifti = read_nifti_header(path) if _suffix(path).lower() in (".nii", ".nii.gz") else None
     # Before ITK reads it: ITK fails or warns on such a file, in words that do not say what to do.
-    if nifti is not None and _nifti_grid_changed(nifti):
+    if nifti is not None and nifti_grid_changed(nifti):
         raise AutoDDPMError(f"{path} has a sheared or rescaled voxel grid (its sform is not a rotation times pixdim's "
                             "voxel sizes), " + _RESAMPLE_ADVICE)
     reader = sitk.ImageFileReader()
@@ -329,7 +220,7 @@ def _checked_reader(path: Path) -> Union[sitk.ImageFileReader, sitk.ImageSeriesR
             f"check that the file is complete and is one of: {_SUPPORTED}"
         ) from None
     if nifti is not None:
-        missing, not_finite = _scan_nifti_voxels(path, nifti)
+        missing, not_finite = scan_nifti_voxels(path, nifti)
         if missing:
             raise AutoDDPMError(
                 f"{path} is truncated or corrupt (it holds fewer voxels than its header describes); "
