@@ -192,6 +192,7 @@ def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_d
     from ..detection.inference import AutoDDPM
     from ..training.training_data import find_training_images
 
+    commit = git_commit()  # the code that runs now: a commit made while a long run goes on must not be recorded
     unknown = sorted(set(baselines) - set(RECONSTRUCTION_BASELINES))
     if unknown:
         raise AutoDDPMError(f"unknown baselines {', '.join(unknown)}: choose from {', '.join(RECONSTRUCTION_BASELINES)}")
@@ -229,7 +230,7 @@ def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_d
     meta = {
         "model": engine.card.name, "data": str(data), "cases": len(cases), "postprocessing": settings.to_dict(),
         "schedule": engine.schedule_name, "backend": engine.backend_name, "baselines": list(baselines), "command": command_line("benchmark-volumes"),
-        "commit": git_commit(), "date": _dt.date.today().isoformat(), "found_dice": FOUND_DICE,
+        "commit": commit, "date": _dt.date.today().isoformat(), "found_dice": FOUND_DICE,
         "figure": box_plot(rows, output / "patient_dice.png"),
     }
     (output / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
