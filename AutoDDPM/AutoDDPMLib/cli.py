@@ -51,6 +51,14 @@ def _check_engine_options(args: argparse.Namespace) -> None:
                             "leave it out for the default")
 
 
+def _skip_or_raise(error: AutoDDPMError, path: Path, inputs: list[Path], failures: list[str]) -> None:
+    """With one input its error is the run's; with several it is reported, that input skipped, the others run."""
+    if len(inputs) == 1:
+        raise error
+    failures.append(f"{path}: {error}")
+    print(f"autoddpm: error: {path}: {error}", file=sys.stderr)
+
+
 def _check_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
     """The inputs whose headers pass, checked before the model loads rather than minutes into a run.
 
@@ -64,10 +72,7 @@ def _check_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
             check_input(path)
             passed.append(path)
         except AutoDDPMError as error:
-            if len(inputs) == 1:
-                raise
-            failures.append(f"{path}: {error}")
-            print(f"autoddpm: error: {path}: {error}", file=sys.stderr)
+            _skip_or_raise(error, path, inputs, failures)
     return passed, failures
 
 
@@ -100,10 +105,7 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter, repeats: in
             reporter.done(path, outputs, engine, result)
             done[path] = {"outputs": outputs, "result": result, "image": image}
         except AutoDDPMError as error:
-            if len(inputs) == 1:
-                raise
-            failures.append(f"{path}: {error}")
-            print(f"autoddpm: error: {path}: {error}", file=sys.stderr)
+            _skip_or_raise(error, path, inputs, failures)
     return done, failures
 
 
