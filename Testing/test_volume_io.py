@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import locale
+import os
+import stat
 import struct
 import time
 from pathlib import Path
@@ -383,6 +385,19 @@ def test_write_outputs_atomically_all_or_nothing(tmp_path):
         assert list(tmp_path.iterdir()) == [], "nothing, not even temporary files, may be left"
     write_outputs_atomically(good)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "b.nrrd"]
+
+
+def test_outputs_are_readable_as_the_umask_allows(tmp_path):
+    # The temporary files are private (mkstemp); results on a shared server must be readable by the group.
+    previous = os.umask(0o022)
+    try:
+        write_outputs_atomically({tmp_path / "a.nii.gz": make_volume()})
+        assert stat.S_IMODE((tmp_path / "a.nii.gz").stat().st_mode) == 0o644
+        os.umask(0o077)
+        write_outputs_atomically({tmp_path / "b.nii.gz": make_volume()})
+        assert stat.S_IMODE((tmp_path / "b.nii.gz").stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data not available")

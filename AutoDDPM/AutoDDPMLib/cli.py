@@ -211,7 +211,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     # Calibrating the reference schedule takes hours on a CPU: show how far it is.
     with tqdm(total=100, desc=f"calibrating ({args.schedule})", unit="%",
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]") as bar:
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]") as bar:
         def progress(fraction: float, stage: str) -> None:
             bar.update(round(100 * fraction) - bar.n)
             bar.set_postfix_str(stage)

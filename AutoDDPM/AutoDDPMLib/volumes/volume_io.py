@@ -395,6 +395,13 @@ def _remove_quietly(paths) -> None:
             pass
 
 
+def _new_file_mode() -> int:
+    """The mode a new file gets under the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_outputs_atomically(images: Dict[Path, sitk.Image]) -> None:
     """Writes several images so that either all of them land or none does.
 
@@ -419,6 +426,8 @@ def write_outputs_atomically(images: Dict[Path, sitk.Image]) -> None:
             temporaries[target] = temporary
             try:
                 sitk.WriteImage(image, str(temporary), useCompression=True)
+                # mkstemp made the file private (0600); results are shared like any file the user writes.
+                os.chmod(temporary, _new_file_mode())
             except RuntimeError as error:
                 raise AutoDDPMError(
                     f"cannot write {target} ({_first_line(error)}); check the disk space and that "
