@@ -92,7 +92,7 @@ def main() -> None:
         start = variant["resample_start"] or engine.card.schedule(engine.schedule_name).resample_start
         print(f"| {variant['mask_fraction']:.0%} | {variant['dilation']} | {start} | {variant['repeats']} | {tau:.4f} | "
               f"{resampled:.0%} | {row['threshold']:.4f} | {row['dice']:.3f} | {row['auprc']:.3f} | "
-              f"{row['median_patient_dice']:.3f} | {row['found']}/{row['patients']} |", flush=True)
+              f"{row['patient_dice_median']:.3f} | {row['found']}/{row['patients']} |", flush=True)
 
 
 if __name__ == "__main__":

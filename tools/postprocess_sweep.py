@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from AutoDDPMLib.benchmark.datasets import DEV_STRIDE
-from AutoDDPMLib.benchmark.metrics import dice
+from AutoDDPMLib.benchmark.volume_benchmark import Case, score
 from AutoDDPMLib.detection.inference import AutoDDPM
 from AutoDDPMLib.detection.map_filters import anomaly_mask, postprocess_map
 from AutoDDPMLib.detection.postprocessing import PostProcessing
@@ -33,8 +33,6 @@ from AutoDDPMLib.training.training_data import find_training_images
 from AutoDDPMLib.training.volume_calibration import calibrate_volume_threshold, healthy_voxels
 from AutoDDPMLib.volumes.slices import FOREGROUND_LEVEL, AxialStack, has_signal, intensity_window, normalize, to_model_grid
 from AutoDDPMLib.volumes.volume_io import read_volume
-
-FOUND = 0.1  # a tumour counts as found when its patient's Dice is above this
 
 
 def patients(data: Path) -> dict[str, list[tuple[Path, Path]]]:
@@ -86,19 +84,17 @@ def compute_cache(engine: AutoDDPM, pairs: list[tuple[Path, Path]], cache: Path,
             print(f"computed {target.name}", file=sys.stderr, flush=True)
 
 
-class Volume:
-    """One patient's volume, truth and the cached model outputs, in the volume's canonical slices."""
+class Volume(Case):
+    """One patient's volume and truth (as benchmark-volumes reads them) with the cached model outputs."""
 
     def __init__(self, image_path: Path, mask_path: Path, card, cache: list[Path], slice_spacing: float | None = None) -> None:
-        self.name = image_path.name.split("_flair")[0]
-        stack = AxialStack.from_image(read_volume(image_path))
-        # LGG's volumes carry a nominal 1 mm grid; --slice-spacing reads them as the thick stacks they likely are.
-        self.spacing = stack.spacing if slice_spacing is None else (slice_spacing, *stack.pixel_spacing)
-        self.slices01 = normalize(stack.array, intensity_window(stack.array, card.intensity_percentiles))
+        super().__init__(image_path, mask_path, card)
+        if slice_spacing is not None:
+            # LGG's volumes carry a nominal 1 mm grid; --slice-spacing reads them as the thick stacks they likely are.
+            self.spacing = (slice_spacing, *self.spacing[1:])
+            self.healthy = healthy_voxels(self.truth, self.slices01 > FOREGROUND_LEVEL, self.spacing)
         self.keep = np.array([has_signal(s, card.min_foreground_fraction) for s in self.slices01], dtype=bool)
-        self.x, self.transform = to_model_grid(self.slices01[self.keep], stack.pixel_spacing, card.image_size)
-        self.truth = AxialStack.from_image(read_volume(mask_path)).array > 0
-        self.tissue = self.slices01 > FOREGROUND_LEVEL
+        self.x, self.transform = to_model_grid(self.slices01[self.keep], self.spacing[1:], card.image_size)
         self.runs = [np.load(path) for path in cache]  # one per repeat
 
     def raw_map(self, polarity: str) -> np.ndarray:
@@ -116,46 +112,19 @@ class Volume:
         return float(resampled[self.truth].mean())
 
 
-def pooled_auprc(maps: list[np.ndarray], truths: list[np.ndarray]) -> float:
-    """AUPRC over every voxel, as benchmark.metrics.average_precision, with the zero scores as one group (fast)."""
-    scores = np.concatenate([m[m > 0] for m in maps]).astype(np.float64)
-    truth = np.concatenate([t[m > 0] for m, t in zip(maps, truths)])
-    positives = sum(int(t.sum()) for t in truths)
-    order = np.argsort(-scores, kind="mergesort")
-    scores, truth = scores[order], truth[order]
-    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1] if scores.size else np.array([], int)
-    tp = np.cumsum(truth)[last] if scores.size else np.array([])
-    fp = (last + 1) - tp
-    total = sum(m.size for m in maps)
-    tp, fp = np.r_[tp, positives], np.r_[fp, total - positives]  # the zero-score group comes last
-    recall, precision = tp / positives, tp / np.maximum(tp + fp, 1)
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
 def evaluate(settings: PostProcessing, dev: list[Volume], val: list[Volume], raw: dict, healthy_rate: float) -> dict:
     """Calibrate on the validation patients' healthy voxels, score the development patients."""
     def maps_of(volumes):
         return [postprocess_map(raw[(v.name, settings.polarity)], v.slices01, v.spacing, settings) for v in volumes]
 
     val_maps = [m for m, _ in maps_of(val)]
-    healthy = [healthy_voxels(v.truth, v.tissue, v.spacing) for v in val]
-    threshold, rate = calibrate_volume_threshold(val_maps, healthy, [v.spacing for v in val], settings, healthy_rate)
+    threshold, rate = calibrate_volume_threshold(val_maps, [v.healthy for v in val], [v.spacing for v in val],
+                                                 settings, healthy_rate)
     dev_maps = maps_of(dev)
     masks = [anomaly_mask(m, threshold, v.spacing, settings) for (m, _), v in zip(dev_maps, dev)]
-    per_patient = [dice(mask, v.truth) for mask, v in zip(masks, dev)]
     in_region = [v.truth[brain].sum() / v.truth.sum() for (_, brain), v in zip(dev_maps, dev) if brain is not None]
-    overlap = sum(int((mask & v.truth).sum()) for mask, v in zip(masks, dev))
-    flagged = sum(int(mask.sum()) for mask in masks)
-    truth = sum(int(v.truth.sum()) for v in dev)
-    return {
-        "settings": settings.describe(), "threshold": threshold, "healthy_rate": rate,
-        "dice": 2 * overlap / max(1, flagged + truth),
-        "auprc": pooled_auprc([m for m, _ in dev_maps], [v.truth for v in dev]),
-        "median_patient_dice": float(np.median(per_patient)),
-        "found": sum(d > FOUND for d in per_patient), "patients": len(dev),
-        "tumour_in_region": float(np.mean(in_region)) if in_region else 1.0,
-        "per_patient": dict(zip([v.name for v in dev], per_patient)),
-    }
+    row = score(settings.describe(), dev, [m for m, _ in dev_maps], masks, threshold)
+    return dict(row, calibrated_healthy_rate=rate, tumour_in_region=float(np.mean(in_region)) if in_region else 1.0)
 
 
 def main() -> None:
@@ -187,8 +156,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for settings in candidate_settings(args.stage):
         row = evaluate(settings, dev, val, raw, args.healthy_rate)
-        print(f"| {row['settings']} | {row['threshold']:.4f} | {row['dice']:.3f} | {row['auprc']:.3f} | "
-              f"{row['median_patient_dice']:.3f} | {row['found']}/{row['patients']} | {row['tumour_in_region']:.0%} |", flush=True)
+        print(f"| {row['method']} | {row['threshold']:.4f} | {row['dice']:.3f} | {row['auprc']:.3f} | "
+              f"{row['patient_dice_median']:.3f} | {row['found']}/{row['patients']} | {row['tumour_in_region']:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

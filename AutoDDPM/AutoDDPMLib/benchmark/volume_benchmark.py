@@ -2,7 +2,7 @@
 
 ``autoddpm benchmark`` scores slices on the model grid, which is how the paper
 compares methods. A user runs whole volumes in their own geometry, with the
-model card's post-processing (detection.postprocess) and its threshold. This
+model card's post-processing (detection.map_filters) and its threshold. This
 benchmark runs exactly that on volumes with expert masks and scores it per
 patient as well as pooled: a radiologist asks how often a tumour is missed,
 not only how many voxels were right.

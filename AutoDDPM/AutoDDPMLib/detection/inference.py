@@ -71,7 +71,7 @@ class AutoDDPM:
     ``threshold`` (on the anomaly map) and ``mask_threshold`` (tau, on the
     likelihood map) default to the model card's calibrated values. ``postprocess``
     is ``card`` (the card's post-processing: polarity, brain region, 3D median,
-    small components; see detection.postprocess) or ``none`` (the paper's raw
+    small components; see detection.map_filters) or ``none`` (the paper's raw
     map, with its own calibrated threshold). ``backend``
     runs the network with ``torch``, ``onnxruntime`` (CPU only, ``pip install
     "autoddpm[onnx]"``) or, by default, ``auto``: ONNX Runtime where it can run,

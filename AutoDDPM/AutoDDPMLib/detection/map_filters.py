@@ -15,7 +15,7 @@ comparative study), the map is post-processed before it is thresholded:
    ``min_component_mm3`` are dropped (26-connectivity, in the volume's spacing).
 
 Which deviations count (``polarity``) is decided in the pipeline (see
-``diffusion.pipeline.deviation``); the settings travel together in the model card.
+``diffusion.polarity.deviation``); the settings travel together in the model card.
 ``PostProcessing.none()`` (detection.postprocessing) is the paper's raw map.
 
 Everything works on a [slices, rows, columns] array with its spacing in mm

@@ -102,7 +102,7 @@ class ModelCard:
 
     @property
     def postprocessing(self) -> dict:
-        """The card's post-processing settings of the anomaly map (empty: the paper's raw map; see detection.postprocess)."""
+        """The card's post-processing settings of the anomaly map (empty: the paper's raw map; see detection.postprocessing)."""
         return dict(self.data.get("postprocessing") or {})
 
     def postprocessed_threshold(self, schedule: str) -> float | None:

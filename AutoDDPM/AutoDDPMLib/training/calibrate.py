@@ -4,7 +4,7 @@
   healthy tissue pixels are marked for re-sampling.
 - The anomaly threshold (on the final map A) makes the output mask: at most
   ``healthy_fpr`` (1 % by default) of healthy tissue pixels are flagged.
-- When the card post-processes its map (detection.postprocess), the threshold on
+- When the card post-processes its map (detection.map_filters), the threshold on
   the post-processed map follows the same rule on whole volumes run as ``autoddpm
   run`` runs them (training.volume_calibration): a lesion's surroundings are left
   out, its mask is only used to stay away from it.
