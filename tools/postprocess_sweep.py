@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from AutoDDPMLib.benchmark.datasets import DEV_STRIDE
-from AutoDDPMLib.benchmark.volume_benchmark import Case, score
+from AutoDDPMLib.benchmark.volume_benchmark import score
 from AutoDDPMLib.detection.inference import AutoDDPM
 from AutoDDPMLib.detection.map_filters import anomaly_mask, postprocess_map
 from AutoDDPMLib.detection.postprocessing import PostProcessing
 from AutoDDPMLib.diffusion.polarity import deviation
 from AutoDDPMLib.training.training_data import find_training_images
-from AutoDDPMLib.training.volume_calibration import calibrate_volume_threshold, healthy_voxels
+from AutoDDPMLib.training.volume_calibration import LabelledVolume, calibrate_volume_threshold, healthy_voxels
 from AutoDDPMLib.volumes.slices import FOREGROUND_LEVEL, AxialStack, has_signal, intensity_window, normalize, to_model_grid
 from AutoDDPMLib.volumes.volume_io import read_volume
 
@@ -84,7 +84,7 @@ def compute_cache(engine: AutoDDPM, pairs: list[tuple[Path, Path]], cache: Path,
             print(f"computed {target.name}", file=sys.stderr, flush=True)
 
 
-class Volume(Case):
+class Volume(LabelledVolume):
     """One patient's volume and truth (as benchmark-volumes reads them) with the cached model outputs."""
 
     def __init__(self, image_path: Path, mask_path: Path, card, cache: list[Path], slice_spacing: float | None = None) -> None:

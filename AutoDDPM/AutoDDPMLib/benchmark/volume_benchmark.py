@@ -39,8 +39,8 @@ from ..detection.postprocessing import PostProcessing
 from ..diffusion.onnx_backend import BACKENDS
 from ..errors import AutoDDPMError
 from ..provenance import command_line, git_commit
-from ..training.volume_calibration import calibrate_volume_threshold, healthy_voxels
-from ..volumes.slices import FOREGROUND_LEVEL, AxialStack, intensity_window, normalize
+from ..training.volume_calibration import LabelledVolume, calibrate_volume_threshold
+from ..volumes.slices import AxialStack
 from .metrics import average_precision, dice
 
 if TYPE_CHECKING:
@@ -53,24 +53,7 @@ FOUND_DICE = 0.1  # a patient's tumour counts as found when its Dice is above th
 RECONSTRUCTION_BASELINES = {"residual-fast": ("Residual (coarse, fast)", None, None), "anoddpm-100": ("AnoDDPM t=100", 100, 101)}
 
 
-class Case:
-    """One volume with its expert mask, in canonical slices."""
-
-    def __init__(self, image_path: Path, mask_path: Path, card) -> None:
-        from ..volumes.volume_io import read_volume
-
-        self.name = image_path.name.split("_flair")[0] if "_flair" in image_path.name else image_path.name.split(".")[0]
-        self.image = read_volume(image_path)
-        stack = AxialStack.from_image(self.image)
-        self.spacing = stack.spacing
-        self.slices01 = normalize(stack.array, intensity_window(stack.array, card.intensity_percentiles))
-        self.truth = AxialStack.from_image(read_volume(mask_path)).array > 0
-        if self.truth.shape != self.slices01.shape:
-            raise AutoDDPMError(f"mask {mask_path} has shape {self.truth.shape}, its image {image_path} {self.slices01.shape}")
-        self.healthy = healthy_voxels(self.truth, self.slices01 > FOREGROUND_LEVEL, self.spacing)
-
-
-def score(name: str, cases: list[Case], maps: list[np.ndarray], masks: list[np.ndarray], threshold: float,
+def score(name: str, cases: list[LabelledVolume], maps: list[np.ndarray], masks: list[np.ndarray], threshold: float,
           seconds: Optional[float] = None) -> dict:
     """Pooled and per-patient figures of one method."""
     per_patient = {case.name: dice(mask, case.truth) for case, mask in zip(cases, masks)}
@@ -95,7 +78,7 @@ def score(name: str, cases: list[Case], maps: list[np.ndarray], masks: list[np.n
     }
 
 
-def run_autoddpm(engine: AutoDDPM, cases: list[Case], log) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+def run_autoddpm(engine: AutoDDPM, cases: list[LabelledVolume], log) -> tuple[list[np.ndarray], list[np.ndarray], float]:
     """The map and mask ``autoddpm run`` writes for each case, and seconds per volume."""
     maps, masks, started = [], [], time.perf_counter()
     for case in cases:
@@ -106,7 +89,7 @@ def run_autoddpm(engine: AutoDDPM, cases: list[Case], log) -> tuple[list[np.ndar
     return maps, masks, (time.perf_counter() - started) / len(cases)
 
 
-def reconstruction_maps(engine: AutoDDPM, cases: list[Case], level: int, steps: int,
+def reconstruction_maps(engine: AutoDDPM, cases: list[LabelledVolume], level: int, steps: int,
                         polarity: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(raw |x - x_rec|, the ``polarity`` residual) in each volume, from a reconstruction of every slice with signal
     from noise level ``level`` in ``steps`` steps, batch i drawing its noise from seed + i as ``autoddpm run`` does."""
@@ -128,7 +111,7 @@ def reconstruction_maps(engine: AutoDDPM, cases: list[Case], level: int, steps: 
     return raw, polar
 
 
-def calibrated_method(cases: list[Case], raw_maps: list[np.ndarray],
+def calibrated_method(cases: list[LabelledVolume], raw_maps: list[np.ndarray],
                       settings: PostProcessing) -> tuple[list[np.ndarray], list[np.ndarray], float, float]:
     """A map post-processed with ``settings`` and thresholded at 1% of the healthy voxels:
     (maps, masks, threshold, seconds per volume of the post-processing and thresholding as a run does them)."""
@@ -204,7 +187,7 @@ def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_d
     if settings.is_none:
         raise AutoDDPMError(f"model {engine.card.name} has no post-processing in its card; `autoddpm benchmark` scores its raw map")
     raw_engine = AutoDDPM(model, backend=backend, postprocess="none")
-    cases = [Case(image, mask, engine.card) for image, mask in pairs]
+    cases = [LabelledVolume(image, mask, engine.card) for image, mask in pairs]
     rows = []
     maps, masks, seconds = run_autoddpm(engine, cases, log)
     rows.append(score("AutoDDPM fast", cases, maps, masks, engine.threshold, seconds))

@@ -20,7 +20,6 @@ import os
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..detection.inference import AutoDDPM
@@ -29,10 +28,9 @@ from ..diffusion.pipeline import AutoDDPMPipeline
 from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from ..errors import AutoDDPMError
 from ..models.bundle import ModelCard, read_card, write_card
-from ..volumes.slices import FOREGROUND_LEVEL, AxialStack, intensity_window, normalize
-from ..volumes.volume_io import read_volume
+from ..volumes.slices import FOREGROUND_LEVEL, AxialStack
 from .training_data import find_training_images, load_healthy_slices
-from .volume_calibration import HEALTHY_MARGIN_MM, calibrate_volume_threshold, healthy_voxels
+from .volume_calibration import HEALTHY_MARGIN_MM, LabelledVolume, calibrate_volume_threshold
 
 
 def _quantile(values: torch.Tensor, q: float) -> float:
@@ -115,19 +113,14 @@ def postprocessed_threshold(
 ) -> dict:
     """The card entry of the threshold on ``engine``'s post-processed maps, from the whole volumes of ``data``."""
     pairs = [pair for source in data for pair in find_training_images(source)]
-    maps, healthy, spacings = [], [], []
+    maps, volumes = [], []
     for i, (image_path, mask_path) in enumerate(pairs):
-        image = read_volume(image_path)
-        stack = AxialStack.from_image(image)
-        tissue = normalize(stack.array, intensity_window(stack.array, engine.card.intensity_percentiles)) > FOREGROUND_LEVEL
-        truth = np.zeros_like(tissue) if mask_path is None else AxialStack.from_image(read_volume(mask_path)).array > 0
-        result = engine.process_volume(image)
-        maps.append(AxialStack.from_image(result.anomaly_map).array)
-        healthy.append(healthy_voxels(truth, tissue, stack.spacing))
-        spacings.append(stack.spacing)
+        volumes.append(LabelledVolume(image_path, mask_path, engine.card))
+        maps.append(AxialStack.from_image(engine.process_volume(volumes[-1].image).anomaly_map).array)
         if progress is not None:
             progress((i + 1) / len(pairs), "post-processed maps of whole volumes")
-    threshold, flagged = calibrate_volume_threshold(maps, healthy, spacings, engine.postprocessing, healthy_fpr)
+    healthy = [volume.healthy for volume in volumes]
+    threshold, flagged = calibrate_volume_threshold(maps, healthy, [v.spacing for v in volumes], engine.postprocessing, healthy_fpr)
     return {
         "anomaly": threshold,
         "mask_tau": engine.pipeline.mask_threshold,

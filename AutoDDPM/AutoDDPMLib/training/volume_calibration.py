@@ -12,13 +12,17 @@ the same rule the slice calibration keeps for the raw map.
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from ..detection.map_filters import Spacing, anomaly_mask
 from ..detection.postprocessing import PostProcessing
+from ..errors import AutoDDPMError
+from ..volumes.slices import FOREGROUND_LEVEL, AxialStack, intensity_window, normalize
 
 HEALTHY_MARGIN_MM = 10.0
 
@@ -31,6 +35,27 @@ def healthy_voxels(truth: np.ndarray, tissue: np.ndarray, spacing: Spacing,
     far = ndimage.distance_transform_edt(~truth, sampling=spacing) >= margin_mm
     lesion_free_slices = ~truth.any(axis=(1, 2))
     return tissue & (far | lesion_free_slices[:, None, None])
+
+
+class LabelledVolume:
+    """A volume and its lesion mask (None: lesion-free) in canonical slices, with the voxels that count as healthy."""
+
+    def __init__(self, image_path: str | os.PathLike, mask_path: Optional[str | os.PathLike], card) -> None:
+        # Imported here: SimpleITK is only needed where volumes are read, and the command line builds the
+        # benchmark's parser on GPU nodes that lack it.
+        from ..volumes.volume_io import read_volume
+
+        image_path = Path(image_path)
+        self.name = image_path.name.split("_flair")[0] if "_flair" in image_path.name else image_path.name.split(".")[0]
+        self.image = read_volume(image_path)
+        stack = AxialStack.from_image(self.image)
+        self.spacing = stack.spacing
+        self.slices01 = normalize(stack.array, intensity_window(stack.array, card.intensity_percentiles))
+        self.truth = (np.zeros(self.slices01.shape, bool) if mask_path is None
+                      else AxialStack.from_image(read_volume(mask_path)).array > 0)
+        if self.truth.shape != self.slices01.shape:
+            raise AutoDDPMError(f"mask {mask_path} has shape {self.truth.shape}, its image {image_path} {self.slices01.shape}")
+        self.healthy = healthy_voxels(self.truth, self.slices01 > FOREGROUND_LEVEL, self.spacing)
 
 
 def flagged_rate(maps: Sequence[np.ndarray], healthy: Sequence[np.ndarray], spacings: Sequence[Spacing],
