@@ -1,9 +1,9 @@
 """``autoddpm benchmark``: detection quality, pseudo-healthy fidelity and cost, AutoDDPM against baselines.
 
-The harness: it loads the datasets (:mod:`benchmark_datasets`), calibrates the
+The harness: it loads the datasets (:mod:`datasets`), calibrates the
 baselines' thresholds on healthy slices, runs every method
-(:mod:`benchmark_methods`), scores them (:mod:`benchmark_scoring`) and writes
-the report (:mod:`benchmark_report`).
+(:mod:`methods`), scores them (:mod:`scoring`) and writes
+the report (:mod:`report`).
 
 Outputs in ``--output-dir``: ``results.json``, a list of rows, one per (method,
 dataset, size_bin, threshold_kind) with dice, auprc, threshold,
@@ -17,9 +17,9 @@ as the dataset ``"<name> [reference subset]"`` with every method on the same cas
 
 The network runs as ``autoddpm run`` runs it (``--backend``, ONNX Runtime on a
 CPU where installed). A full run takes hours on a laptop CPU: each finished
-method run is kept in ``OUTPUT_DIR/partial`` (:mod:`benchmark_parts`), and the
+method run is kept in ``OUTPUT_DIR/partial`` (:mod:`parts`), and the
 same command with ``--resume`` goes on from there after a stop; or ``--methods``
-runs some of the methods and ``autoddpm benchmark-merge`` (:mod:`benchmark_merge`)
+runs some of the methods and ``autoddpm benchmark-merge`` (:mod:`merge`)
 joins such runs into one report.
 """
 
