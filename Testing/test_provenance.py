@@ -27,3 +27,15 @@ def test_a_commit_is_uncommitted_only_when_what_the_result_depends_on_changed(tm
 
 def test_outside_a_checkout_the_commit_is_unknown(tmp_path):
     assert git_commit(tmp_path) == "unknown"
+
+
+def test_a_package_installed_inside_a_checkout_has_no_commit(tmp_path):
+    # pip installs into site-packages, e.g. of a venv made inside a clone: that clone's commit is not what runs.
+    site_packages = tmp_path / ".venv" / "lib" / "site-packages"
+    site_packages.mkdir(parents=True)
+    (tmp_path / "README.md").write_text("a clone\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "README.md")
+    _git(tmp_path, "commit", "-qm", "start")
+    assert git_commit(tmp_path) != "unknown"
+    assert git_commit(site_packages) == "unknown"

@@ -22,13 +22,18 @@ def git_commit(repository: Path = REPOSITORY) -> str:
     """The short commit of this checkout, "+uncommitted changes" when tracked inputs of a result differ from it,
     or "unknown" outside a git checkout."""
     try:
-        commit = subprocess.run(["git", "-C", str(repository), "rev-parse", "--short", "HEAD"],
+        commit = subprocess.run(["git", "-C", str(repository), "rev-parse", "--show-toplevel", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return "unknown"
+        toplevel, short = commit.stdout.split()
+        # An installed package lives in site-packages: a checkout around that (a venv made inside a clone)
+        # is not the code that runs.
+        if Path(toplevel).resolve() != repository.resolve():
+            return "unknown"
         dirty = subprocess.run(["git", "-C", str(repository), "status", "--porcelain", "--untracked-files=no", "--",
                                 *RESULT_INPUTS], capture_output=True, text=True, timeout=10)
-        return commit.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
+        return short + ("+uncommitted changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
