@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 
@@ -10,17 +11,29 @@ from .errors import AutoDDPMError
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def _package_data_dirs() -> list[Path]:
+    """``Resources/`` inside the installed package, where a wheel (``pip install .``) puts it.
+
+    pyproject.toml maps the repository's ``Resources/`` to the package ``AutoDDPMLib.Resources``, so a
+    wheel carries the models, the LPIPS weights and the sample data inside the package. The engine opens
+    them by file path (safetensors, SimpleITK), so only a package installed as files can serve them: a
+    zipped one gives a Traversable that is no Path, and no candidate.
+    """
+    packaged = importlib.resources.files(__package__) / "Resources"
+    return [packaged] if isinstance(packaged, Path) else []
+
+
 def resources_dir() -> Path:
     """The folder holding ``Models/``, ``LPIPS/`` and ``SampleData/``.
 
-    Looked up in order: ``$AUTODDPM_RESOURCES``; ``Resources/`` beside the
-    package (an installed Slicer extension puts it there); ``Resources/`` at the
-    repository root (a source checkout or ``pip install -e .``).
+    Looked up in order: ``$AUTODDPM_RESOURCES``; ``Resources/`` inside the package (a wheel,
+    ``pip install .``); ``Resources/`` beside the package (an installed Slicer extension puts it there);
+    ``Resources/`` at the repository root (a source checkout or ``pip install -e .``).
     """
     candidates = []
     if os.environ.get("AUTODDPM_RESOURCES"):
         candidates.append(Path(os.environ["AUTODDPM_RESOURCES"]))
-    candidates += [_PACKAGE_DIR.parent / "Resources", _PACKAGE_DIR.parents[1] / "Resources"]
+    candidates += _package_data_dirs() + [_PACKAGE_DIR.parent / "Resources", _PACKAGE_DIR.parents[1] / "Resources"]
     for candidate in candidates:
         if (candidate / "Models").is_dir():
             return candidate
