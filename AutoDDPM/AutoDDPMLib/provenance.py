@@ -26,7 +26,7 @@ def git_commit(repository: Path = REPOSITORY) -> str:
                                 capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return "unknown"
-        toplevel, short = commit.stdout.split()
+        toplevel, short = commit.stdout.splitlines()  # a folder name may hold spaces
         # An installed package lives in site-packages: a checkout around that (a venv made inside a clone)
         # is not the code that runs.
         if Path(toplevel).resolve() != repository.resolve():
