@@ -166,7 +166,8 @@ def _load_cached(path: str, device: str) -> LPIPS:
         raise AutoDDPMError(f"the LPIPS weights file {path} is unreadable ({error}); {_FIX_HINT}") from error
     model = LPIPS()
     try:
-        model.load_state_dict(state, strict=True)
+        # Shipped in half precision (as the model bundles are) and computed in float32.
+        model.load_state_dict({name: t.float() for name, t in state.items()}, strict=True)
     except RuntimeError as error:
         # Wrong names or shapes: a different or truncated model, not LPIPS-alex.
         first_line = str(error).splitlines()[0]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 CARD_FORMAT = "autoddpm-model/1"
 WEIGHTS_FILE = "model.safetensors"
+PAPER_MASK_DILATION = 3  # the reference's 3 x 3 dilation of step 1's mask
 CARD_FILE = "model.json"
 DEFAULT_MODEL = "flair-lgg"
 
@@ -75,6 +76,11 @@ class ModelCard:
         return int(self.data.get("lpips_image_size", self.image_size))
 
     @property
+    def mask_dilation(self) -> int:
+        """The side, in model-grid pixels, of the square that dilates step 1's mask (the paper's 3 unless the card says)."""
+        return int(self.data.get("mask_dilation", PAPER_MASK_DILATION))
+
+    @property
     def mask_threshold(self) -> float:
         """tau: pixels of the likelihood map M above it are re-sampled."""
         return float(self.data["thresholds"]["mask_tau"])
@@ -95,9 +101,9 @@ class ModelCard:
         thresholds = self.data["thresholds"]
         own = thresholds.get("schedules", {}).get(schedule)
         if own:
-            return float(own["mask_tau"]), float(own["anomaly"]), self._same_lpips_size(own)
+            return float(own["mask_tau"]), float(own["anomaly"]), self._same_mask_step(own)
         matched = (bool(thresholds.get("calibrated")) and thresholds.get("calibration", {}).get("schedule") == schedule
-                   and self._same_lpips_size(thresholds))
+                   and self._same_mask_step(thresholds))
         return self.mask_threshold, self.anomaly_threshold, matched
 
     @property
@@ -113,7 +119,7 @@ class ModelCard:
         entry = own if own else (thresholds if thresholds.get("calibration", {}).get("schedule") == schedule else {})
         postprocessed = entry.get("postprocessed") or {}
         if (postprocessed.get("settings") != self.postprocessing or "anomaly" not in postprocessed
-                or postprocessed.get("mask_tau") != entry.get("mask_tau")):
+                or postprocessed.get("mask_tau") != entry.get("mask_tau") or not self._same_mask_step(entry)):
             return None
         return float(postprocessed["anomaly"])
 
@@ -123,10 +129,12 @@ class ModelCard:
         postprocessed_threshold = self.postprocessed_threshold(schedule) if postprocessed and self.postprocessing else None
         return self.thresholds_for(schedule)[1] if postprocessed_threshold is None else postprocessed_threshold
 
-    def _same_lpips_size(self, thresholds: dict) -> bool:
-        """Whether ``thresholds`` were calibrated with the LPIPS size the card now sets (tau depends on it)."""
+    def _same_mask_step(self, thresholds: dict) -> bool:
+        """Whether ``thresholds`` were calibrated with the step 1 the card now sets: its LPIPS size (tau depends
+        on it) and its dilation (the anomaly threshold does: a wider mask re-samples, and so changes, more)."""
         calibration = thresholds.get("calibration", {})
-        return int(calibration.get("lpips_image_size", self.image_size)) == self.lpips_image_size
+        return (int(calibration.get("lpips_image_size", self.image_size)) == self.lpips_image_size
+                and int(calibration.get("mask_dilation", PAPER_MASK_DILATION)) == self.mask_dilation)
 
     def schedule(self, name: str) -> SamplingSchedule:
         """The sampling schedule ``name`` as this model runs it (the card's copy, else the engine's default)."""
@@ -232,6 +240,9 @@ def read_card(folder: str | os.PathLike) -> ModelCard:
         elif "lpips_image_size" in data and not (isinstance(data["lpips_image_size"], int)
                                                  and data["lpips_image_size"] >= data["unet"]["image_size"]):
             problems.append("lpips_image_size should be an integer no smaller than unet.image_size")
+        if "mask_dilation" in data and not (isinstance(data["mask_dilation"], int) and data["mask_dilation"] >= 1
+                                            and data["mask_dilation"] % 2 == 1):
+            problems.append("mask_dilation should be an odd number of pixels (1, 3, 5, ...)")
     if problems:
         raise AutoDDPMError(f"model card {path} is invalid: {'; '.join(problems)}; restore it from the original bundle")
     return ModelCard(path=path, data=data)
@@ -303,7 +314,7 @@ def load_unet(card: ModelCard, device: "str | torch.device" = "cpu") -> "UNet":
     except (SafetensorError, OSError, ValueError) as exc:
         raise AutoDDPMError(f"weights {weights} are corrupt ({exc}); restore the file from the original bundle") from None
     try:
-        network.load_state_dict(state)
+        network.load_state_dict(widened(state))
     except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
         raise AutoDDPMError(
             f"weights {weights} do not fit the network of its card ({str(exc).splitlines()[0]}); "
@@ -324,5 +335,26 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
 
 
 def save_unet(network: "UNet", folder: str | os.PathLike) -> None:
-    """Write the network's weights as ``model.safetensors`` (atomically)."""
-    save_tensors(Path(folder) / WEIGHTS_FILE, network.state_dict())
+    """Write the network's weights as ``model.safetensors`` (atomically), in half precision.
+
+    Shipped weights are stored as float16 and widened to float32 when loaded
+    (:func:`widened`): it halves the extension's download and keeps a shallow
+    clone inside the Extensions Index's size limit, while the anomaly maps move
+    by less than 1e-4 and the masks not at all (measured in docs/DESIGN.md).
+    Training checkpoints keep full precision.
+    """
+    save_tensors(Path(folder) / WEIGHTS_FILE, halved(network.state_dict()))
+
+
+def halved(state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """``state`` with its float32 tensors stored as float16."""
+    import torch
+
+    return {name: t.half() if t.dtype == torch.float32 else t for name, t in state.items()}
+
+
+def widened(state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """``state`` with its float16 tensors widened to float32, the precision the networks compute in."""
+    import torch
+
+    return {name: t.float() if t.dtype == torch.float16 else t for name, t in state.items()}
