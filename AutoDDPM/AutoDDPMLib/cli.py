@@ -219,7 +219,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         thresholds = calibrate(args.model_dir, args.data, schedule=args.schedule, mask_fraction=args.mask_fraction,
                                healthy_fpr=args.healthy_fpr, max_slices=args.max_slices, device=args.device,
                                seed=args.seed, progress=progress, backend=args.backend, coarse_start=args.coarse_start,
-                               lpips_size=args.lpips_size, resample_start=args.resample_start)
+                               lpips_size=args.lpips_size, resample_start=args.resample_start,
+                               mask_dilation=args.mask_dilation)
     info = thresholds["calibration"]
     print(f"tau = {thresholds['mask_tau']:.5f} (flags {100 * info['flagged_by_tau']:.2f}% of healthy tissue), "
           f"anomaly threshold = {thresholds['anomaly']:.5f} (flags {100 * info['flagged_by_anomaly_threshold']:.2f}%), "
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--coarse-start", type=int, default=None, metavar="LEVEL", help="start the schedule's coarse reconstruction at this noise level and calibrate for it (written to the card; default: the card's level, 200 as in the paper)")
     calibrate.add_argument("--resample-start", type=int, default=None, metavar="LEVEL", help="start the schedule's stitch-and-re-sample stage at this noise level and calibrate for it (written to the card; default: the card's level, 50 as in the paper)")
     calibrate.add_argument("--lpips-size", type=int, default=None, metavar="PIXELS", help="resize slices to this size for LPIPS in the mask step and calibrate for it (written to the card, for every schedule; default: the card's, else the model grid)")
+    calibrate.add_argument("--mask-dilation", type=int, default=None, metavar="PIXELS", help="dilate the mask step's mask by a square of this odd size on the model grid and calibrate for it (written to the card, for every schedule; default: the card's, else the paper's 3)")
     calibrate.add_argument("--device", default="auto")
     _add_backend_option(calibrate)
     calibrate.add_argument("--seed", type=int, default=0)

@@ -124,7 +124,9 @@ def postprocessed_threshold(
     return {
         "anomaly": threshold,
         "mask_tau": engine.pipeline.mask_threshold,
-        "settings": engine.postprocessing.to_dict(),
+        # As the card states them (ModelCard.postprocessed_threshold compares the two): a card that leaves a
+        # step out would otherwise never match the defaults spelled out.
+        "settings": engine.card.postprocessing,
         "calibration": {
             "volumes": len(pairs),
             "healthy_voxels": int(sum(int(h.sum()) for h in healthy)),
@@ -149,15 +151,17 @@ def calibrate(
     coarse_start: int | None = None,
     lpips_size: int | None = None,
     resample_start: int | None = None,
+    mask_dilation: int | None = None,
 ) -> dict:
     """Measure tau and the anomaly threshold for ``schedule`` on healthy ``data`` and write them into the card.
 
     ``coarse_start`` moves the noise level the schedule's coarse reconstruction starts
     from, ``resample_start`` the level its stitch-and-re-sample stage starts from,
-    ``lpips_size`` the size slices are resized to for LPIPS in the mask step (the
+    ``lpips_size`` the size slices are resized to for LPIPS in the mask step and
+    ``mask_dilation`` the square (in model-grid pixels) that dilates its mask (the
     thresholds depend on each); the card gets the settings and their thresholds together.
-    A new LPIPS size applies to every schedule: the thresholds of the others then count
-    as not calibrated until they are calibrated again. A card with post-processing also
+    A new LPIPS size or dilation applies to every schedule: the thresholds of the others
+    then count as not calibrated until they are calibrated again. A card with post-processing also
     gets the threshold on its post-processed map, from the whole volumes of ``data``.
     """
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
@@ -180,10 +184,14 @@ def calibrate(
     if lpips_size is not None and lpips_size < card.image_size:
         raise AutoDDPMError(f"--lpips-size must be at least the model grid's {card.image_size} pixels, not {lpips_size}")
     lpips_size = card.lpips_image_size if lpips_size is None else lpips_size
+    if mask_dilation is not None and (mask_dilation < 1 or mask_dilation % 2 == 0):
+        raise AutoDDPMError(f"--mask-dilation must be an odd number of pixels (1, 3, 5, ...), not {mask_dilation}")
+    mask_dilation = card.mask_dilation if mask_dilation is None else mask_dilation
     slices = healthy_calibration_slices(list(data), card, max_slices)
     # The backend `autoddpm run` takes by default too (see AutoDDPM), recorded below.
     engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed, backend=backend)
     engine.pipeline.schedule, engine.pipeline.lpips_size = run_schedule, lpips_size
+    engine.pipeline.mask_dilation = mask_dilation
     tissue = slices > FOREGROUND_LEVEL
     postprocessing = PostProcessing.from_dict(card.postprocessing)
 
@@ -207,6 +215,7 @@ def calibrate(
             "mask_fraction": mask_fraction,
             "healthy_fpr": healthy_fpr,
             "lpips_image_size": lpips_size,
+            "mask_dilation": mask_dilation,
             "flagged_by_tau": float((likelihood[tissue] > tau).float().mean()),
             "flagged_by_anomaly_threshold": float((anomaly[tissue] > threshold).float().mean()),
             "seed": seed,
@@ -226,5 +235,6 @@ def calibrate(
     else:
         thresholds = dict(current, schedules={**current.get("schedules", {}), schedule: calibrated})
     schedules = {**card.data["schedules"], schedule: run_schedule.to_dict()}
-    write_card(model_dir, dict(card.data, thresholds=thresholds, schedules=schedules, lpips_image_size=lpips_size))
+    write_card(model_dir, dict(card.data, thresholds=thresholds, schedules=schedules, lpips_image_size=lpips_size,
+                               mask_dilation=mask_dilation))
     return calibrated
