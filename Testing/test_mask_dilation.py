@@ -1,4 +1,4 @@
-"""The dilation of step 1's mask: a card setting, calibrated with the thresholds it changes."""
+"""The dilation of step 1's mask: a setting of each schedule, calibrated with the thresholds it changes."""
 
 import json
 import shutil
@@ -23,9 +23,9 @@ def model_and_healthy_volume(tiny_model, tmp_path):
     return model, data
 
 
-def test_calibrate_can_set_the_mask_dilation(model_and_healthy_volume, capsys):
+def test_calibrate_can_set_a_schedules_mask_dilation(model_and_healthy_volume, capsys):
     model, data = model_and_healthy_volume
-    assert AutoDDPM(model).pipeline.mask_dilation == 3  # a card without the field: the paper's 3 x 3
+    assert AutoDDPM(model).pipeline.schedule.mask_dilation == 3  # a card without it: the paper's 3 x 3
     before = (model / "model.json").read_text()
     assert main(["calibrate", str(model), "--data", str(data), "--mask-dilation", "4"]) == 2
     assert "--mask-dilation must be an odd number of pixels" in capsys.readouterr().err
@@ -34,34 +34,34 @@ def test_calibrate_can_set_the_mask_dilation(model_and_healthy_volume, capsys):
     for schedule in ("fast", "reference"):
         assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3", "--schedule", schedule]) == 0
     paper = read_card(model).thresholds_for("fast")
+    reference = read_card(model).thresholds_for("reference")
     assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3", "--mask-dilation", "7"]) == 0
     card = read_card(model)
-    assert card.mask_dilation == 7 and card.data["thresholds"]["calibration"]["mask_dilation"] == 7
+    assert card.schedule("fast").mask_dilation == 7
     # tau is measured before the dilation, the anomaly threshold after it.
     assert card.thresholds_for("fast")[2] and card.thresholds_for("fast")[0] == paper[0]
     assert card.thresholds_for("fast")[1] != paper[1]
-    # The reference schedule's thresholds were measured with the 3-pixel dilation: no longer what its card promises.
-    assert not card.thresholds_for("reference")[2]
-    assert AutoDDPM(model, schedule="reference").threshold_warning is not None
-    assert AutoDDPM(model).pipeline.mask_dilation == 7  # what `autoddpm run` now does
+    # The reference schedule keeps the paper's dilation and the thresholds calibrated with it.
+    assert card.schedule("reference").mask_dilation == 3 and card.thresholds_for("reference") == reference
+    assert AutoDDPM(model).pipeline.schedule.mask_dilation == 7  # what `autoddpm run` now does
+    assert AutoDDPM(model, schedule="reference").pipeline.schedule.mask_dilation == 3
 
 
-def test_a_dilation_the_thresholds_were_not_calibrated_with_is_not_trusted(model_and_healthy_volume):
+def test_a_card_with_an_even_dilation_is_refused(model_and_healthy_volume):
+    model, _ = model_and_healthy_volume
+    card = json.loads((model / "model.json").read_text())
+    card["schedules"] = {"fast": dict(card["schedules"].get("fast", {}), mask_dilation=2)}
+    (model / "model.json").write_text(json.dumps(card))
+    with pytest.raises(AutoDDPMError, match="invalid 'fast' schedule .*mask_dilation must be an odd number"):
+        AutoDDPM(model)
+
+
+def test_a_card_that_leaves_a_post_processing_step_out_finds_its_calibrated_threshold(model_and_healthy_volume):
     model, data = model_and_healthy_volume
     card = json.loads((model / "model.json").read_text())
     card["postprocessing"] = {"polarity": "bright", "median_mm": 3.0}
     (model / "model.json").write_text(json.dumps(card))
     assert main(["calibrate", str(model), "--data", str(data), "--max-slices", "3"]) == 0
     calibrated = read_card(model)
-    assert calibrated.thresholds_for("fast")[2] and calibrated.postprocessed_threshold("fast") is not None
-
-    card = json.loads((model / "model.json").read_text())
-    card["mask_dilation"] = 5  # changed by hand, not calibrated
-    (model / "model.json").write_text(json.dumps(card))
-    changed = read_card(model)
-    assert not changed.thresholds_for("fast")[2] and changed.postprocessed_threshold("fast") is None
-
-    card["mask_dilation"] = 2
-    (model / "model.json").write_text(json.dumps(card))
-    with pytest.raises(AutoDDPMError, match="mask_dilation should be an odd number of pixels"):
-        read_card(model)
+    threshold = calibrated.postprocessed_threshold("fast")
+    assert threshold is not None and AutoDDPM(model).threshold == threshold

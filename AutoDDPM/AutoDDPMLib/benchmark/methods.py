@@ -122,7 +122,7 @@ class Runner:
         self.lpips = load_lpips(device)
         self.pipelines = {
             name: AutoDDPMPipeline(unet, card.noise_scheduler(), self.lpips, card.thresholds_for(name)[0], schedule=schedule,
-                                   lpips_size=card.lpips_image_size, mask_dilation=card.mask_dilation)
+                                   lpips_size=card.lpips_image_size)
             for name, schedule in benchmark_schedules(card).items()
         }
         self.torch = torch

@@ -126,7 +126,6 @@ class AutoDDPM:
             self.card.schedule(schedule),
             lpips_size=self.card.lpips_image_size,
             polarity=self.postprocessing.polarity,
-            mask_dilation=self.card.mask_dilation,
         )
 
     @property

@@ -57,7 +57,6 @@ class AutoDDPMPipeline:
         schedule: SamplingSchedule = SCHEDULES[DEFAULT_SCHEDULE],
         lpips_size: int | None = None,
         polarity: str = "both",
-        mask_dilation: int = 3,
     ) -> None:
         self.unet = unet
         self.scheduler = scheduler
@@ -68,9 +67,6 @@ class AutoDDPMPipeline:
         if polarity not in POLARITIES:
             raise ValueError(f"unknown polarity '{polarity}': choose one of {', '.join(POLARITIES)}")
         self.polarity = polarity
-        if mask_dilation < 1 or mask_dilation % 2 == 0:
-            raise ValueError(f"mask_dilation must be an odd number of pixels, not {mask_dilation}")
-        self.mask_dilation = mask_dilation  # the paper's 3 x 3 kernel, one iteration
         self.evaluations_done = 0
         self._progress: Optional[ProgressCallback] = None
 
@@ -143,8 +139,8 @@ class AutoDDPMPipeline:
         return F.interpolate(self.lpips(*resized), size=x.shape[-2:], mode="area")
 
     def binary_mask(self, likelihood: torch.Tensor) -> torch.Tensor:
-        """m = dilate(M > tau) with a square kernel (the paper's 3 x 3): a margin of healthy tissue around each anomaly."""
-        k = self.mask_dilation
+        """m = dilate(M > tau) with the schedule's square kernel (the paper's 3 x 3): a margin of healthy tissue around each anomaly."""
+        k = self.schedule.mask_dilation
         return F.max_pool2d((likelihood > self.mask_threshold).float(), k, stride=1, padding=k // 2)
 
     @torch.no_grad()

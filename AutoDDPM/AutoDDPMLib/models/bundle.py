@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 CARD_FORMAT = "autoddpm-model/1"
 WEIGHTS_FILE = "model.safetensors"
-PAPER_MASK_DILATION = 3  # the reference's 3 x 3 dilation of step 1's mask
 CARD_FILE = "model.json"
 DEFAULT_MODEL = "flair-lgg"
 
@@ -76,11 +75,6 @@ class ModelCard:
         return int(self.data.get("lpips_image_size", self.image_size))
 
     @property
-    def mask_dilation(self) -> int:
-        """The side, in model-grid pixels, of the square that dilates step 1's mask (the paper's 3 unless the card says)."""
-        return int(self.data.get("mask_dilation", PAPER_MASK_DILATION))
-
-    @property
     def mask_threshold(self) -> float:
         """tau: pixels of the likelihood map M above it are re-sampled."""
         return float(self.data["thresholds"]["mask_tau"])
@@ -101,9 +95,9 @@ class ModelCard:
         thresholds = self.data["thresholds"]
         own = thresholds.get("schedules", {}).get(schedule)
         if own:
-            return float(own["mask_tau"]), float(own["anomaly"]), self._same_mask_step(own)
+            return float(own["mask_tau"]), float(own["anomaly"]), self._same_lpips_size(own)
         matched = (bool(thresholds.get("calibrated")) and thresholds.get("calibration", {}).get("schedule") == schedule
-                   and self._same_mask_step(thresholds))
+                   and self._same_lpips_size(thresholds))
         return self.mask_threshold, self.anomaly_threshold, matched
 
     @property
@@ -119,7 +113,7 @@ class ModelCard:
         entry = own if own else (thresholds if thresholds.get("calibration", {}).get("schedule") == schedule else {})
         postprocessed = entry.get("postprocessed") or {}
         if (postprocessed.get("settings") != self.postprocessing or "anomaly" not in postprocessed
-                or postprocessed.get("mask_tau") != entry.get("mask_tau") or not self._same_mask_step(entry)):
+                or postprocessed.get("mask_tau") != entry.get("mask_tau")):
             return None
         return float(postprocessed["anomaly"])
 
@@ -129,12 +123,10 @@ class ModelCard:
         postprocessed_threshold = self.postprocessed_threshold(schedule) if postprocessed and self.postprocessing else None
         return self.thresholds_for(schedule)[1] if postprocessed_threshold is None else postprocessed_threshold
 
-    def _same_mask_step(self, thresholds: dict) -> bool:
-        """Whether ``thresholds`` were calibrated with the step 1 the card now sets: its LPIPS size (tau depends
-        on it) and its dilation (the anomaly threshold does: a wider mask re-samples, and so changes, more)."""
+    def _same_lpips_size(self, thresholds: dict) -> bool:
+        """Whether ``thresholds`` were calibrated with the LPIPS size the card now sets (tau depends on it)."""
         calibration = thresholds.get("calibration", {})
-        return (int(calibration.get("lpips_image_size", self.image_size)) == self.lpips_image_size
-                and int(calibration.get("mask_dilation", PAPER_MASK_DILATION)) == self.mask_dilation)
+        return int(calibration.get("lpips_image_size", self.image_size)) == self.lpips_image_size
 
     def schedule(self, name: str) -> SamplingSchedule:
         """The sampling schedule ``name`` as this model runs it (the card's copy, else the engine's default)."""
@@ -143,7 +135,7 @@ class ModelCard:
         saved = self.data["schedules"].get(name)
         try:
             schedule = SamplingSchedule(**saved) if saved else SCHEDULES[name]
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise AutoDDPMError(f"model card {self.path} has an invalid '{name}' schedule ({exc})") from None
         if schedule.coarse_start > self.max_timestep:
             raise AutoDDPMError(
@@ -240,9 +232,6 @@ def read_card(folder: str | os.PathLike) -> ModelCard:
         elif "lpips_image_size" in data and not (isinstance(data["lpips_image_size"], int)
                                                  and data["lpips_image_size"] >= data["unet"]["image_size"]):
             problems.append("lpips_image_size should be an integer no smaller than unet.image_size")
-        if "mask_dilation" in data and not (isinstance(data["mask_dilation"], int) and data["mask_dilation"] >= 1
-                                            and data["mask_dilation"] % 2 == 1):
-            problems.append("mask_dilation should be an odd number of pixels (1, 3, 5, ...)")
     if problems:
         raise AutoDDPMError(f"model card {path} is invalid: {'; '.join(problems)}; restore it from the original bundle")
     return ModelCard(path=path, data=data)

@@ -157,11 +157,11 @@ def calibrate(
 
     ``coarse_start`` moves the noise level the schedule's coarse reconstruction starts
     from, ``resample_start`` the level its stitch-and-re-sample stage starts from,
-    ``lpips_size`` the size slices are resized to for LPIPS in the mask step and
-    ``mask_dilation`` the square (in model-grid pixels) that dilates its mask (the
+    ``mask_dilation`` the square (in model-grid pixels) that dilates the mask step's
+    mask, ``lpips_size`` the size slices are resized to for LPIPS in that step (the
     thresholds depend on each); the card gets the settings and their thresholds together.
-    A new LPIPS size or dilation applies to every schedule: the thresholds of the others
-    then count as not calibrated until they are calibrated again. A card with post-processing also
+    A new LPIPS size applies to every schedule: the thresholds of the others then count
+    as not calibrated until they are calibrated again. A card with post-processing also
     gets the threshold on its post-processed map, from the whole volumes of ``data``.
     """
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
@@ -181,17 +181,17 @@ def calibrate(
                 f"{run_schedule.resample_steps} re-sampling steps) and {run_schedule.coarse_start} (the level its coarse "
                 "reconstruction starts from)")
         run_schedule = dataclasses.replace(run_schedule, resample_start=resample_start)
+    if mask_dilation is not None:
+        if mask_dilation < 1 or mask_dilation % 2 == 0:
+            raise AutoDDPMError(f"--mask-dilation must be an odd number of pixels (1, 3, 5, ...), not {mask_dilation}")
+        run_schedule = dataclasses.replace(run_schedule, mask_dilation=mask_dilation)
     if lpips_size is not None and lpips_size < card.image_size:
         raise AutoDDPMError(f"--lpips-size must be at least the model grid's {card.image_size} pixels, not {lpips_size}")
     lpips_size = card.lpips_image_size if lpips_size is None else lpips_size
-    if mask_dilation is not None and (mask_dilation < 1 or mask_dilation % 2 == 0):
-        raise AutoDDPMError(f"--mask-dilation must be an odd number of pixels (1, 3, 5, ...), not {mask_dilation}")
-    mask_dilation = card.mask_dilation if mask_dilation is None else mask_dilation
     slices = healthy_calibration_slices(list(data), card, max_slices)
     # The backend `autoddpm run` takes by default too (see AutoDDPM), recorded below.
     engine = AutoDDPM(model_dir, schedule=schedule, device=device, seed=seed, backend=backend)
     engine.pipeline.schedule, engine.pipeline.lpips_size = run_schedule, lpips_size
-    engine.pipeline.mask_dilation = mask_dilation
     tissue = slices > FOREGROUND_LEVEL
     postprocessing = PostProcessing.from_dict(card.postprocessing)
 
@@ -215,7 +215,6 @@ def calibrate(
             "mask_fraction": mask_fraction,
             "healthy_fpr": healthy_fpr,
             "lpips_image_size": lpips_size,
-            "mask_dilation": mask_dilation,
             "flagged_by_tau": float((likelihood[tissue] > tau).float().mean()),
             "flagged_by_anomaly_threshold": float((anomaly[tissue] > threshold).float().mean()),
             "seed": seed,
@@ -235,6 +234,5 @@ def calibrate(
     else:
         thresholds = dict(current, schedules={**current.get("schedules", {}), schedule: calibrated})
     schedules = {**card.data["schedules"], schedule: run_schedule.to_dict()}
-    write_card(model_dir, dict(card.data, thresholds=thresholds, schedules=schedules, lpips_image_size=lpips_size,
-                               mask_dilation=mask_dilation))
+    write_card(model_dir, dict(card.data, thresholds=thresholds, schedules=schedules, lpips_image_size=lpips_size))
     return calibrated
