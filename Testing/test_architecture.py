@@ -23,7 +23,7 @@ LAYERS = [
     {"detection"},
     {"training"},
     {"benchmark"},
-    {"slicer_bridge", "progress", "cli"},
+    {"slicer_bridge", "cohort", "progress", "cli"},
 ]
 
 

@@ -35,7 +35,8 @@ def test_run_end_to_end_with_json_progress(tiny_model, head_volume, tmp_path):
     assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
     done = events[-2]
     assert sorted(done["outputs"]) == ["anomaly", "mask", "pseudohealthy"]
-    assert sorted(p.name for p in out.iterdir()) == ["head_anomaly.nii.gz", "head_mask.nii.gz", "head_pseudohealthy.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["head_anomaly.nii.gz", "head_autoddpm.json", "head_mask.nii.gz",
+                                                     "head_pseudohealthy.nii.gz"]  # one input: no summary.csv
     original = sitk.ReadImage(str(head_volume))
     mask = sitk.ReadImage(done["outputs"]["mask"])
     assert mask.GetSize() == original.GetSize() and mask.GetSpacing() == original.GetSpacing()
@@ -101,13 +102,14 @@ def test_run_on_a_cohort_folder(tiny_model, tmp_path, capsys):
     assert main(["run", str(cohort), "--output-dir", str(out), "--model", str(tiny_model), "--progress", "none"]) == 0
     assert "skipping 1 file(s) named like lesion masks or AutoDDPM outputs: p1_mask.nii.gz" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{patient}_{kind}.nii.gz" for patient in ("p1", "p2") for kind in ("anomaly", "mask", "pseudohealthy"))
+        [f"{patient}_{kind}.nii.gz" for patient in ("p1", "p2") for kind in ("anomaly", "mask", "pseudohealthy")]
+        + ["p1_autoddpm.json", "p2_autoddpm.json", "summary.csv"])
     # Run again with the outputs inside the cohort folder: they are not taken for new scans.
     shutil.move(str(out), str(tmp_path / "first"))
     for path in (tmp_path / "first").iterdir():
         shutil.copy(path, cohort / path.name)
     assert main(["run", str(cohort), "--output-dir", str(out), "--model", str(tiny_model), "--progress", "none"]) == 0
-    assert len(list(out.iterdir())) == 6
+    assert len(list(out.iterdir())) == 9
 
 
 def write(path: Path, array: np.ndarray, vector: bool = False) -> Path:
@@ -171,6 +173,11 @@ def bad_runs(tmp: Path) -> dict:
     }
     runs.update({name: (["run", str(good), "--output-dir", str(folder)], words, True)
                  for name, (folder, words) in folders.items()})
+    earlier = tmp / "earlier"  # what an earlier run of head.nii.gz left
+    earlier.mkdir()
+    write(earlier / "head_mask.nii.gz", np.zeros((6, 40, 48), np.uint8))
+    runs["earlier outputs"] = (["run", str(good), "--output-dir", str(earlier)],
+                               f"output folder {earlier} already holds outputs of head.nii.gz; give --resume", True)
     return runs
 
 
@@ -179,7 +186,7 @@ BAD_RUNS = [
     "sheared MetaImage", "sheared NIfTI", "NaN in .mha", "NaN in .nii", "NaN in .nii.gz", "Inf in .mha", "Inf in .nii",
     "Inf in .nii.gz", "threshold nan", "threshold inf", "threshold below 0", "batch size 0", "batch size below 0",
     "threads 0", "threads -1", "output dir is a file", "output dir inside a file", "output dir under /proc",
-    "output dir under /sys",
+    "output dir under /sys", "earlier outputs",
 ]
 
 
@@ -276,14 +283,48 @@ def test_models_lists_bundled_models(tiny_model, tmp_path, monkeypatch, capsys):
     assert [c["name"] for c in cards] == ["tiny"] and cards[0]["path"].endswith("tiny")
 
 
-def test_demo_runs_on_the_shipped_sample(tiny_model, tmp_path, capsys):
-    code = main(["demo", "--output-dir", str(tmp_path), "--model", str(tiny_model), "--progress", "none"])
+def test_demo_runs_on_the_shipped_sample(tiny_model_with, tmp_path, capsys):
+    model = tiny_model_with("nc", license="CC BY-NC-SA 4.0 (follows the training data)")
+    out = tmp_path / "out"
+    code = main(["demo", "--output-dir", str(out), "--model", str(model), "--progress", "none"])
     assert code == 0
-    printed = capsys.readouterr().out
-    figure = tmp_path / "autoddpm-demo.png"
+    printed, err = capsys.readouterr()
+    assert err.splitlines()[0] == ("autoddpm: note: model tiny is licensed CC BY-NC-SA 4.0 (follows the training data): "
+                                   "its results are not for commercial use")
+    figure = out / "autoddpm-demo.png"
     assert figure.is_file() and figure.stat().st_size > 10_000
     assert str(figure.resolve()) in printed and "Dice against the lesion masks" in printed
-    assert (tmp_path / "TCGA_LGG_FLAIR_mask.nii.gz").is_file()
+    assert (out / "TCGA_LGG_FLAIR_mask.nii.gz").is_file() and (out / "TCGA_LGG_FLAIR_autoddpm.json").is_file()
+    # A second demo into its own folder replaces the first one's outputs.
+    assert main(["demo", "--output-dir", str(out), "--model", str(model), "--progress", "none"]) == 0
+
+
+def test_run_says_it_loads_the_model_and_starts_each_message_on_its_own_line(tiny_model, head_volume, tmp_path, capfd):
+    small = tmp_path / "small.nii.gz"
+    sitk.WriteImage(make_head_volume(shape=(3, 20, 24)), str(small))  # smaller than the model grid: fails under a bar
+    assert main(["run", str(head_volume), str(small), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_model)]) == 2
+    err = capfd.readouterr().err
+    # A bar redraws its line after carriage returns; a terminal shows what follows the last one.
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+    assert shown[0] == "loading model tiny ..."
+    messages = [line for line in shown if "autoddpm: " in line]
+    assert any(line.startswith("autoddpm: warning: model tiny has no thresholds calibrated") for line in messages)
+    assert any(line.startswith(f"autoddpm: error: {small}: the slices are 20 x 24 pixels") for line in messages)
+    assert all(line.startswith("autoddpm: ") for line in messages), messages
+    assert not any("commercial" in line for line in shown)  # the tiny model's license does not forbid it
+
+
+def test_a_non_commercial_model_is_said_in_one_line(tiny_model_with, head_volume, tmp_path, capfd):
+    licensed = tiny_model_with("nc", license="CC BY-NC-SA 4.0 (follows the training data)")
+    for progress in ("none", "json"):
+        assert main(["run", str(head_volume), "--output-dir", str(tmp_path / progress), "--model", str(licensed),
+                     "--progress", progress]) == 0
+        said = [line for line in capfd.readouterr().err.splitlines() if "commercial" in line]
+        assert said == ["autoddpm: note: model tiny is licensed CC BY-NC-SA 4.0 (follows the training data): "
+                        "its results are not for commercial use"]
+    free = tiny_model_with("by-sa", license="CC BY-SA 3.0 (follows the training data: IXI)")
+    assert main(["run", str(head_volume), "--output-dir", str(tmp_path / "free"), "--model", str(free), "--progress", "none"]) == 0
+    assert "commercial" not in capfd.readouterr().err
 
 
 def test_demo_of_a_t1_model_runs_the_paper_setting(tiny_model_with, tmp_path, capsys):

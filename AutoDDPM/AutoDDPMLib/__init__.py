@@ -11,8 +11,8 @@ only from its own layer or lower ones (Testing/test_architecture.py checks):
 - ``detection``: AutoDDPM on whole volumes;
 - ``training``: training data, training, calibration;
 - ``benchmark``: datasets, synthetic lesions, methods, scoring, reports, speed;
-- ``slicer_bridge``, ``progress``, ``cli``: the entry points (the Slicer module's
-  helpers, and the ``autoddpm`` command line).
+- ``slicer_bridge``, ``cohort``, ``progress``, ``cli``: the entry points (the Slicer
+  module's helpers, runs over many inputs, and the ``autoddpm`` command line).
 """
 
 __version__ = "0.1.0"

@@ -12,33 +12,53 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
+from .cohort.earlier_runs import earlier_outputs, settle_earlier_outputs
+from .cohort.output_files import OUTPUT_SUFFIXES, output_path, sidecar_path
+from .cohort.ranks import Ranks
+from .cohort.run_record import NIFTI_DESCRIPTION_KEY, RunSettings, record_bytes, run_record
+from .cohort.summary import SummaryRow, write_summary
 from .detection.postprocessing import POSTPROCESS_CHOICES
 from .diffusion.onnx_backend import BACKENDS
 from .diffusion.sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .errors import AutoDDPMError
 from .models.fit_checks import SLICE_LEVELS
-from .progress import make_reporter
+from .progress import Reporter, make_reporter
 
-OUTPUT_SUFFIXES = {"pseudohealthy": "_pseudohealthy.nii.gz", "anomaly": "_anomaly.nii.gz", "mask": "_mask.nii.gz",
-                   "brain": "_brain.nii.gz",  # the region searched, when the model's post-processing has one
-                   "spread": "_spread.nii.gz"}  # the spread only with --repeats
 # What `autoddpm demo` runs, by the model's modality: a real LGG patient for FLAIR; for T1, the paper's
 # setting, one IXI subject's mid-axial slice with a synthetic lesion of each size (tools/make_t1_samples.py).
 DEMO_SAMPLES = {
     "FLAIR": ["TCGA_LGG_FLAIR.nii.gz"],
     "T1": [f"IXI_T1_midaxial_{size}.nii.gz" for size in ("small", "medium", "large")],
 }
+# Creative Commons' NC element, or the words themselves.
+_NON_COMMERCIAL = re.compile(r"\bNC\b|non-?commercial", re.IGNORECASE)
 
 
-def _engine(args: argparse.Namespace):
+def _settings(args: argparse.Namespace) -> RunSettings:
+    return RunSettings.for_run(args.model, args.schedule, args.postprocess, args.threshold, args.seed,
+                               getattr(args, "repeats", 1), args.batch_size)
+
+
+def _load_engine(args: argparse.Namespace, settings: RunSettings, reporter: Reporter, ranks: Ranks):
+    """The loaded model, and the seconds it took; says when the model's license forbids commercial use."""
     from .detection.inference import AutoDDPM
 
-    return AutoDDPM(args.model, schedule=args.schedule, device=args.device, seed=args.seed,
-                    batch_size=args.batch_size, threshold=args.threshold, backend=args.backend,
-                    postprocess=args.postprocess)
+    reporter.loading(settings.model)
+    started = time.perf_counter()
+    engine = AutoDDPM(args.model, schedule=args.schedule, device=ranks.device(args.device), seed=args.seed,
+                      batch_size=args.batch_size, threshold=args.threshold, backend=args.backend,
+                      postprocess=args.postprocess)
+    seconds = time.perf_counter() - started
+    license = str(engine.card.data.get("license", ""))
+    if _NON_COMMERCIAL.search(license) and ranks.is_first:
+        print(f"autoddpm: note: model {engine.card.name} is licensed {license}: its results are not for commercial use",
+              file=sys.stderr)
+    return engine, seconds
 
 
 def _check_engine_options(args: argparse.Namespace) -> None:
@@ -51,15 +71,15 @@ def _check_engine_options(args: argparse.Namespace) -> None:
                             "leave it out for the default")
 
 
-def _skip_or_raise(error: AutoDDPMError, path: Path, inputs: list[Path], failures: list[str]) -> None:
+def _skip_or_raise(error: AutoDDPMError, path: Path, single: bool, rows: list[SummaryRow]) -> None:
     """With one input its error is the run's; with several it is reported, that input skipped, the others run."""
-    if len(inputs) == 1:
+    if single:
         raise error
-    failures.append(f"{path}: {error}")
+    rows.append(SummaryRow(path.name, "failed", str(error), input=str(path)))
     print(f"autoddpm: error: {path}: {error}", file=sys.stderr)
 
 
-def _check_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
+def _check_inputs(inputs: list[Path], single: bool) -> tuple[list[Path], list[SummaryRow]]:
     """The inputs whose headers pass, checked before the model loads rather than minutes into a run.
 
     A single input that fails is an error; among several, each that fails is reported and left out.
@@ -72,62 +92,97 @@ def _check_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
             check_input(path)
             passed.append(path)
         except AutoDDPMError as error:
-            _skip_or_raise(error, path, inputs, failures)
+            _skip_or_raise(error, path, single, failures)
     return passed, failures
 
 
-def _process(engine, inputs: list[Path], output_dir: Path, reporter, repeats: int = 1) -> tuple[dict[Path, dict], list[str]]:
-    """Run every input; one that fails is reported and skipped, the others still run."""
+def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, settings: RunSettings,
+             model_load_seconds: float, single: bool, ranks: Ranks) -> tuple[dict[Path, dict], list[SummaryRow]]:
+    """Run every input, writing its outputs and their sidecar; one that fails is reported and skipped."""
     from .volumes.volume_io import input_stem, make_output_dir, read_volume, write_outputs_atomically
 
-    stems = [input_stem(path) for path in inputs]
-    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
-    if duplicates:
-        raise AutoDDPMError(f"several inputs share the name {', '.join(duplicates)}: their outputs would overwrite each other; rename them or run them separately")
-    done, failures = {}, []
-    for path, stem in zip(inputs, stems):
+    done, rows = {}, []
+    for path in inputs:
+        stem = input_stem(path)
         try:
-            reporter.stage(path, "reading", 0.0)
-            image = read_volume(path)
-            reporter.start(path, engine, image)
-            result = engine.process_volume(image, lambda fraction, stage: reporter.stage(path, stage, 0.95 * fraction),
-                                           name=path.name, repeats=repeats)
-            for warning in result.warnings:
-                reporter.warning(warning)
-            reporter.stage(path, "writing", 0.97)
-            images = {"pseudohealthy": result.pseudo_healthy, "anomaly": result.anomaly_map, "mask": result.mask,
-                      "brain": result.brain_region, "spread": result.spread}
-            # Created only now, so that a run that fails before its first result leaves no empty folder.
-            make_output_dir(output_dir)
-            outputs = {key: (output_dir / f"{stem}{OUTPUT_SUFFIXES[key]}").resolve() for key, image in images.items()
-                       if image is not None}
-            write_outputs_atomically({outputs[key]: images[key] for key in outputs})
-            reporter.done(path, outputs, engine, result)
+            with reporter.working_on(path):
+                reporter.stage(path, "reading", 0.0)
+                started = time.perf_counter()
+                image = read_volume(path)
+                reading_seconds = time.perf_counter() - started
+                reporter.start(path, engine, image)
+                result = engine.process_volume(image, lambda fraction, stage: reporter.stage(path, stage, 0.95 * fraction),
+                                               name=path.name, repeats=settings.repeats)
+                for warning in result.warnings:
+                    reporter.warning(warning)
+                reporter.stage(path, "writing", 0.97)
+                images = {"pseudohealthy": result.pseudo_healthy, "anomaly": result.anomaly_map, "mask": result.mask,
+                          "brain": result.brain_region, "spread": result.spread}
+                outputs = {key: output_path(output_dir, stem, key).resolve() for key, image in images.items()
+                           if image is not None}
+                for key in outputs:
+                    images[key].SetMetaData(NIFTI_DESCRIPTION_KEY, settings.nifti_description())
+                record = run_record(settings, input_path=path, image=image, engine=engine, result=result, outputs=outputs,
+                                    timings={"model_load": model_load_seconds, "reading": reading_seconds,
+                                             "processing": result.seconds}, rank=ranks.rank, world_size=ranks.world)
+                # Created only now, so that a run that fails before its first result leaves no empty folder.
+                make_output_dir(output_dir)
+                # The sidecar lands last: where it is, the outputs it lists are too.
+                write_outputs_atomically({**{outputs[key]: images[key] for key in outputs},
+                                          sidecar_path(output_dir, stem).resolve(): record_bytes(record)})
+                reporter.done(path, outputs, engine, result)
             done[path] = {"outputs": outputs, "result": result, "image": image}
+            rows.append(SummaryRow(path.name, "ok", "", result.anomalous_volume_ml, result.slices, result.seconds,
+                                   list(result.warnings), str(path)))
         except AutoDDPMError as error:
-            _skip_or_raise(error, path, inputs, failures)
-    return done, failures
+            _skip_or_raise(error, path, single, rows)
+    return done, rows
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .volumes.volume_io import check_output_dir, expand_inputs
+    from .volumes.volume_io import check_output_dir, expand_inputs, input_stem
 
     if args.repeats < 1:
         raise AutoDDPMError("--repeats must be at least 1")
     _check_engine_options(args)
-    inputs, skipped = expand_inputs(args.inputs, skip_endings=tuple(OUTPUT_SUFFIXES.values()))
-    if skipped:
-        print(f"autoddpm: skipping {len(skipped)} file(s) named like lesion masks or AutoDDPM outputs: "
-              + ", ".join(path.name for path in skipped), file=sys.stderr)
+    ranks = Ranks.from_environment()
+    inputs, passed_over = expand_inputs(args.inputs, skip_endings=tuple(OUTPUT_SUFFIXES.values()))
+    if passed_over and ranks.is_first:
+        print(f"autoddpm: skipping {len(passed_over)} file(s) named like lesion masks or AutoDDPM outputs: "
+              + ", ".join(path.name for path in passed_over), file=sys.stderr)
     check_output_dir(args.output_dir)
-    inputs, refused = _check_inputs(inputs)
-    if not inputs:
-        return 2
+    output_dir = Path(args.output_dir)
+    stems = [input_stem(path) for path in inputs]
+    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if duplicates:
+        raise AutoDDPMError(f"several inputs share the name {', '.join(duplicates)}: their outputs would overwrite each other; rename them or run them separately")
+    # Every process decides the same from the same files, before any of them loads the model.
+    earlier = earlier_outputs(output_dir, inputs, stems)
+    settings = _settings(args) if args.resume and earlier else None
+    done_before = settle_earlier_outputs(output_dir, earlier, settings, args.overwrite)
+
     reporter = make_reporter(args.progress)
-    engine = _engine(args)
-    _, failures = _process(engine, inputs, Path(args.output_dir), reporter, args.repeats)
+    rows: list[SummaryRow] = []
+    if ranks.is_first:
+        for path, record in done_before.items():
+            reason = f"done before with the same settings ({sidecar_path(output_dir, input_stem(path)).name})"
+            reporter.skipped(path, reason)
+            rows.append(SummaryRow.from_record(path, record, reason))
+    single = len(inputs) == 1 and ranks.world == 1
+    mine, rows_refused = _check_inputs(ranks.share([path for path in inputs if path not in done_before]), single)
+    rows += rows_refused
+    if mine:
+        settings = settings or _settings(args)
+        engine, load_seconds = _load_engine(args, settings, reporter, ranks)
+        rows += _process(engine, mine, output_dir, reporter, settings, load_seconds, single, ranks)[1]
     reporter.finished()
-    return 2 if refused or failures else 0
+    every_row = ranks.gather(rows)
+    if every_row is not None and len(inputs) > 1 and output_dir.is_dir():
+        order = {str(path): index for index, path in enumerate(inputs)}
+        summary = write_summary(sorted(every_row, key=lambda row: order[row.input]), output_dir)
+        if args.progress == "bar":
+            print(f"summary of {len(inputs)} inputs: {summary.resolve()}", file=sys.stderr)
+    return 2 if any(row.status == "failed" for row in (rows if every_row is None else every_row)) else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -140,7 +195,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     _check_engine_options(args)
     check_output_dir(args.output_dir)
-    engine = _engine(args)
+    settings = _settings(args)
+    reporter = make_reporter(args.progress)
+    ranks = Ranks()  # one process: the demo's three samples at most do not need more
+    engine, load_seconds = _load_engine(args, settings, reporter, ranks)
     modality = str(engine.card.data["modality"])
     if modality.upper() not in DEMO_SAMPLES:
         raise AutoDDPMError(f"no sample ships for {modality} models (only {', '.join(DEMO_SAMPLES)}); "
@@ -150,7 +208,8 @@ def _demo(args: argparse.Namespace) -> int:
     if missing:
         raise AutoDDPMError(f"the demo data {', '.join(missing)} is missing; reinstall AutoDDPM")
     output_dir = Path(args.output_dir)
-    done, _ = _process(engine, samples, output_dir, make_reporter(args.progress))
+    # The demo's folder is its own: a second demo replaces the first one's outputs.
+    done, _ = _process(engine, samples, output_dir, reporter, settings, load_seconds, True, ranks)
     rows, overlap, flagged, truth_voxels = [], 0, 0, 0
     for path in samples:
         outputs = done[path]["outputs"]
@@ -331,11 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="NIfTI, NRRD, MHA, PNG file, DICOM series folder, or a folder of image files "
                           "(every one in it except *_mask/_anomaly/_pseudohealthy/_spread.nii.gz)")
-    run.add_argument("--output-dir", required=True, help="folder for <name>_pseudohealthy/_anomaly/_mask.nii.gz")
+    run.add_argument("--output-dir", required=True,
+                     help="folder for <name>_pseudohealthy/_anomaly/_mask.nii.gz, <name>_autoddpm.json (how they were "
+                          "made) and, with several inputs, summary.csv")
     _add_engine_options(run)
     run.add_argument("--repeats", type=int, default=1, metavar="N",
                      help="run N times with different seeds (N times the time): the outputs are the mean over the runs, "
                           "and <name>_spread.nii.gz the per-voxel standard deviation of their anomaly maps")
+    run.add_argument("--resume", action="store_true",
+                     help="skip the inputs whose outputs in --output-dir were made with the same settings "
+                          "(as their <name>_autoddpm.json records), e.g. to continue an interrupted cohort run")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the outputs an earlier run left in --output-dir (refused without it or --resume)")
     run.set_defaults(handler=_run)
 
     demo = commands.add_parser("demo", help="run on the bundled sample FLAIR volume and draw a figure")

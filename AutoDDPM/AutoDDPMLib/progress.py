@@ -4,7 +4,7 @@ JSON events, one object per stdout line:
 ``start`` (input, evaluations_per_slice, schedule, device, backend, backend_note, model, threshold),
 ``progress`` (input, fraction 0..1 of that input, stage: reading | mask | resample | writing),
 ``warning`` (message), ``done`` (input, outputs, threshold, anomalous_voxels, anomalous_volume_ml, repeats, seconds),
-``finished`` (seconds).
+``skipped`` (input, reason: ``--resume`` found its outputs), ``finished`` (seconds).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import AutoDDPMError
 
@@ -23,6 +24,17 @@ class Reporter:
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
+
+    def loading(self, model: str) -> None:
+        pass
+
+    @contextmanager
+    def working_on(self, path: Path) -> Iterator[None]:
+        """Around the work on one input: what is printed after it (an error) starts on a line of its own."""
+        yield
+
+    def skipped(self, path: Path, reason: str) -> None:
+        print(f"{path.name}: skipped, {reason}", file=sys.stderr)
 
     def start(self, path: Path, engine: Any, image: Any) -> None:
         pass
@@ -47,6 +59,29 @@ class BarReporter(Reporter):
         super().__init__()
         self._bar = None
 
+    def loading(self, model: str) -> None:
+        # Loading takes seconds (PyTorch, the network, LPIPS) before the first bar can show anything.
+        print(f"loading model {model} ...", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def working_on(self, path: Path) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        # A bar's line ends only when it closes: anything printed while it is open would be glued to it.
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def warning(self, message: str) -> None:
+        if self._bar is None:
+            super().warning(message)
+        else:
+            self._bar.write(f"autoddpm: warning: {message}", file=sys.stderr)
+
     def start(self, path: Path, engine: Any, image: Any) -> None:
         from tqdm import tqdm
 
@@ -63,8 +98,7 @@ class BarReporter(Reporter):
     def done(self, path: Path, outputs: dict[str, Path], engine: Any, result: Any) -> None:
         if self._bar is not None:
             self._bar.update(100 - self._bar.n)
-            self._bar.close()
-            self._bar = None
+        self._close_bar()
         print(f"{path.name}: {result.anomalous_volume_ml:.2f} mL flagged at threshold {engine.threshold:.4g} "
               f"({result.slices_with_signal} of {result.slices} slices, {result.seconds:.1f} s); "
               f"outputs in {outputs['mask'].parent}", file=sys.stderr)
@@ -87,6 +121,9 @@ class JsonReporter(Reporter):
 
     def warning(self, message: str) -> None:
         self._emit("warning", message=message)
+
+    def skipped(self, path: Path, reason: str) -> None:
+        self._emit("skipped", input=str(path), reason=reason)
 
     def done(self, path: Path, outputs: dict[str, Path], engine: Any, result: Any) -> None:
         self._emit("done", input=str(path), outputs={k: str(v) for k, v in outputs.items()}, threshold=engine.threshold,

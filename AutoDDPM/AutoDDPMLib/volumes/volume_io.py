@@ -402,15 +402,16 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_outputs_atomically(images: Dict[Path, sitk.Image]) -> None:
-    """Writes several images so that either all of them land or none does.
+def write_outputs_atomically(images: Dict[Path, Union[sitk.Image, bytes]]) -> None:
+    """Writes several images (and files given as bytes, e.g. a JSON record) so that either all land or none does.
 
-    Each image is first written (compressed) to a temporary file beside its
+    Each one is first written (images compressed) to a temporary file beside its
     target; only when every write succeeded are they renamed into place
-    (``os.replace``, atomic on one file system). On any failure every temporary
-    file is removed, and outputs already renamed by this call are removed too,
-    so no partial set of results is left (a file that existed before and was
-    already replaced cannot be brought back).
+    (``os.replace``, atomic on one file system), in the order given, so the last
+    one landing means all did. On any failure every temporary file is removed,
+    and outputs already renamed by this call are removed too, so no partial set
+    of results is left (a file that existed before and was already replaced
+    cannot be brought back).
     """
     temporaries: Dict[Path, Path] = {}
     try:
@@ -425,9 +426,14 @@ def write_outputs_atomically(images: Dict[Path, sitk.Image]) -> None:
                 ) from None
             temporaries[target] = temporary
             try:
-                sitk.WriteImage(image, str(temporary), useCompression=True)
+                if isinstance(image, bytes):
+                    temporary.write_bytes(image)
+                else:
+                    sitk.WriteImage(image, str(temporary), useCompression=True)
                 # mkstemp made the file private (0600); results are shared like any file the user writes.
                 os.chmod(temporary, _new_file_mode())
+            except OSError as error:
+                raise AutoDDPMError(f"cannot write {target} ({error.strerror}); check the disk space") from None
             except RuntimeError as error:
                 raise AutoDDPMError(
                     f"cannot write {target} ({_first_line(error)}); check the disk space and that "
