@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import SimpleITK as sitk
 from conftest import make_head_volume
 from test_cli import files_under
@@ -161,3 +162,38 @@ def test_torchrun_shares_the_inputs_among_processes(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("skipped, done before with the same settings") == 3
     assert [row["status"] for row in summary(out)] == ["skipped"] * 3
+
+
+@pytest.mark.parametrize("environment, words", [
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK 2 is not below WORLD_SIZE 2"),
+    ({"WORLD_SIZE": "two"}, "RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "29500"}, "WORLD_SIZE is 2 but MASTER_ADDR not set"),
+])
+def test_a_process_environment_torchrun_did_not_set_is_refused_first(head_volume, tmp_path, capfd, monkeypatch,
+                                                                      environment, words):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    before = files_under(tmp_path)
+    assert main(["run", str(head_volume), "--output-dir", str(tmp_path / "out"), "--model", "no-such-model"]) == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autoddpm: error: ") and words in lines[0], lines
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("model, options", [
+    ("flair-lgg", {}),  # post-processed, with its calibrated post-processed threshold
+    ("flair-lgg", {"postprocess": "none"}),  # the raw map's threshold
+    ("t1-ixi-midaxial", {"schedule": "reference"}),
+    ("flair-lgg", {"threshold": 0.25}),
+])
+def test_run_settings_choose_the_thresholds_the_engine_runs_with(model, options):
+    # Settings are read before the model loads (for --resume): they must be what the loaded engine does.
+    from AutoDDPMLib.detection.inference import AutoDDPM
+
+    options = {"schedule": "fast", "postprocess": "card", "threshold": None, **options}
+    settings = RunSettings.for_run(model, options["schedule"], options["postprocess"], options["threshold"], 0, 1, None)
+    engine = AutoDDPM(model, device="cpu", backend="torch", **options)
+    assert (settings.threshold, settings.mask_tau) == (engine.threshold, engine.pipeline.mask_threshold)
+    assert settings.postprocessing == engine.postprocessing.to_dict()

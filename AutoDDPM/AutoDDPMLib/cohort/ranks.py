@@ -42,6 +42,10 @@ class Ranks:
         if not 0 <= ranks.rank < ranks.world:
             raise AutoDDPMError(f"RANK {ranks.rank} is not below WORLD_SIZE {ranks.world}; start the processes with "
                                 "torchrun, or unset both to run a single process")
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if ranks.world > 1 and not os.environ.get(name)]
+        if missing:  # the processes could not find each other at the end, after all the work
+            raise AutoDDPMError(f"WORLD_SIZE is {ranks.world} but {' and '.join(missing)} not set; start the processes "
+                                "with torchrun, or unset WORLD_SIZE to run a single process")
         return ranks
 
     @property
