@@ -320,8 +320,8 @@ def test_a_non_commercial_model_is_said_in_one_line(tiny_model_with, head_volume
         assert main(["run", str(head_volume), "--output-dir", str(tmp_path / progress), "--model", str(licensed),
                      "--progress", progress]) == 0
         said = [line for line in capfd.readouterr().err.splitlines() if "commercial" in line]
-        assert said == ["autoddpm: note: model tiny is licensed CC BY-NC-SA 4.0 (follows the training data): "
-                        "its results are not for commercial use"]
+        assert said == [("autoddpm: note: model tiny is licensed CC BY-NC-SA 4.0 (follows the training data): "
+                         "its results are not for commercial use")]
     free = tiny_model_with("by-sa", license="CC BY-SA 3.0 (follows the training data: IXI)")
     assert main(["run", str(head_volume), "--output-dir", str(tmp_path / "free"), "--model", str(free), "--progress", "none"]) == 0
     assert "commercial" not in capfd.readouterr().err

@@ -76,8 +76,8 @@ def test_earlier_outputs_are_refused_before_the_model_loads(tiny_model, head_vol
     before = files_under(tmp_path)
     assert main(["run", str(head_volume), "--output-dir", str(out), "--model", "no-such-model"]) == 2
     lines = capfd.readouterr().err.strip().splitlines()
-    assert lines == [f"autoddpm: error: output folder {out} already holds outputs of head.nii.gz; give --resume to skip "
-                     "the inputs done with the same settings, --overwrite to replace them, or another --output-dir"]
+    assert lines == [(f"autoddpm: error: output folder {out} already holds outputs of head.nii.gz; give --resume to skip "
+                      "the inputs done with the same settings, --overwrite to replace them, or another --output-dir")]
     assert files_under(tmp_path) == before
     # A sidecar alone counts as well: it says outputs were there.
     for path in out.iterdir():
@@ -152,13 +152,14 @@ def test_torchrun_shares_the_inputs_among_processes(tiny_model, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "AutoDDPMLib.cli", "--threads", "1", "run", str(scans), "--output-dir", str(out),
                "--model", str(tiny_model), "--device", "cpu", "--progress", "none"]
-    proc = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=300)
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ranks = {name: json.loads((out / f"{name}_autoddpm.json").read_text())["run"] for name in ("p1", "p2", "p3")}
     assert {name: (run["rank"], run["world_size"]) for name, run in ranks.items()} == {"p1": (0, 2), "p2": (1, 2), "p3": (0, 2)}
     assert [(row["name"], row["status"]) for row in summary(out)] == [(f"p{n}.nii.gz", "ok") for n in (1, 2, 3)]
     # Resumed with the same processes: every rank skips the same inputs, rank 0 lists them.
-    proc = subprocess.run([*command, "--resume"], capture_output=True, text=True, encoding="utf-8", timeout=300)
+    proc = subprocess.run([*command, "--resume"], check=False, capture_output=True, text=True, encoding="utf-8",
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("skipped, done before with the same settings") == 3
     assert [row["status"] for row in summary(out)] == ["skipped"] * 3

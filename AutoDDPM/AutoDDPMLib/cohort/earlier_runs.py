@@ -9,7 +9,7 @@ before the model loads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import AutoDDPMError
 from .output_files import existing_outputs, sidecar_path
@@ -21,7 +21,7 @@ def _names(inputs: list[Path], most: int = 3) -> str:
     return shown + (f" and {len(inputs) - most} more" if len(inputs) > most else "")
 
 
-def _why_not_done(folder: Path, stem: str, record: Optional[dict[str, Any]], settings: RunSettings) -> Optional[str]:
+def _why_not_done(folder: Path, stem: str, record: dict[str, Any] | None, settings: RunSettings) -> str | None:
     """Why the outputs of ``stem`` in ``folder`` are not those this run would write (None: they are)."""
     if record is None:
         return f"have no record of how they were made ({sidecar_path(folder, stem).name} is missing or unreadable)"
@@ -39,7 +39,7 @@ def earlier_outputs(folder: Path, inputs: list[Path], stems: list[str]) -> dict[
     return {path: stem for path, stem in zip(inputs, stems) if existing_outputs(folder, stem)}
 
 
-def settle_earlier_outputs(folder: Path, earlier: dict[Path, str], settings: Optional[RunSettings],
+def settle_earlier_outputs(folder: Path, earlier: dict[Path, str], settings: RunSettings | None,
                            overwrite: bool) -> dict[Path, dict[str, Any]]:
     """The inputs to skip, each with the sidecar of its earlier run; ``settings`` are the run's under
     ``--resume``, None without it.

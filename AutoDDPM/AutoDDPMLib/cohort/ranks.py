@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from ..errors import AutoDDPMError
 
@@ -31,7 +32,7 @@ class Ranks:
     local_rank: int = 0
 
     @classmethod
-    def from_environment(cls) -> "Ranks":
+    def from_environment(cls) -> Ranks:
         """What torchrun set; a single process where it set nothing."""
         try:
             ranks = cls(*(int(os.environ.get(name, default)) for name, default in
@@ -68,7 +69,7 @@ class Ranks:
                 return f"cuda:{self.local_rank}"
         return requested
 
-    def gather(self, items: list[Any]) -> Optional[list[Any]]:
+    def gather(self, items: list[Any]) -> list[Any] | None:
         """Every process's ``items`` on rank 0, in rank order (None on the others); waits for all processes."""
         if self.world == 1:
             return list(items)
@@ -76,7 +77,7 @@ class Ranks:
 
         dist.init_process_group("gloo", timeout=GATHER_TIMEOUT)
         try:
-            gathered: Optional[list[Any]] = [None] * self.world if self.is_first else None
+            gathered: list[Any] | None = [None] * self.world if self.is_first else None
             dist.gather_object(items, gathered, dst=0)
         finally:
             dist.destroy_process_group()

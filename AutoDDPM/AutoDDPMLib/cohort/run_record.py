@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .. import __version__
 from ..detection.postprocessing import PostProcessing
@@ -54,11 +54,11 @@ class RunSettings:
     mask_tau: float  # on the likelihood map, for what is re-sampled
     seed: int
     repeats: int
-    batch_size: Optional[int]  # as asked (None: the device's default); each batch draws its own noise
+    batch_size: int | None  # as asked (None: the device's default); each batch draws its own noise
 
     @classmethod
-    def for_run(cls, model: Optional[str], schedule: str, postprocess: str, threshold: Optional[float], seed: int,
-                repeats: int, batch_size: Optional[int]) -> "RunSettings":
+    def for_run(cls, model: str | None, schedule: str, postprocess: str, threshold: float | None, seed: int,
+                repeats: int, batch_size: int | None) -> RunSettings:
         """The settings of ``autoddpm run`` with these options; reads the model card and hashes the weights
         (tens of milliseconds), without loading the network. Thresholds are chosen as ``AutoDDPM`` chooses them."""
         card = read_card(resolve_model(model))
@@ -115,7 +115,7 @@ class RunSettings:
         return text.encode("ascii", "replace")[:NIFTI_DESCRIPTION_BYTES].decode("ascii")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _commit() -> str:
     return git_commit()  # once per process: it runs git twice
 
@@ -162,7 +162,7 @@ def record_bytes(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, indent=2) + "\n").encode("utf-8")
 
 
-def read_record(path: Path) -> Optional[dict[str, Any]]:
+def read_record(path: Path) -> dict[str, Any] | None:
     """The sidecar at ``path``, or None where there is none or it is not one AutoDDPM wrote."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))

@@ -6,7 +6,7 @@ import csv
 import io
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .output_files import SUMMARY_FILE
 
@@ -19,14 +19,14 @@ class SummaryRow:
     name: str
     status: str
     reason: str = ""
-    anomalous_volume_ml: Optional[float] = None
-    slices: Optional[int] = None
-    seconds: Optional[float] = None
+    anomalous_volume_ml: float | None = None
+    slices: int | None = None
+    seconds: float | None = None
     warnings: list[str] = field(default_factory=list)
     input: str = ""
 
     @classmethod
-    def from_record(cls, path: Path, record: dict[str, Any], reason: str) -> "SummaryRow":
+    def from_record(cls, path: Path, record: dict[str, Any], reason: str) -> SummaryRow:
         """The row of an input skipped with ``reason``, from the sidecar of the run that made its outputs."""
         result, timings = record.get("result", {}), record.get("timings", {})
         return cls(path.name, "skipped", reason, result.get("anomalous_volume_ml"), result.get("slices"),
