@@ -37,6 +37,8 @@ def test_outputs_carry_a_sidecar_and_a_description_of_how_they_were_made(tiny_mo
     record = json.loads((out / "head_autoddpm.json").read_text())
     settings = record["settings"]
     assert record["autoddpm"]["version"] == AutoDDPMLib.__version__ and record["autoddpm"]["commit"]
+    assert record["autoddpm"]["command"] == (f"autoddpm run {head_volume} --output-dir {out} --model {tiny_model} "
+                                             "--seed 3 --progress none --backend torch")
     assert settings["model"] == "tiny" and settings["schedule"] == "fast" and settings["seed"] == 3
     assert settings["model_card_sha256"] == hashlib.sha256((tiny_model / "model.json").read_bytes()).hexdigest()
     assert settings["model_weights_sha256"] == hashlib.sha256((tiny_model / "model.safetensors").read_bytes()).hexdigest()
@@ -85,6 +87,11 @@ def test_earlier_outputs_are_refused_before_the_model_loads(tiny_model, head_vol
             path.unlink()
     assert main(["run", str(head_volume), "--output-dir", str(out), "--model", "no-such-model"]) == 2
     assert "already holds outputs of head.nii.gz" in capfd.readouterr().err
+    # --resume cannot tell how outputs were made from a damaged record: they are not skipped.
+    (out / "head_autoddpm.json").write_text("{ not json")
+    assert main(["run", str(head_volume), "--output-dir", str(out), "--model", str(tiny_model), "--resume"]) == 2
+    assert ("have no record of how they were made (head_autoddpm.json is missing or unreadable); give --overwrite"
+            in capfd.readouterr().err)
 
 
 def test_resume_skips_what_was_done_with_the_same_settings(tiny_model, tiny_model_with, tmp_path, capfd):

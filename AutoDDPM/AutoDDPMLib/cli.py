@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from .cohort.earlier_runs import earlier_outputs, settle_earlier_outputs
 from .cohort.output_files import OUTPUT_SUFFIXES, output_path, sidecar_path
 from .cohort.ranks import Ranks
-from .cohort.run_record import NIFTI_DESCRIPTION_KEY, RunSettings, record_bytes, run_record
+from .cohort.run_record import NIFTI_DESCRIPTION_KEY, RunContext, RunSettings, record_bytes, run_record
 from .cohort.summary import SummaryRow, write_summary
 from .detection.postprocessing import POSTPROCESS_CHOICES
 from .diffusion.onnx_backend import BACKENDS
@@ -45,7 +46,8 @@ def _settings(args: argparse.Namespace) -> RunSettings:
 
 
 def _load_engine(args: argparse.Namespace, settings: RunSettings, reporter: Reporter, ranks: Ranks):
-    """The loaded model, and the seconds it took; says when the model's license forbids commercial use."""
+    """The loaded model, and what the sidecars of its run share; says when the model's license forbids
+    commercial use."""
     from .detection.inference import AutoDDPM
 
     reporter.loading(settings.model)
@@ -58,7 +60,7 @@ def _load_engine(args: argparse.Namespace, settings: RunSettings, reporter: Repo
     if _NON_COMMERCIAL.search(license) and ranks.is_first:
         print(f"autoddpm: note: model {engine.card.name} is licensed {license}: its results are not for commercial use",
               file=sys.stderr)
-    return engine, seconds
+    return engine, RunContext(settings, args.command_line, seconds, ranks.rank, ranks.world)
 
 
 def _check_engine_options(args: argparse.Namespace) -> None:
@@ -96,8 +98,8 @@ def _check_inputs(inputs: list[Path], single: bool) -> tuple[list[Path], list[Su
     return passed, failures
 
 
-def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, settings: RunSettings,
-             model_load_seconds: float, single: bool, ranks: Ranks) -> tuple[dict[Path, dict], list[SummaryRow]]:
+def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, run: RunContext,
+             single: bool) -> tuple[dict[Path, dict], list[SummaryRow]]:
     """Run every input, writing its outputs and their sidecar; one that fails is reported and skipped."""
     from .volumes.volume_io import input_stem, make_output_dir, read_volume, write_outputs_atomically
 
@@ -112,7 +114,7 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, s
                 reading_seconds = time.perf_counter() - started
                 reporter.start(path, engine, image)
                 result = engine.process_volume(image, lambda fraction, stage: reporter.stage(path, stage, 0.95 * fraction),
-                                               name=path.name, repeats=settings.repeats)
+                                               name=path.name, repeats=run.settings.repeats)
                 for warning in result.warnings:
                     reporter.warning(warning)
                 reporter.stage(path, "writing", 0.97)
@@ -121,10 +123,9 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, s
                 outputs = {key: output_path(output_dir, stem, key).resolve() for key, image in images.items()
                            if image is not None}
                 for key in outputs:
-                    images[key].SetMetaData(NIFTI_DESCRIPTION_KEY, settings.nifti_description())
-                record = run_record(settings, input_path=path, image=image, engine=engine, result=result, outputs=outputs,
-                                    timings={"model_load": model_load_seconds, "reading": reading_seconds,
-                                             "processing": result.seconds}, rank=ranks.rank, world_size=ranks.world)
+                    images[key].SetMetaData(NIFTI_DESCRIPTION_KEY, run.settings.nifti_description())
+                record = run_record(run, input_path=path, image=image, engine=engine, result=result, outputs=outputs,
+                                    reading_seconds=reading_seconds)
                 # Created only now, so that a run that fails before its first result leaves no empty folder.
                 make_output_dir(output_dir)
                 # The sidecar lands last: where it is, the outputs it lists are too.
@@ -173,8 +174,8 @@ def _run(args: argparse.Namespace) -> int:
     rows += rows_refused
     if mine:
         settings = settings or _settings(args)
-        engine, load_seconds = _load_engine(args, settings, reporter, ranks)
-        rows += _process(engine, mine, output_dir, reporter, settings, load_seconds, single, ranks)[1]
+        engine, run = _load_engine(args, settings, reporter, ranks)
+        rows += _process(engine, mine, output_dir, reporter, run, single)[1]
     reporter.finished()
     every_row = ranks.gather(rows)
     if every_row is not None and len(inputs) > 1 and output_dir.is_dir():
@@ -197,8 +198,7 @@ def _demo(args: argparse.Namespace) -> int:
     check_output_dir(args.output_dir)
     settings = _settings(args)
     reporter = make_reporter(args.progress)
-    ranks = Ranks()  # one process: the demo's three samples at most do not need more
-    engine, load_seconds = _load_engine(args, settings, reporter, ranks)
+    engine, run = _load_engine(args, settings, reporter, Ranks())  # one process: three samples at most
     modality = str(engine.card.data["modality"])
     if modality.upper() not in DEMO_SAMPLES:
         raise AutoDDPMError(f"no sample ships for {modality} models (only {', '.join(DEMO_SAMPLES)}); "
@@ -209,7 +209,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise AutoDDPMError(f"the demo data {', '.join(missing)} is missing; reinstall AutoDDPM")
     output_dir = Path(args.output_dir)
     # The demo's folder is its own: a second demo replaces the first one's outputs.
-    done, _ = _process(engine, samples, output_dir, reporter, settings, load_seconds, True, ranks)
+    done, _ = _process(engine, samples, output_dir, reporter, run, single=True)
     rows, overlap, flagged, truth_voxels = [], 0, 0, 0
     for path in samples:
         outputs = done[path]["outputs"]
@@ -474,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``autoddpm`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    args.command_line = "autoddpm " + shlex.join(sys.argv[1:] if argv is None else argv)  # for the sidecars
     try:
         if args.threads is not None and args.threads < 1:
             raise AutoDDPMError(f"--threads must be at least 1 (got {args.threads}); leave it out for the default")

@@ -9,10 +9,9 @@ result can be traced and rerun; ``nifti_description`` puts the key facts in the 
 from __future__ import annotations
 
 import datetime
-import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from .. import __version__
 from ..detection.postprocessing import PostProcessing
 from ..errors import AutoDDPMError
 from ..models.bundle import WEIGHTS_FILE, read_card, resolve_model
-from ..provenance import command_line, git_commit
+from ..provenance import git_commit
 
 RECORD_FORMAT = "autoddpm-run/1"
 # A NIfTI header's description holds 80 bytes, the last one its terminating zero; ITK's NIfTI writer fills it
@@ -115,11 +114,6 @@ class RunSettings:
         return text.encode("ascii", "replace")[:NIFTI_DESCRIPTION_BYTES].decode("ascii")
 
 
-@functools.cache
-def _commit() -> str:
-    return git_commit()  # once per process: it runs git twice
-
-
 def input_facts(path: Path, image: Any) -> dict[str, Any]:
     """The input as the run read it: where it is, its bytes' hash (a file; not a DICOM folder) and its grid."""
     facts: dict[str, Any] = {"path": str(path.resolve()), "name": path.name}
@@ -131,28 +125,41 @@ def input_facts(path: Path, image: Any) -> dict[str, Any]:
     return facts
 
 
-def run_record(settings: RunSettings, *, input_path: Path, image: Any, engine: Any, result: Any,
-               outputs: dict[str, Path], timings: dict[str, float], rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """The sidecar of one input's outputs. ``engine`` is the ``AutoDDPM`` that ran and ``result`` its
-    ``VolumeResult``; ``timings`` in seconds (model_load, reading, processing); ``rank`` of ``world_size``
-    the process (under torchrun) that made them."""
+@dataclass(frozen=True)
+class RunContext:
+    """What the sidecars of one run share: its settings, the command, the model's load time and, under
+    torchrun, which of the processes wrote them; the commit is looked up once (it runs git twice)."""
+
+    settings: RunSettings
+    command: str
+    model_load_seconds: float
+    rank: int = 0
+    world_size: int = 1
+    commit: str = field(default_factory=git_commit)
+
+
+def run_record(run: RunContext, *, input_path: Path, image: Any, engine: Any, result: Any, outputs: dict[str, Path],
+               reading_seconds: float) -> dict[str, Any]:
+    """The sidecar of one input's outputs: ``engine`` is the ``AutoDDPM`` that ran, ``result`` its
+    ``VolumeResult``, ``image`` the input as read."""
     import torch  # loaded with the engine already
 
     return {
         "format": RECORD_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "autoddpm": {"version": __version__, "commit": _commit(), "command": command_line("run") or command_line("demo")},
-        "settings": settings.to_dict(),
+        "autoddpm": {"version": __version__, "commit": run.commit, "command": run.command},
+        "settings": run.settings.to_dict(),
         "model": {"name": engine.card.name, "folder": str(engine.card.path.parent.resolve()),
                   "license": engine.card.data.get("license")},
         "run": {"backend": engine.backend_name, "backend_note": engine.backend_note, "device": str(engine.device),
                 "batch_size": engine.batch_size, "threads": torch.get_num_threads(),
                 "evaluations_per_slice": result.evaluations_per_slice, "postprocessing": result.postprocessing,
-                "rank": rank, "world_size": world_size},
+                "rank": run.rank, "world_size": run.world_size},
         "input": input_facts(input_path, image),
         "result": {"slices": result.slices, "slices_with_signal": result.slices_with_signal,
                    "anomalous_voxels": result.anomalous_voxels, "anomalous_volume_ml": result.anomalous_volume_ml},
-        "timings": {f"{stage}_seconds": round(seconds, 3) for stage, seconds in timings.items()},
+        "timings": {"model_load_seconds": round(run.model_load_seconds, 3), "reading_seconds": round(reading_seconds, 3),
+                    "processing_seconds": round(result.seconds, 3)},
         "warnings": list(result.warnings),
         "outputs": {kind: path.name for kind, path in outputs.items()},
     }
@@ -168,4 +175,7 @@ def read_record(path: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+    if not (isinstance(record, dict) and record.get("format") == RECORD_FORMAT
+            and all(isinstance(record.get(part), dict) for part in ("settings", "outputs", "result", "timings"))):
+        return None
+    return record
