@@ -58,3 +58,28 @@ def segment_voxels(segmentation) -> int:
     segmentation.GetBinaryLabelmapRepresentation("Anomaly", labelmap)
     scalars = labelmap.GetPointData().GetScalars()
     return 0 if scalars is None else int((numpy_support.vtk_to_numpy(scalars) > 0).sum())
+
+
+def save_and_reopen(scene, folder: Path):
+    """Save ``scene`` as Slicer's "Save" does (each node's data in its own file, then the .mrml) and read it back
+    into a new scene, which becomes ``slicer.mrmlScene``."""
+    for index in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(index)
+        if not node.IsA("vtkMRMLStorableNode") or node.GetHideFromEditors() and not node.IsA("vtkMRMLColorTableNode"):
+            continue
+        if node.GetStorageNode() is None and not node.AddDefaultStorageNode():
+            continue
+        storage = node.GetStorageNode()
+        storage.SetFileName(str(folder / f"{node.GetID()}.{storage.GetDefaultWriteFileExtension()}"))
+        if not storage.WriteData(node):
+            raise RuntimeError(f"could not write {node.GetName()}")
+    scene.SetRootDirectory(str(folder))
+    scene.SetURL(str(folder / "scene.mrml"))
+    if not scene.Commit():
+        raise RuntimeError("could not write the scene")
+    reopened = new_scene()
+    reopened.SetRootDirectory(str(folder))
+    reopened.SetURL(str(folder / "scene.mrml"))
+    if not reopened.Connect():
+        raise RuntimeError("could not read the scene back")
+    return reopened

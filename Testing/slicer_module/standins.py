@@ -14,24 +14,70 @@ from __future__ import annotations
 import enum
 import functools
 import importlib.util
+import inspect
 import os
 import sys
 import time
 import types
 import typing
 import unittest
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from xml.etree import ElementTree
 
 
 class QTimer:
-    """``QTimer.singleShot`` without an event loop: :func:`process_events` fires the timers that are due."""
+    """QTimer without an event loop: :func:`process_events` fires the timers that are due.
+
+    ``QTimer.singleShot(msec, callback)``, and single-shot timer objects whose ``start()`` restarts them.
+    """
 
     pending: list[tuple[float, object]] = []
 
     @staticmethod
     def singleShot(msec: int, callback) -> None:
         QTimer.pending.append((time.monotonic() + msec / 1000.0, callback))
+
+    def __init__(self) -> None:
+        self._interval = 0
+        self._slots: list = []
+
+    def setSingleShot(self, singleShot: bool) -> None:
+        assert singleShot, "only single-shot timers are stood in for"
+
+    def setInterval(self, msec: int) -> None:
+        self._interval = msec
+
+    def connect(self, signal: str, slot) -> None:
+        assert signal == "timeout()"
+        self._slots.append(slot)
+
+    def start(self) -> None:
+        self.stop()
+        QTimer.pending.append((time.monotonic() + self._interval / 1000.0, self._timeout))
+
+    def stop(self) -> None:
+        QTimer.pending[:] = [entry for entry in QTimer.pending if entry[1] != self._timeout]
+
+    def isActive(self) -> bool:
+        return any(entry[1] == self._timeout for entry in QTimer.pending)
+
+    def _timeout(self) -> None:
+        for slot in list(self._slots):
+            slot()
+
+
+class QSettings:
+    """Slicer's settings, kept in memory for the test session (``values``; a test clears them as it needs)."""
+
+    values: dict[str, object] = {}
+
+    def value(self, key: str, default=None):
+        return QSettings.values.get(key, default)
+
+    def setValue(self, key: str, value) -> None:
+        QSettings.values[key] = value
 
 
 def process_events(max_wait: float = 0.05) -> int:
@@ -40,8 +86,9 @@ def process_events(max_wait: float = 0.05) -> int:
     due = sorted((entry for entry in QTimer.pending if entry[0] <= deadline), key=lambda entry: entry[0])
     time.sleep(max(0.0, (due[-1][0] if due else deadline) - time.monotonic()))
     for entry in due:
-        QTimer.pending.remove(entry)
-        entry[1]()
+        if entry in QTimer.pending:  # a timer that an earlier one stopped does not fire
+            QTimer.pending.remove(entry)
+            entry[1]()
     return len(due)
 
 
@@ -51,10 +98,42 @@ class ScriptedLoadableModule:
 
 
 class Qt:
-    """The item data roles the module uses."""
+    """The item data roles and the cursor the module uses."""
 
     ToolTipRole = 3
     UserRole = 256
+    WaitCursor = 3
+
+
+class Application:
+    """slicer.app as the panel's Apply meets it: a wait cursor, testing mode (dialogs are not shown), a temporary
+    folder, and the environment Slicer started with (here this process's)."""
+
+    def __init__(self, temporaryPath: str) -> None:
+        self.temporaryPath = temporaryPath
+        self.overrideCursors = 0
+
+    def setOverrideCursor(self, cursor) -> None:
+        self.overrideCursors += 1
+
+    def restoreOverrideCursor(self) -> None:
+        self.overrideCursors -= 1
+
+    def testingEnabled(self) -> bool:
+        return True
+
+    def processEvents(self) -> None:
+        process_events(0.0)
+
+    def startupEnvironment(self) -> "_Environment":
+        return _Environment(dict(os.environ))
+
+
+class _Environment(dict):
+    """QProcessEnvironment: keys() and value(name)."""
+
+    def value(self, name: str) -> str:
+        return self[name]
 
 
 class Widget:
@@ -77,7 +156,7 @@ class Widget:
     def emit(self, signal: str, *args) -> None:
         if not self._blocked:
             for slot in list(self._slots.get(signal, [])):
-                slot(*args)
+                slot(*args[:_accepted_arguments(slot, len(args))])
 
     def blockSignals(self, block: bool) -> bool:
         wasBlocked, self._blocked = self._blocked, block
@@ -90,14 +169,29 @@ class Widget:
         self.mrmlScene = scene
 
 
+def _accepted_arguments(slot, given: int) -> int:
+    """How many of a signal's arguments PythonQt passes to ``slot``: as many as it takes (a slot may take fewer)."""
+    parameters = inspect.signature(slot).parameters.values()
+    if any(parameter.kind is parameter.VAR_POSITIONAL for parameter in parameters):
+        return given
+    return min(given, sum(parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+                          for parameter in parameters))
+
+
 class SliderWidget(Widget):
-    """ctkSliderWidget: ``value``, and valueChanged(double) when it changes."""
+    """ctkSliderWidget: ``value``, and valueChanged(double) when it changes.
+
+    Like ctk's, the value is rounded to ``decimals`` and kept within [minimum, maximum]: a change of those that
+    moves the value emits valueChanged too; :func:`load_ui` sets them as the .ui does.
+    """
 
     changedSignal = "valueChanged(double)"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._value = 0.0
+        self._decimals, self._minimum, self._maximum = 2, 0.0, 99.0  # QDoubleSpinBox's defaults
+        self.singleStep = self.pageStep = 0.0
 
     @property
     def value(self) -> float:
@@ -105,9 +199,39 @@ class SliderWidget(Widget):
 
     @value.setter
     def value(self, value: float) -> None:
+        value = round(min(max(float(value), self._minimum), self._maximum), self._decimals)
         if value != self._value:
-            self._value = float(value)
+            self._value = value
             self.emit(self.changedSignal, self._value)
+
+    @property
+    def decimals(self) -> int:
+        return self._decimals
+
+    @decimals.setter
+    def decimals(self, decimals: int) -> None:
+        self._decimals = decimals
+        self.value = self._value
+
+    @property
+    def minimum(self) -> float:
+        return self._minimum
+
+    @minimum.setter
+    def minimum(self, minimum: float) -> None:
+        self._minimum = minimum
+        self._maximum = max(self._maximum, minimum)
+        self.value = self._value
+
+    @property
+    def maximum(self) -> float:
+        return self._maximum
+
+    @maximum.setter
+    def maximum(self, maximum: float) -> None:
+        self._maximum = maximum
+        self._minimum = min(self._minimum, maximum)
+        self.value = self._value
 
     def read(self) -> float:
         return self.value
@@ -193,7 +317,13 @@ def load_ui(path: str | os.PathLike) -> Widget:
     for element in elements:
         parameter = element.find("property[@name='SlicerParameterName']/string")
         kind = WIDGET_CLASSES.get(element.get("class"), Widget)
-        root.children[element.get("name")] = kind(element.get("name"), None if parameter is None else parameter.text)
+        widget = kind(element.get("name"), None if parameter is None else parameter.text)
+        if kind is SliderWidget:  # the range and decimals the .ui gives the slider
+            for name in ("decimals", "minimum", "maximum"):
+                value = element.find(f"property[@name='{name}']/*")
+                if value is not None:
+                    setattr(widget, name, int(value.text) if name == "decimals" else float(value.text))
+        root.children[element.get("name")] = widget
     return root
 
 
@@ -361,6 +491,29 @@ def _update_gui(wrapper) -> None:
         wrapper._updatingGui = False
 
 
+def sample_data_module() -> types.ModuleType:
+    """Slicer's SampleData module as the module uses it: sources registered, then loaded by name into the scene
+    (from the registered local file, read as Slicer reads a volume)."""
+    import slicer
+
+    from AutoDDPMLib.slicer_bridge.results import read_volume
+
+    module = types.ModuleType("SampleData")
+    sources: dict[str, dict] = {}
+
+    def download(name: str):
+        source = sources[name]
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", source["nodeNames"])
+        read_volume(node, urllib.request.url2pathname(urllib.parse.urlparse(source["uris"]).path))
+        return node
+
+    module.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **kwargs: sources.update(
+        {kwargs["sampleName"]: kwargs}))
+    module.downloadSample = download
+    module.sources = sources
+    return module
+
+
 def install() -> None:
     """Register the stand-ins under the names the module imports."""
     import slicer
@@ -373,6 +526,7 @@ def install() -> None:
         "slicer.i18n": types.ModuleType("slicer.i18n"),
     }
     modules["qt"].QTimer = QTimer
+    modules["qt"].QSettings = QSettings
     modules["qt"].Qt = Qt
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
                  "ScriptedLoadableModuleTest"):

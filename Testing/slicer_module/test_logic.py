@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import standins
-from scene_helpers import add_head_volume, new_scene, segment_voxels
+from scene_helpers import add_head_volume, new_scene, save_and_reopen, segment_voxels
 
 
 def ijk_to_ras(node) -> np.ndarray:
@@ -530,3 +530,89 @@ def test_segmentation_of_a_transformed_input_overlays_it_in_any_order(scene, tmp
     geometry, _ = segmentation_geometry_in_world(segmentation)
     np.testing.assert_allclose(geometry, world_ijk_to_ras(volume), atol=1e-4)
     np.testing.assert_array_equal(segment_points_in_world(segmentation), mask_points_in_world(mask, volume))
+
+
+def test_a_result_saved_with_the_scene_and_reopened_keeps_its_map_threshold_and_origin(
+        scene, logic, tiny_model_with, temp_root, tmp_path) -> None:
+    """Save the scene, open it again: the segmentation still knows its map, threshold, smallest part and origin,
+    and re-thresholds as before."""
+    import slicer
+
+    from AutoDDPM import AutoDDPMLogic
+    from AutoDDPMLib.models.bundle import read_card
+    from AutoDDPMLib.slicer_bridge.results import ResultOrigin
+
+    postprocessing = {"polarity": "bright", "brain_erosion_mm": 2.0, "median_mm": 3.0, "min_component_mm3": 30.0}
+    thresholds = {"mask_tau": 0.05, "anomaly": 0.05, "calibrated": True, "calibration": {"schedule": "fast"},
+                  "postprocessed": {"anomaly": 0.002, "mask_tau": 0.05, "settings": postprocessing}}
+    model = tiny_model_with("pp", postprocessing=postprocessing, thresholds=thresholds, license="CC BY-SA 3.0")
+    volume = add_head_volume(scene, tmp_path)
+    result = logic.process(volume, model=str(model), seed=0)
+    engineThreshold, lowered = result.threshold, 0.5 * result.threshold
+    lower = logic.setThreshold(result, lowered)
+    origin = ResultOrigin(read_card(model).name, "fast", "CC BY-SA 3.0", 0.002)
+    assert ResultOrigin.read(result.segmentation) == origin
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    reopened = save_and_reopen(scene, saved)
+
+    segmentation = reopened.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+    assert AutoDDPMLogic.isAnomalySegmentation(segmentation)
+    assert segmentation.GetNodeReference("AutoDDPM.AnomalyMap").GetName() == result.anomalyMapVolume.GetName()
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    assert segmentation.GetNodeReference(role).GetName() == volume.GetName()
+    assert float(segmentation.GetAttribute("AutoDDPM.Threshold")) == lowered
+    assert float(segmentation.GetAttribute("AutoDDPM.MinComponentMm3")) == 30.0
+    assert ResultOrigin.read(segmentation) == origin
+    assert segment_voxels(segmentation) == lower.voxels
+    # A new Logic (Slicer started again) measures and re-thresholds it as the run's own did.
+    reopenedLogic = AutoDDPMLogic()
+    assert reopenedLogic.measure(segmentation) == lower
+    assert reopenedLogic.setThreshold(segmentation, engineThreshold).voxels == result.engineSummary["anomalous_voxels"]
+    assert segment_voxels(segmentation) == result.engineSummary["anomalous_voxels"]
+
+
+def test_preview_shows_every_voxel_above_and_keeps_the_settled_threshold(finished_run) -> None:
+    import slicer
+
+    logic, result = finished_run["logic"], finished_run["result"]
+    anomaly = slicer.util.arrayFromVolume(result.anomalyMapVolume)
+    try:
+        volume_ml = logic.previewThreshold(result.segmentation, 0.5 * result.threshold)
+        voxels = int((anomaly > 0.5 * result.threshold).sum())
+        assert segment_voxels(result.segmentation) == voxels
+        assert volume_ml == pytest.approx(voxels * float(np.prod(result.anomalyMapVolume.GetSpacing())) / 1000.0)
+        assert float(result.segmentation.GetAttribute("AutoDDPM.Threshold")) == result.threshold
+    finally:
+        logic.setThreshold(result, result.threshold)
+    assert segment_voxels(result.segmentation) == result.engineSummary["anomalous_voxels"]
+
+
+@pytest.mark.parametrize("threshold", [-0.1, float("nan"), float("inf")])
+def test_rethreshold_refuses_what_the_command_line_refuses(finished_run, threshold) -> None:
+    logic, result = finished_run["logic"], finished_run["result"]
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        logic.setThreshold(result, threshold)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        logic.previewThreshold(result.segmentation, threshold)
+    assert segment_voxels(result.segmentation) == result.engineSummary["anomalous_voxels"]
+
+
+def test_a_changed_map_is_thresholded_as_it_is_now(finished_run) -> None:
+    """The map's box is kept between ticks, but not once its voxels change (a new run into the same node)."""
+    import slicer
+
+    logic, result = finished_run["logic"], finished_run["result"]
+    anomaly = slicer.util.arrayFromVolume(result.anomalyMapVolume)
+    before = anomaly.copy()
+    logic.setThreshold(result, result.threshold)
+    try:
+        anomaly[:] = 0
+        anomaly[0, 0, 0] = 1.0  # a corner the old box may not hold
+        slicer.util.arrayFromVolumeModified(result.anomalyMapVolume)
+        assert logic.setThreshold(result.segmentation, 0.5).voxels == segment_voxels(result.segmentation) == 1
+    finally:
+        anomaly[:] = before
+        slicer.util.arrayFromVolumeModified(result.anomalyMapVolume)
+        logic.setThreshold(result.segmentation, result.threshold)
+    assert segment_voxels(result.segmentation) == result.engineSummary["anomalous_voxels"]

@@ -9,12 +9,14 @@ threshold it shows, what it re-thresholds, what it says) is the module's code.
 from __future__ import annotations
 
 import importlib
+import re
 import shutil
 import sys
 import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import standins
 from scene_helpers import add_head_volume, segment_voxels
@@ -53,8 +55,13 @@ def test_panel_starts_with_the_default_model_and_its_threshold(panel) -> None:
 
     parameters = panel._parameterNode
     assert parameters.model == DEFAULT_MODEL
-    assert parameters.threshold == AutoDDPMLogic.calibratedThreshold(None, parameters.schedule)
-    assert panel.ui.thresholdSliderWidget.value == parameters.threshold
+    calibrated = AutoDDPMLogic.calibratedThreshold(None, parameters.schedule)
+    assert parameters.threshold == calibrated
+    # The slider shows it with three significant digits (0.00568, not 0.006), in a range made for it.
+    slider = panel.ui.thresholdSliderWidget
+    assert slider.value == float(f"{calibrated:.3g}") and slider.singleStep == 10.0 ** -slider.decimals
+    assert slider.minimum == 0 and calibrated < slider.maximum <= 20 * calibrated
+    assert f"{calibrated:.3g}" in panel.ui.resetThresholdButton.text and panel.ui.resetThresholdButton.enabled
     assert Path(panel.ui.modelComboBox.itemData(panel.ui.modelComboBox.currentIndex)).name == DEFAULT_MODEL
     assert panel.ui.applyButton.text == "Apply" and not panel.ui.applyButton.enabled  # no input volume yet
     assert panel.ui.statusLabel.text == ""
@@ -101,6 +108,14 @@ def test_a_broken_install_shows_a_message_in_a_working_panel(make_panel, scene, 
     assert panel._parameterNode.model == str(tiny_model) and panel._parameterNode.threshold == 0.05
 
 
+def settle(panel) -> None:
+    """Let the slider rest: Qt's event loop runs the panel's timer, as it does once the user stops moving it."""
+    from AutoDDPM import SETTLE_MSEC
+
+    standins.process_events(2 * SETTLE_MSEC / 1000.0)
+    assert not panel._settleTimer.isActive()
+
+
 def choose_model(panel, folder: Path) -> None:
     """The user picks a model in the combo box (a folder loaded before, or a bundled model)."""
     panel.selectModel(str(folder))
@@ -144,9 +159,11 @@ def test_a_new_model_or_schedule_leaves_the_results_as_their_run_made_them(panel
     panel.initializeParameterNode()
     assert slider.value == parameters.threshold != 0.5
     assert as_made() == made
-    # The user moving the slider re-thresholds the result, live.
+    # The user moving the slider re-thresholds the result, live: once the slider rests, it is the engine's mask.
     slider.value = 0.01
-    assert float(segmentation.GetAttribute("AutoDDPM.Threshold")) == parameters.threshold == 0.01
+    assert parameters.threshold == 0.01 and segment_voxels(segmentation) > made[1]
+    settle(panel)
+    assert float(segmentation.GetAttribute("AutoDDPM.Threshold")) == 0.01
     assert segment_voxels(segmentation) > made[1]
     assert "0.01" in panel.ui.summaryLabel.text
 
@@ -196,3 +213,143 @@ def test_reload_runs_autoddpmlib_again(panel, loaded_modules) -> None:
     with pytest.warns(DeprecationWarning, match="moved to AutoDDPMLib.models.bundle"):
         assert importlib.import_module("AutoDDPMLib.bundle") is lib["AutoDDPMLib.models.bundle"]
     assert [type(finder).__module__ for finder in sys.meta_path].count("AutoDDPMLib.legacy_paths") == 1
+
+
+POSTPROCESSING = {"polarity": "bright", "brain_erosion_mm": 2.0, "median_mm": 3.0, "min_component_mm3": 30.0}
+
+
+@pytest.fixture()
+def postprocessed_model(tiny_model_with) -> Path:
+    """The tiny model with the post-processing of the shipped ones (parts under 30 mm^3 dropped) and a threshold
+    calibrated on its post-processed map."""
+    thresholds = {"mask_tau": 0.05, "anomaly": 0.05, "calibrated": True, "calibration": {"schedule": "fast"},
+                  "postprocessed": {"anomaly": 0.002, "mask_tau": 0.05, "settings": POSTPROCESSING}}
+    return tiny_model_with("pp", postprocessing=POSTPROCESSING, thresholds=thresholds,
+                           license="CC BY-NC-SA 4.0 (non-commercial)")
+
+
+def run_in_panel(panel, scene, folder: Path, model: Path):
+    """Apply as the panel runs it (the Logic, then the panel takes the result); returns the result."""
+    choose_model(panel, model)
+    parameters = panel._parameterNode
+    parameters.inputVolume = add_head_volume(scene, folder)
+    result = panel.logic.process(parameters.inputVolume, model=parameters.model, threshold=parameters.threshold)
+    panel.onProcessingCompleted(result)
+    return result
+
+
+def engine_mask(anomaly: np.ndarray, spacing, threshold: float) -> np.ndarray:
+    """The command line's mask of a post-processed map (detection.map_filters, what `autoddpm run` writes)."""
+    from AutoDDPMLib.detection.map_filters import anomaly_mask
+    from AutoDDPMLib.detection.postprocessing import PostProcessing
+
+    return anomaly_mask(anomaly, threshold, spacing, PostProcessing.from_dict(POSTPROCESSING))
+
+
+def test_a_slider_tick_thresholds_at_once_and_the_resting_slider_gives_the_engines_mask(
+        panel, scene, postprocessed_model, temp_root, tmp_path) -> None:
+    import slicer
+
+    result = run_in_panel(panel, scene, tmp_path, postprocessed_model)
+    anomaly = slicer.util.arrayFromVolume(result.anomalyMapVolume)
+    spacing = result.anomalyMapVolume.GetSpacing()
+    slider, segmentation = panel.ui.thresholdSliderWidget, result.segmentation
+    # A threshold the slider can show, where the map has parts smaller than the model keeps.
+    quantiles = np.quantile(anomaly[anomaly > 0], [0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+    candidates = [round(float(t), slider.decimals) for t in quantiles]
+    threshold = next(t for t in candidates if engine_mask(anomaly, spacing, t).sum() < (anomaly > t).sum())
+    slider.value = threshold
+    # The tick: every voxel above the threshold, at once; the stored threshold is still the settled one.
+    assert segment_voxels(segmentation) == int((anomaly > threshold).sum())
+    assert float(segmentation.GetAttribute("AutoDDPM.Threshold")) == result.threshold
+    assert "parts are counted when the slider rests" in panel.ui.summaryLabel.text
+    # At rest: the command line's mask at that threshold, measured.
+    settle(panel)
+    expected = engine_mask(anomaly, spacing, threshold)
+    assert 0 < segment_voxels(segmentation) == int(expected.sum())
+    assert float(segmentation.GetAttribute("AutoDDPM.Threshold")) == threshold
+    summary = panel.logic.measure(segmentation)
+    assert summary.voxels == int(expected.sum()) and f"{threshold:.3g}" in panel.ui.summaryLabel.text
+    assert f"{summary.components} part(s)" in panel.ui.summaryLabel.text
+    # Ticks in a row settle once, at the last value.
+    for value in (2 * threshold, 1.5 * threshold, threshold):
+        slider.value = value
+    settle(panel)
+    assert segment_voxels(segmentation) == int(expected.sum())
+
+
+def test_the_slider_follows_the_map_and_one_click_returns_to_the_calibrated_threshold(
+        panel, scene, postprocessed_model, temp_root, tmp_path) -> None:
+    import slicer
+
+    result = run_in_panel(panel, scene, tmp_path, postprocessed_model)
+    engine_voxels = result.engineSummary["anomalous_voxels"]
+    anomaly = slicer.util.arrayFromVolume(result.anomalyMapVolume)
+    slider, reset = panel.ui.thresholdSliderWidget, panel.ui.resetThresholdButton
+    # The range spans the map's values, not 0..1; the calibrated 0.002 shows as 0.00200 and is marked on the button.
+    assert slider.minimum == 0 and 2 * 0.002 <= slider.maximum <= float(anomaly.max()) + slider.singleStep
+    assert slider.decimals == 5 and slider.singleStep == 1e-5 and slider.value == 0.002
+    assert "0.002" in reset.text and reset.enabled
+    # Elsewhere, then one click back: the engine's own mask again.
+    slider.value = slider.maximum / 2
+    settle(panel)
+    assert segment_voxels(result.segmentation) != engine_voxels
+    reset.emit("clicked(bool)", False)
+    assert panel._parameterNode.threshold == 0.002 and slider.value == 0.002
+    assert segment_voxels(result.segmentation) == engine_voxels
+    assert float(result.segmentation.GetAttribute("AutoDDPM.Threshold")) == 0.002
+    assert not panel._settleTimer.isActive()
+
+
+def test_a_non_commercial_model_is_acknowledged_once_before_its_first_run(
+        panel, scene, postprocessed_model, temp_root, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apply as the user presses it: the licence question, the run in the background with its timing, the result
+    with what made it."""
+    import slicer
+
+    monkeypatch.setattr(slicer, "app", standins.Application(str(temp_root)), raising=False)
+    monkeypatch.setattr(standins.QSettings, "values", {})
+    questions, answers = [], [False, True]
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
+                        lambda text, windowTitle=None, **kwargs: questions.append(text) or answers.pop(0))
+    choose_model(panel, postprocessed_model)
+    parameters = panel._parameterNode
+    parameters.inputVolume = add_head_volume(scene, tmp_path)
+    assert "CC BY-NC-SA 4.0" in panel.ui.modelInfoLabel.text
+    # Declined: nothing runs, the panel says why.
+    panel.onApplyButton()
+    assert len(questions) == 1 and "non-commercial purposes only" in questions[0]
+    assert not panel.logic.isRunning and "not acknowledged" in panel.ui.statusLabel.text
+    # Accepted: it runs; the progress bar shows the elapsed time and, once the rate is known, what is left.
+    formats = []
+    onProgress = panel.onProgress
+    monkeypatch.setattr(panel, "onProgress", lambda event: (onProgress(event), formats.append(panel.ui.progressBar.format)))
+    panel.onApplyButton()
+    assert len(questions) == 2 and panel.logic.isRunning
+    while panel.logic.isRunning:
+        standins.process_events()
+    assert any("elapsed" in text for text in formats)
+    assert any(re.search(r"\d+:\d\d elapsed, about \d+:\d\d left", text) for text in formats)
+    # The result says what made it; the licence is remembered, the next run asks nothing.
+    segmentation = parameters.outputSegmentation
+    assert segmentation is not None and segment_voxels(segmentation) > 0
+    info = panel.ui.resultInfoLabel.text
+    assert "fast schedule" in info and "CC BY-NC-SA 4.0" in info and "0.002" in info
+    assert "tiny" in info or postprocessed_model.name in info
+    panel.onApplyButton()
+    assert len(questions) == 2
+    while panel.logic.isRunning:
+        standins.process_events()
+    assert slicer.app.overrideCursors == 0
+
+
+def test_the_console_api_says_the_license_and_does_not_ask(
+        logic, scene, postprocessed_model, temp_root, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    volume = add_head_volume(scene, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        result = logic.process(volume, model=str(postprocessed_model))
+    assert result.state == "done"
+    assert any("non-commercial purposes only" in record.getMessage() and record.levelno == logging.WARNING
+               for record in caplog.records)

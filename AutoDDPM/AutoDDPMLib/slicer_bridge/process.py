@@ -216,3 +216,36 @@ class EngineProcess:
             reader.join(timeout=5)
         for stream in (self.process.stdout, self.process.stderr):
             stream.close()
+
+
+class RunClock:
+    """Elapsed time of a run and an estimate of what is left, from the engine's progress fractions.
+
+    The estimate starts from the first progress event, not from the start: loading PyTorch and the model takes
+    seconds that say nothing about the rate at which the slices go.
+    """
+
+    def __init__(self, now: float) -> None:
+        self.started = now
+        self._first: Optional[tuple[float, float]] = None  # (time, fraction) of the first progress event
+
+    def elapsed(self, now: float) -> float:
+        return now - self.started
+
+    def remaining(self, now: float, fraction: float) -> Optional[float]:
+        """Seconds left at ``fraction`` done (None until the rate is known)."""
+        if self._first is None:
+            self._first = (now, fraction)
+            return None
+        first_time, first_fraction = self._first
+        if fraction <= first_fraction or now <= first_time:
+            return None
+        rate = (fraction - first_fraction) / (now - first_time)
+        return max(0.0, (1.0 - fraction) / rate)
+
+
+def format_duration(seconds: float) -> str:
+    """``m:ss`` (or ``h:mm:ss`` from an hour on) for the panel."""
+    seconds = int(round(max(seconds, 0.0)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

@@ -29,6 +29,12 @@ ANOMALY_MAP_REFERENCE = "AutoDDPM.AnomalyMap"
 THRESHOLD_ATTRIBUTE = "AutoDDPM.Threshold"
 # The run's smallest kept part in mm^3 (the model card's post-processing), so re-thresholding drops the same parts.
 MIN_COMPONENT_ATTRIBUTE = "AutoDDPM.MinComponentMm3"
+# What made the result, kept with it (a change of model in the panel is for the next run, not for this result):
+# the model's name, its licence, the schedule, and the threshold calibrated for them ("Reset to calibrated").
+MODEL_ATTRIBUTE = "AutoDDPM.Model"
+LICENSE_ATTRIBUTE = "AutoDDPM.License"
+SCHEDULE_ATTRIBUTE = "AutoDDPM.Schedule"
+CALIBRATED_THRESHOLD_ATTRIBUTE = "AutoDDPM.CalibratedThreshold"
 
 # DICOM terminology of the segment: a morphologically altered structure of
 # type "lesion" in the brain; Slicer shows it in the segment's terminology box.
@@ -54,6 +60,32 @@ class AnomalySummary:
     largest_component_ml: float
 
 
+@dataclass(frozen=True)
+class ResultOrigin:
+    """What made an AutoDDPM result: kept as attributes of its segmentation, so saved and reopened with the scene."""
+
+    model: str
+    schedule: str
+    license: str
+    calibrated_threshold: float
+
+    def store(self, segmentation: "slicer.vtkMRMLSegmentationNode") -> None:
+        segmentation.SetAttribute(MODEL_ATTRIBUTE, self.model)
+        segmentation.SetAttribute(SCHEDULE_ATTRIBUTE, self.schedule)
+        segmentation.SetAttribute(LICENSE_ATTRIBUTE, self.license)
+        segmentation.SetAttribute(CALIBRATED_THRESHOLD_ATTRIBUTE, repr(float(self.calibrated_threshold)))
+
+    @staticmethod
+    def read(segmentation: "slicer.vtkMRMLSegmentationNode") -> "ResultOrigin | None":
+        """The origin stored on ``segmentation``; None for a result made before origins were kept."""
+        calibrated = segmentation.GetAttribute(CALIBRATED_THRESHOLD_ATTRIBUTE)
+        if calibrated is None:
+            return None
+        return ResultOrigin(segmentation.GetAttribute(MODEL_ATTRIBUTE) or "?",
+                            segmentation.GetAttribute(SCHEDULE_ATTRIBUTE) or "?",
+                            segmentation.GetAttribute(LICENSE_ATTRIBUTE) or "?", float(calibrated))
+
+
 def summarize(mask: np.ndarray, spacing: Iterable[float], threshold: float) -> AnomalySummary:
     """Measure a binary mask; ``spacing`` in mm, connectivity 26 (voxels touching at a corner are one part)."""
     from scipy import ndimage
@@ -67,14 +99,6 @@ def summarize(mask: np.ndarray, spacing: Iterable[float], threshold: float) -> A
         labels, components = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
         largest = int(np.bincount(labels.ravel())[1:].max())
     return AnomalySummary(float(threshold), voxels, voxels * voxel_ml, int(components), largest * voxel_ml)
-
-
-def threshold_map(anomaly: np.ndarray, spacing: Iterable[float], threshold: float, min_component_mm3: float) -> np.ndarray:
-    """The mask the engine makes of its map: above ``threshold``, without parts smaller than ``min_component_mm3``."""
-    # Imported here: it loads torch, which the module only needs once the engine has made a result.
-    from ..detection.map_filters import remove_small_components
-
-    return remove_small_components(np.asarray(anomaly) > threshold, list(spacing), min_component_mm3)
 
 
 def volume_array(node: "slicer.vtkMRMLScalarVolumeNode") -> np.ndarray:
@@ -195,9 +219,13 @@ def prepare_segmentation(segmentation: "slicer.vtkMRMLSegmentationNode", referen
 
 
 def set_segment_mask(segmentation: "slicer.vtkMRMLSegmentationNode", mask: np.ndarray,
-                     reference: "slicer.vtkMRMLScalarVolumeNode") -> None:
+                     reference: "slicer.vtkMRMLScalarVolumeNode", start: tuple[int, int, int] = (0, 0, 0)) -> None:
     """Replace the Anomaly segment's voxels with ``mask`` ([k, j, i] on ``reference``'s grid as stored, which is the
-    segmentation's own coordinates once :func:`prepare_segmentation` has put it under ``reference``'s transform)."""
+    segmentation's own coordinates once :func:`prepare_segmentation` has put it under ``reference``'s transform).
+
+    ``mask`` may be a box of that grid whose first voxel is ``start`` (k, j, i): the segment is then empty outside
+    the box, and writing it costs the box's size, not the volume's.
+    """
     import slicer
     import vtk
     from vtk.util import numpy_support
@@ -206,9 +234,11 @@ def set_segment_mask(segmentation: "slicer.vtkMRMLSegmentationNode", mask: np.nd
     reference.GetIJKToRASMatrix(matrix)
     labelmap = slicer.vtkOrientedImageData()
     labelmap.SetImageToWorldMatrix(matrix)
-    labelmap.SetDimensions(*reference.GetImageData().GetDimensions())
+    (k0, j0, i0), (nk, nj, ni) = start, np.shape(mask)
+    labelmap.SetExtent(i0, i0 + ni - 1, j0, j0 + nj - 1, k0, k0 + nk - 1)
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (np.asarray(mask) > 0).ravel()
+    if labelmap.GetNumberOfPoints():
+        numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (np.asarray(mask) > 0).ravel()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation, SEGMENT_ID, logic.MODE_REPLACE):
         raise RuntimeError(f"could not update segment {SEGMENT_ID} of {segmentation.GetName()}")
