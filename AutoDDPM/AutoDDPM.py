@@ -641,7 +641,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addLog(_("'{name}': how much the anomaly map varies over {repeats} runs with different seeds "
                           "(standard deviation per voxel).").format(name=result.spreadVolume.GetName(),
                                                                     repeats=result.engineSummary.get("repeats")))
-        self.updateSummary()
+        self.updateSummary(result.summary)
 
     def onThresholdChanged(self, value: float) -> None:
         """The user moves the slider: the selected result shows the voxels above it at once (a tick has to be quick);
@@ -664,9 +664,9 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return  # nothing shown only, or its segmentation deleted meanwhile
         segmentation, threshold = pending
         with slicer.util.tryWithErrorDisplay(_("Re-thresholding failed.")):
-            self.logic.setThreshold(segmentation, threshold)
+            summary = self.logic.setThreshold(segmentation, threshold)
         if segmentation is self.currentResult():
-            self.updateSummary()
+            self.updateSummary(summary)
 
     def onResetThreshold(self) -> None:
         """Back to the calibrated threshold: the selected result is re-thresholded there at once."""
@@ -678,22 +678,26 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pendingThreshold = None
         with self.thresholdShownOnly():
             self._parameterNode.threshold = calibrated
+        summary = None
         if segmentation is not None:
             with slicer.util.tryWithErrorDisplay(_("Re-thresholding failed.")):
-                self.logic.setThreshold(segmentation, calibrated)
-        self.updateSummary()
+                summary = self.logic.setThreshold(segmentation, calibrated)
+        self.updateSummary(summary)
 
     def onResultSelected(self, node) -> None:
         self.updateThresholdSlider()
         self.updateSummary()
 
-    def updateSummary(self, node=None) -> None:
-        """The selected result's size at its threshold, and what made it: model, schedule, thresholds, licence."""
+    def updateSummary(self, summary: Optional[AnomalySummary] = None) -> None:
+        """The selected result's size at its threshold, and what made it: model, schedule, thresholds, licence.
+
+        summary: the result's, when the caller has just made it (measuring again would label the mask again).
+        """
         segmentation = self.currentResult()
         if segmentation is None:
             self.ui.summaryLabel.text = self.ui.resultInfoLabel.text = ""
             return
-        self.ui.summaryLabel.text = AutoDDPMLogic.summaryText(self.logic.measure(segmentation))
+        self.ui.summaryLabel.text = AutoDDPMLogic.summaryText(summary or self.logic.measure(segmentation))
         origin = ResultOrigin.read(segmentation)
         if origin is None:
             self.ui.resultInfoLabel.text = ""

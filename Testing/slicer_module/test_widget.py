@@ -353,3 +353,35 @@ def test_the_console_api_says_the_license_and_does_not_ask(
     assert result.state == "done"
     assert any("non-commercial purposes only" in record.getMessage() and record.levelno == logging.WARNING
                for record in caplog.records)
+
+
+def test_a_saved_and_reopened_scene_shows_its_result_in_the_panel_and_rethresholds_it(
+        make_panel, scene, postprocessed_model, temp_root, tmp_path) -> None:
+    import slicer
+
+    from scene_helpers import save_and_reopen
+
+    panel = make_panel()
+    result = run_in_panel(panel, scene, tmp_path, postprocessed_model)
+    info, engine_voxels = panel.ui.resultInfoLabel.text, result.engineSummary["anomalous_voxels"]
+    assert "Made by model" in info and "fast schedule" in info
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    panel.onSceneStartClose(None, None)
+    reopened = save_and_reopen(scene, saved)
+
+    # Slicer started again on the saved scene: a new panel finds the result through the parameter node.
+    panel = make_panel()
+    segmentation = panel.ui.outputSegmentationSelector.currentNode()
+    assert segmentation is not None and segmentation.GetScene() is reopened
+    assert panel.currentResult() is segmentation and panel.ui.resultInfoLabel.text == info
+    assert "0.002" in panel.ui.resetThresholdButton.text and panel.ui.thresholdSliderWidget.maximum < 1
+    anomaly = slicer.util.arrayFromVolume(segmentation.GetNodeReference("AutoDDPM.AnomalyMap"))
+    threshold = round(0.5 * result.threshold, panel.ui.thresholdSliderWidget.decimals)
+    panel.ui.thresholdSliderWidget.value = threshold
+    assert segment_voxels(segmentation) == int((anomaly > threshold).sum())
+    settle(panel)
+    expected = engine_mask(anomaly, segmentation.GetNodeReference("AutoDDPM.AnomalyMap").GetSpacing(), threshold)
+    assert segment_voxels(segmentation) == int(expected.sum())
+    panel.ui.resetThresholdButton.emit("clicked(bool)", False)
+    assert segment_voxels(segmentation) == engine_voxels
