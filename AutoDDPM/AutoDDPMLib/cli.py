@@ -56,9 +56,9 @@ def _load_engine(args: argparse.Namespace, settings: RunSettings, reporter: Repo
                       batch_size=args.batch_size, threshold=args.threshold, backend=args.backend,
                       postprocess=args.postprocess)
     seconds = time.perf_counter() - started
-    license = str(engine.card.data.get("license", ""))
-    if _NON_COMMERCIAL.search(license) and ranks.is_first:
-        print(f"autoddpm: note: model {engine.card.name} is licensed {license}: its results are not for commercial use",
+    licence = str(engine.card.data.get("license", ""))
+    if _NON_COMMERCIAL.search(licence) and ranks.is_first:
+        print(f"autoddpm: note: model {engine.card.name} is licensed {licence}: its results are not for commercial use",
               file=sys.stderr)
     return engine, RunContext(settings, args.command_line, seconds, ranks.rank, ranks.world)
 
