@@ -221,6 +221,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._settleTimer = None
         self._pendingThreshold: Optional[tuple[vtkMRMLSegmentationNode, float]] = None  # shown, not yet settled
         self._clock: Optional[RunClock] = None  # of the run in progress
+        self._stage = ""  # the engine's stage, as the progress bar names it
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -540,7 +541,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.clear()
             self.ui.statusLabel.text = _("Running...")
             self.setRunning(True)
-            self._clock = RunClock(time.monotonic())
+            self._clock, self._stage = RunClock(time.monotonic()), ""
             try:
                 self.logic.process(
                     parameters.inputVolume,
@@ -561,6 +562,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.setRunning(False)
                 self.ui.statusLabel.text = _("Failed.")
                 raise
+            self.tickClock(self._clock)
 
     def onProgress(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -574,25 +576,33 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = int(round(100 * fraction))
             stage = {"reading": _("Reading"), "mask": _("Masking"), "resample": _("Re-sampling"),
                      "writing": _("Writing")}.get(event.get("stage"), event.get("stage", ""))
-            self.ui.progressBar.format = f"{stage}: %p% ({self.timingText(fraction)})"
+            self._clock.progress(time.monotonic(), fraction)
+            self._stage = stage
+            self.showTiming()
             if event.get("message"):
                 self.ui.statusLabel.text = event["message"]
         elif kind == "warning":
             self.addLog(_("Warning: {message}").format(message=event.get("message", "")))
         elif kind == "done":
             self.ui.progressBar.value = 100
-            self.ui.progressBar.format = _("Loading results...")
+            self._stage = _("Loading results")
+            self.showTiming()
 
-    def timingText(self, fraction: float) -> str:
-        """Elapsed time of the run, and an estimate of what is left once the engine's rate is known."""
-        if self._clock is None:
-            return ""
+    def showTiming(self) -> None:
+        """The stage, the fraction done, the elapsed time and what is left, in the progress bar."""
         now = time.monotonic()
-        elapsed = format_duration(self._clock.elapsed(now))
-        remaining = self._clock.remaining(now, fraction)
-        if remaining is None:
-            return _("{elapsed} elapsed").format(elapsed=elapsed)
-        return _("{elapsed} elapsed, about {remaining} left").format(elapsed=elapsed, remaining=format_duration(remaining))
+        timing = _("{elapsed} elapsed").format(elapsed=format_duration(self._clock.elapsed(now)))
+        remaining = self._clock.remaining(now)
+        if remaining is not None:
+            timing += ", " + _("about {remaining} left").format(remaining=format_duration(remaining))
+        self.ui.progressBar.format = f"{self._stage}: %p% ({timing})" if self._stage else _("Starting...") + f" ({timing})"
+
+    def tickClock(self, clock: RunClock) -> None:
+        """Once a second while ``clock``'s run goes on: the time shown moves between the engine's progress events."""
+        if self._clock is not clock:
+            return  # that run is over
+        self.showTiming()
+        qt.QTimer.singleShot(1000, lambda: self.tickClock(clock))
 
     def acknowledgeLicense(self) -> bool:
         """Before the first run of a model whose licence forbids commercial use, the user acknowledges it.

@@ -12,8 +12,10 @@ import pytest
 from AutoDDPMLib.slicer_bridge.process import (
     MODULE_DIR,
     EngineProcess,
+    RunClock,
     engine_command,
     engine_environment,
+    format_duration,
     input_file_name,
     make_temp_dir,
     parse_event,
@@ -121,3 +123,22 @@ def test_summary_in_millilitres_and_largest_part() -> None:
     assert (summary.voxels, summary.components) == (14, 2)
     assert summary.volume_ml == pytest.approx(14 / 1000) and summary.largest_component_ml == pytest.approx(10 / 1000)
     assert summarize(np.zeros((2, 2, 2)), (1, 1, 1), 0.1).largest_component_ml == 0
+
+
+def test_the_run_clock_estimates_from_the_rate_after_start_up_and_counts_down_between_events() -> None:
+    clock = RunClock(now=100.0)
+    # Start-up (PyTorch, the model) takes 20 s and says nothing about the rate: no estimate at the first event.
+    clock.progress(120.0, 0.05)
+    assert clock.remaining(120.0) is None and clock.elapsed(125.0) == 25.0
+    # 10% more in 10 s: 85% left is 85 s, counting down until the next event.
+    clock.progress(130.0, 0.15)
+    assert clock.remaining(130.0) == pytest.approx(85.0)
+    assert clock.remaining(140.0) == pytest.approx(75.0)
+    assert clock.remaining(1000.0) == 0.0
+    clock.progress(150.0, 0.35)  # faster now: 30% in 30 s overall
+    assert clock.remaining(150.0) == pytest.approx(65.0)
+
+
+def test_durations_read_as_clocks() -> None:
+    assert [format_duration(s) for s in (0, 59.4, 61, 3599, 3600, 7322, -3)] == [
+        "0:00", "0:59", "1:01", "59:59", "1:00:00", "2:02:02", "0:00"]

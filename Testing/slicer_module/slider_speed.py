@@ -78,9 +78,9 @@ def make_map(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return np.where(inside, values, 0).astype(np.float32)
 
 
-def milliseconds(action) -> float:
+def milliseconds(action, *args) -> float:
     started = time.perf_counter()
-    action()
+    action(*args)
     return 1000.0 * (time.perf_counter() - started)
 
 
@@ -106,15 +106,16 @@ def measure(shape: tuple[int, int, int]) -> list[tuple[str, str, list[float]]]:
     rows = []
     before(CALIBRATED)  # warm-up: imports, first allocations
     rows.append(("before", "whole map thresholded, parts dropped and counted at each tick",
-                 [milliseconds(lambda: before(t)) for t in thresholds]))
-    first = milliseconds(lambda: logic.previewThreshold(segmentation, CALIBRATED))
-    rows.append(("tick", "threshold in the searched region's box", [milliseconds(lambda: logic.previewThreshold(segmentation, t))
-                                                                    for t in thresholds]))
+                 [milliseconds(before, t) for t in thresholds]))
+    first = milliseconds(logic.previewThreshold, segmentation, CALIBRATED)
+    rows.append(("tick", "threshold in the searched region's box",
+                 [milliseconds(logic.previewThreshold, segmentation, t) for t in thresholds]))
     rows.append(("tick, new map", "the first tick on a map also finds its box", [first]))
-    rows.append(("at rest", "small parts dropped and counted, once", [milliseconds(lambda: logic.setThreshold(segmentation, t))
-                                                                      for t in thresholds[::3]]))
-    rows.append(("range", "slider range when a result is selected", [milliseconds(lambda: slider_settings(
-        map_box(volume_array(mapNode)), CALIBRATED, CALIBRATED)) for _ in range(3)]))
+    rows.append(("at rest", "small parts dropped and counted, once",
+                 [milliseconds(logic.setThreshold, segmentation, t) for t in thresholds[::3]]))
+    rows.append(("range", "slider range when a result is selected",
+                 [milliseconds(lambda: slider_settings(map_box(volume_array(mapNode)), CALIBRATED, CALIBRATED))
+                  for _ in range(3)]))
     summary = logic.setThreshold(segmentation, CALIBRATED)
     rows.append(("(map)", f"{summary.components} parts, {summary.volume_ml:.1f} mL at the calibrated threshold; "
                           f"box {'x'.join(str(s.stop - s.start) for s in logic.mapBox(mapNode).box)}", []))

@@ -221,27 +221,35 @@ class EngineProcess:
 class RunClock:
     """Elapsed time of a run and an estimate of what is left, from the engine's progress fractions.
 
-    The estimate starts from the first progress event, not from the start: loading PyTorch and the model takes
-    seconds that say nothing about the rate at which the slices go.
+    The rate is measured from the first progress event, not from the start: loading PyTorch and the model takes
+    seconds that say nothing about how fast the slices go. Between events the estimate counts down, so a panel that
+    shows it every second stays right while a slow schedule works on one batch.
     """
 
     def __init__(self, now: float) -> None:
         self.started = now
         self._first: Optional[tuple[float, float]] = None  # (time, fraction) of the first progress event
+        self._estimate: Optional[tuple[float, float]] = None  # (time, seconds left then) at the last event
+
+    def progress(self, now: float, fraction: float) -> None:
+        """The engine reports ``fraction`` done at ``now``."""
+        if self._first is None:
+            self._first = (now, fraction)
+            return
+        first_time, first_fraction = self._first
+        if fraction > first_fraction and now > first_time:
+            rate = (fraction - first_fraction) / (now - first_time)
+            self._estimate = (now, (1.0 - fraction) / rate)
 
     def elapsed(self, now: float) -> float:
         return now - self.started
 
-    def remaining(self, now: float, fraction: float) -> Optional[float]:
-        """Seconds left at ``fraction`` done (None until the rate is known)."""
-        if self._first is None:
-            self._first = (now, fraction)
+    def remaining(self, now: float) -> Optional[float]:
+        """Seconds left (None until the rate is known)."""
+        if self._estimate is None:
             return None
-        first_time, first_fraction = self._first
-        if fraction <= first_fraction or now <= first_time:
-            return None
-        rate = (fraction - first_fraction) / (now - first_time)
-        return max(0.0, (1.0 - fraction) / rate)
+        at, left = self._estimate
+        return max(0.0, left - (now - at))
 
 
 def format_duration(seconds: float) -> str:
