@@ -12,7 +12,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shlex
 import sys
 import time
@@ -29,6 +28,7 @@ from .diffusion.sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .errors import AutoDDPMError
 from .models.fit_checks import SLICE_LEVELS
 from .progress import Reporter, make_reporter
+from .slicer_bridge.licences import is_non_commercial
 
 # What `autoddpm demo` runs, by the model's modality: a real LGG patient for FLAIR; for T1, the paper's
 # setting, one IXI subject's mid-axial slice with a synthetic lesion of each size (tools/make_t1_samples.py).
@@ -36,8 +36,6 @@ DEMO_SAMPLES = {
     "FLAIR": ["TCGA_LGG_FLAIR.nii.gz"],
     "T1": [f"IXI_T1_midaxial_{size}.nii.gz" for size in ("small", "medium", "large")],
 }
-# Creative Commons' NC element, or the words themselves.
-_NON_COMMERCIAL = re.compile(r"\bNC\b|non-?commercial", re.IGNORECASE)
 
 
 def _settings(args: argparse.Namespace) -> RunSettings:
@@ -57,7 +55,7 @@ def _load_engine(args: argparse.Namespace, settings: RunSettings, reporter: Repo
                       postprocess=args.postprocess)
     seconds = time.perf_counter() - started
     licence = str(engine.card.data.get("license", ""))
-    if _NON_COMMERCIAL.search(licence) and ranks.is_first:
+    if is_non_commercial(licence) and ranks.is_first:
         print(f"autoddpm: note: model {engine.card.name} is licensed {licence}: its results are not for commercial use",
               file=sys.stderr)
     return engine, RunContext(settings, args.command_line, seconds, ranks.rank, ranks.world)
