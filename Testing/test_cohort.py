@@ -134,6 +134,10 @@ def test_resume_skips_what_was_done_with_the_same_settings(tiny_model, tiny_mode
     assert main([*run, "--seed", "1", "--resume", "--progress", "bar"]) == 0
     assert "loading model" not in capfd.readouterr().err
     assert [row["status"] for row in summary(out)] == ["skipped"] * 3
+    assert main([*run, "--seed", "1", "--resume", "--progress", "json"]) == 0
+    events = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+    assert [(event["event"], Path(event.get("input", "")).name) for event in events] == [
+        ("skipped", "p1.nii.gz"), ("skipped", "p2.nii.gz"), ("skipped", "p3.nii.gz"), ("finished", "")]
 
 
 def test_summary_lists_every_input_of_a_cohort(tiny_model, tmp_path, capfd):
