@@ -209,3 +209,15 @@ def test_run_settings_choose_the_thresholds_the_engine_runs_with(model, options)
     engine = AutoDDPM(model, device="cpu", backend="torch", **options)
     assert (settings.threshold, settings.mask_tau) == (engine.threshold, engine.pipeline.mask_threshold)
     assert settings.postprocessing == engine.postprocessing.to_dict()
+
+
+def test_overwrite_leaves_no_output_of_the_earlier_run_behind(tiny_model, head_volume, tmp_path):
+    out = tmp_path / "out"
+    run = ["run", str(head_volume), "--output-dir", str(out), "--model", str(tiny_model), "--progress", "none"]
+    assert main([*run, "--repeats", "2"]) == 0
+    assert (out / "head_spread.nii.gz").is_file()
+    assert main([*run, "--overwrite"]) == 0
+    # The spread came with the two repeats: beside a single run's outputs it would describe them wrongly.
+    assert sorted(path.name for path in out.iterdir()) == ["head_anomaly.nii.gz", "head_autoddpm.json",
+                                                           "head_mask.nii.gz", "head_pseudohealthy.nii.gz"]
+    assert json.loads((out / "head_autoddpm.json").read_text())["settings"]["repeats"] == 1

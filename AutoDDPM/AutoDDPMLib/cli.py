@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .cohort.earlier_runs import earlier_outputs, settle_earlier_outputs
-from .cohort.output_files import OUTPUT_SUFFIXES, output_path, sidecar_path
+from .cohort.output_files import OUTPUT_SUFFIXES, output_path, remove_other_outputs, sidecar_path
 from .cohort.ranks import Ranks
 from .cohort.run_record import NIFTI_DESCRIPTION_KEY, RunContext, RunSettings, record_bytes, run_record
 from .cohort.summary import SummaryRow, write_summary
@@ -127,8 +127,10 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, r
                 # Created only now, so that a run that fails before its first result leaves no empty folder.
                 make_output_dir(output_dir)
                 # The sidecar lands last: where it is, the outputs it lists are too.
-                write_outputs_atomically({**{outputs[key]: images[key] for key in outputs},
-                                          sidecar_path(output_dir, stem).resolve(): record_bytes(record)})
+                files = {**{outputs[key]: images[key] for key in outputs},
+                         sidecar_path(output_dir, stem).resolve(): record_bytes(record)}
+                write_outputs_atomically(files)
+                remove_other_outputs(output_dir, stem, list(files))
                 reporter.done(path, outputs, engine, result)
             done[path] = {"outputs": outputs, "result": result, "image": image}
             rows.append(SummaryRow(path.name, "ok", "", result.anomalous_volume_ml, result.slices, result.seconds,

@@ -26,3 +26,10 @@ def existing_outputs(folder: Path, stem: str) -> list[str]:
     """The names of the files an earlier run wrote for the input named ``stem`` that are in ``folder``."""
     names = [f"{stem}{suffix}" for suffix in (*OUTPUT_SUFFIXES.values(), SIDECAR_SUFFIX)]
     return [name for name in names if (folder / name).exists()]
+
+
+def remove_other_outputs(folder: Path, stem: str, kept: list[Path]) -> None:
+    """Removes what an earlier run wrote for ``stem`` that the files ``kept`` (this run's) did not replace, e.g.
+    its spread when it had --repeats and this run has not: it would sit beside them as if made with them."""
+    for name in set(existing_outputs(folder, stem)) - {path.name for path in kept}:
+        (folder / name).unlink(missing_ok=True)
