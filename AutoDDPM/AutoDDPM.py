@@ -1297,8 +1297,8 @@ class AutoDDPMTest(ScriptedLoadableModuleTest):
         self.assertEqual(segmentVoxels(), int((anomaly > threshold).sum()))
         summary = logic.setThreshold(segmentation, threshold)
         labels, _count = ndimage.label(anomaly > threshold, structure=np.ones((3, 3, 3), bool))
-        sizes = np.bincount(labels.ravel())[1:] * float(np.prod(anomalyMap.GetSpacing()))
-        kept = sizes[sizes >= 30.0] / float(np.prod(anomalyMap.GetSpacing()))
+        sizes = np.bincount(labels.ravel())[1:]  # voxels per 26-connected part
+        kept = sizes[sizes * float(np.prod(anomalyMap.GetSpacing())) >= 30.0]
         self.assertEqual((summary.voxels, summary.components), (int(kept.sum()), len(kept)))
         self.assertEqual(segmentVoxels(), summary.voxels)
         self.delayDisplay(_("Test passed"))
