@@ -34,6 +34,8 @@ class NiftiHeader:
     bitpix: int
     voxel_offset: int
     voxels: int
+    extents: tuple[int, ...]  # dim[1..dim[0]]: voxels along each axis, as the header declares them
+    spatial_pixdim: tuple[float, ...]  # pixdim[1..3] of the axes the image has, as stored (sign included)
     voxel_sizes: np.ndarray  # pixdim[1:4], millimetres
     sform_code: int
     sform: np.ndarray  # 3x4: voxel index -> RAS millimetres
@@ -59,9 +61,10 @@ def _parseread_nifti_header(header: bytes) -> Optional[NiftiHeader]:
             rows = struct.unpack(order + "12d", header[400:496])
         else:
             continue
-        voxels = math.prod(max(int(extent), 1) for extent in dims[1 : 1 + max(0, min(dims[0], 7))])
-        return NiftiHeader(order, datatype, bitpix, int(offset), voxels, np.abs(pixdim[1:4]), sform_code,
-                            np.array(rows).reshape(3, 4))
+        extents = tuple(int(extent) for extent in dims[1 : 1 + max(0, min(dims[0], 7))])
+        voxels = math.prod(max(extent, 1) for extent in extents)
+        return NiftiHeader(order, datatype, bitpix, int(offset), voxels, extents, tuple(pixdim[1 : 1 + min(len(extents), 3)]),
+                           np.abs(pixdim[1:4]), sform_code, np.array(rows).reshape(3, 4))
     return None
 
 
@@ -73,6 +76,21 @@ def read_nifti_header(path: Path) -> Optional[NiftiHeader]:
     except (OSError, EOFError, zlib.error):
         return None
     return _parseread_nifti_header(raw) if len(raw) >= 348 else None
+
+
+def empty_nifti_axis(header: NiftiHeader) -> Optional[int]:
+    """The first axis (1-based, as dim[] counts) whose declared size is 0 or negative: ITK reads it as 1."""
+    return next((axis for axis, extent in enumerate(header.extents, 1) if extent < 1), None)
+
+
+def bad_nifti_voxel_size(header: NiftiHeader) -> Optional[int]:
+    """The first spatial axis (1-based) of more than one voxel whose pixdim is not a positive number.
+
+    ITK reads a zero or NaN voxel size as 1 mm and a negative one as a mirrored axis that the
+    sform does not state: either way the outputs' grid would not be the input's.
+    """
+    return next((axis for axis, (extent, size) in enumerate(zip(header.extents, header.spatial_pixdim), 1)
+                 if extent > 1 and not (math.isfinite(size) and size > 0)), None)
 
 
 def nifti_grid_changed(header: NiftiHeader) -> bool:

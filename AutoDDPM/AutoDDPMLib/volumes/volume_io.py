@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional, Union
 
@@ -21,7 +21,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import AutoDDPMError
-from .nifti_header import GRID_TOLERANCE, nifti_grid_changed, read_nifti_header, scan_nifti_voxels
+from .nifti_header import (GRID_TOLERANCE, bad_nifti_voxel_size, empty_nifti_axis, nifti_grid_changed, read_nifti_header,
+                           scan_nifti_voxels)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -176,6 +177,48 @@ def _not_finite_error(path: Path) -> AutoDDPMError:
     )
 
 
+def _physical_memory() -> float:
+    """This computer's memory in bytes (infinite where the system does not say)."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return float("inf")
+
+
+def _check_dicom_slice_spacing(folder: Path, files: tuple[str, ...]) -> None:
+    """Refuses a DICOM series whose slices are not evenly spaced, from the files' headers.
+
+    GDCM leaves out a slice file it cannot read, and ITK stacks what is left on an evenly
+    spaced grid with a multi-line warning: the outputs would not line up with the scan.
+    """
+    positions = []
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            with _file_reader_quiet():
+                reader.ReadImageInformation()
+        except RuntimeError as error:
+            raise AutoDDPMError(f"cannot read DICOM file {name} ({_first_line(error)}); "
+                                "copy or export the series again") from None
+        normal = np.array(reader.GetDirection()).reshape(3, 3)[:, 2]
+        positions.append(float(np.dot(normal, reader.GetOrigin())))
+    gaps = np.diff(positions)
+    if len(gaps) < 2:
+        return
+    typical = float(np.median(np.abs(gaps)))
+    # A gap more than 1% off the others' is one ITK would hide by spacing every slice alike.
+    uneven = np.abs(np.abs(gaps) - typical) > 0.01 * typical
+    if typical == 0 or uneven.any():
+        where = int(np.argmax(uneven)) if typical else 0
+        unread = sorted({child.name for child in folder.iterdir() if child.is_file()} - {Path(f).name for f in files})
+        raise AutoDDPMError(
+            f"the DICOM series in {folder} has missing or unevenly spaced slices (a gap of {abs(gaps[where]):g} mm after "
+            f"slice {where + 1} of {len(files)}, where most are {typical:g} mm apart)"
+            + (f"; {len(unread)} file(s) in the folder are not readable slices of it ({', '.join(unread[:3])})" if unread else "")
+            + "; copy or export the whole series again")
+
+
 def _check_header(path: Path, reader: sitk.ImageFileReader) -> None:
     """Refuses, from its header alone, an image that is not one real-valued 2D or 3D grid."""
     if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
@@ -192,19 +235,45 @@ def _check_header(path: Path, reader: sitk.ImageFileReader) -> None:
         )
     if 0 in size:
         raise AutoDDPMError(f"{path} holds no voxels (size {'x'.join(map(str, size))}); give a non-empty volume")
+    needed = int(np.prod(size, dtype=object)) * 4  # the float32 volume a run works on, before any copy of it
+    if needed > _physical_memory():
+        raise AutoDDPMError(f"{path} declares {'x'.join(map(str, size))} voxels ({needed / 2**30:,.0f} GiB as 32-bit floats), "
+                            "more than this computer's memory; check that the header is intact, or crop the volume")
     axes = min(dimension, 3)
     direction = np.array(reader.GetDirection()).reshape(dimension, dimension)[:axes, :axes]
     if np.abs(direction.T @ direction - np.eye(axes)).max() > GRID_TOLERANCE:  # ITK's own tolerance: beyond it ITK replaces the grid
         raise AutoDDPMError(f"{path} has a non-orthogonal direction matrix (a sheared voxel grid), " + _RESAMPLE_ADVICE)
 
 
+def _check_nifti_axes(path: Path, nifti) -> None:
+    """Refuses a NIfTI header whose axis sizes or voxel sizes ITK would silently replace with others."""
+    axis = empty_nifti_axis(nifti)
+    if axis is not None:
+        raise AutoDDPMError(f"{path} has a corrupt header: it declares {nifti.extents[axis - 1]} voxels along axis {axis} "
+                            f"(dim[{axis}]); copy or export the file again")
+    axis = bad_nifti_voxel_size(nifti)
+    if axis is not None:
+        raise AutoDDPMError(f"{path} has a corrupt header: its voxel size along axis {axis} is "
+                            f"{nifti.spatial_pixdim[axis - 1]:g} mm (pixdim[{axis}]), where a positive size is needed to "
+                            "place the outputs on the input's grid; fix the header or export the file again")
+
+
 def _checked_reader(path: Path) -> Union[sitk.ImageFileReader, sitk.ImageSeriesReader]:
     """A reader for ``path`` once its header passed every check that needs no voxels."""
     if not path.exists():
+        if path.is_symlink():  # exists() follows links: a loop, or a target that was moved
+            raise AutoDDPMError(f"input {path} is a symbolic link to {os.readlink(path)}, which does not exist or "
+                                "links back to itself; point it to the image file or give that file")
         raise AutoDDPMError(f"input {path} does not exist; check the path")
     if path.is_dir():
-        return _dicom_series_reader(path)
+        reader = _dicom_series_reader(path)
+        _check_dicom_slice_spacing(path, reader.GetFileNames())
+        return reader
+    if path.stat().st_size == 0:
+        raise AutoDDPMError(f"{path} is empty (0 bytes); copy or export the image again")
     nifti = read_nifti_header(path) if _suffix(path).lower() in (".nii", ".nii.gz") else None
+    if nifti is not None:
+        _check_nifti_axes(path, nifti)
     # Before ITK reads it: ITK fails or warns on such a file, in words that do not say what to do.
     if nifti is not None and nifti_grid_changed(nifti):
         raise AutoDDPMError(f"{path} has a sheared or rescaled voxel grid (its sform is not a rotation times pixdim's "
@@ -233,13 +302,15 @@ def _checked_reader(path: Path) -> Union[sitk.ImageFileReader, sitk.ImageSeriesR
 
 
 def check_input(path: PathLike) -> None:
-    """Refuses an input whose header already shows that ``read_volume`` would refuse it.
+    """Refuses an input whose header already shows that ``read_scan`` would refuse it.
 
     Checks, without loading the voxels into memory: the file or DICOM series
-    exists and is readable, holds one real-valued 2D or 3D image with voxels in
-    it on an orthogonal grid and, for NIfTI, is complete and free of NaN/Inf.
-    What needs the voxels themselves (colour, no signal, NaN/Inf in other
-    formats, wrapped int8) is checked when ``read_volume`` reads them.
+    exists, is not empty and is readable, holds one real-valued 2D or 3D image
+    with voxels in it on an orthogonal grid, that fits in memory, with evenly
+    spaced DICOM slices and, for NIfTI, positive axis and voxel sizes, complete
+    and free of NaN/Inf. What needs the voxels themselves (colour, no signal,
+    only 0 and 1 as in a mask, NaN/Inf in other formats, wrapped int8) is
+    checked when ``read_scan`` reads them.
 
     Raises AutoDDPMError with a one-line message naming the file and what to do.
     """
@@ -298,9 +369,8 @@ def read_volume(path: PathLike) -> sitk.Image:
     path = Path(path)
     reader = _checked_reader(path)
     try:
-        # A file's warnings are about what _checked_reader refused already; a DICOM series'
-        # (e.g. unevenly spaced slices) are worth their lines.
-        with nullcontext() if path.is_dir() else _file_reader_quiet():
+        # The warnings are about what _checked_reader refused already (e.g. unevenly spaced DICOM slices).
+        with _file_reader_quiet():
             image = reader.Execute()
     except RuntimeError as error:
         if path.is_dir():
@@ -331,6 +401,19 @@ def read_volume(path: PathLike) -> sitk.Image:
         raise AutoDDPMError(
             f"{path} has no signal (every voxel equals {low:g}); check that this is the right scan"
         )
+    return image
+
+
+def read_scan(path: PathLike) -> sitk.Image:
+    """``read_volume`` for the scan to find anomalies in: also refuses a lesion or brain mask given in its place.
+
+    Masks are read with ``read_volume`` (training and benchmarks read them beside their scans).
+    """
+    image = read_volume(path)
+    voxels = sitk.GetArrayViewFromImage(image)
+    if voxels.min() == 0 and voxels.max() == 1 and np.all((voxels == 0) | (voxels == 1)):  # no scan holds only these
+        raise AutoDDPMError(f"{path} holds only the values 0 and 1, as a lesion or brain mask does, not an MRI scan; "
+                            "give the scan itself")
     return image
 
 
