@@ -30,9 +30,12 @@ def resources_dir() -> Path:
     ``pip install .``); ``Resources/`` beside the package (an installed Slicer extension puts it there);
     ``Resources/`` at the repository root (a source checkout or ``pip install -e .``).
     """
-    candidates = []
-    if os.environ.get("AUTODDPM_RESOURCES"):
-        candidates.append(Path(os.environ["AUTODDPM_RESOURCES"]))
+    chosen = os.environ.get("AUTODDPM_RESOURCES")
+    # Set, it is the user's choice: falling back to the bundled models would run other models than they meant.
+    if chosen and not (Path(chosen) / "Models").is_dir():
+        raise AutoDDPMError(f"AUTODDPM_RESOURCES is set to {chosen}, which holds no Models folder; "
+                            "set it to the folder that holds Models/, or unset it for the bundled models")
+    candidates = [Path(chosen)] if chosen else []
     candidates += _package_data_dirs() + [_PACKAGE_DIR.parent / "Resources", _PACKAGE_DIR.parents[1] / "Resources"]
     for candidate in candidates:
         if (candidate / "Models").is_dir():
