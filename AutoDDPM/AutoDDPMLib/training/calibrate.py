@@ -166,6 +166,8 @@ def calibrate(
     """
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
         raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
+    if max_slices < 1:  # no slice would leave the network an empty batch, which fails deep inside it
+        raise AutoDDPMError(f"--max-slices must be at least 1 (got {max_slices})")
     card = read_card(model_dir)
     run_schedule = card.schedule(schedule)
     if coarse_start is not None:

@@ -43,7 +43,7 @@ def _mask_for(image: Path) -> Path | None:
 
 
 def find_training_images(source: str | os.PathLike) -> list[tuple[Path, Path | None]]:
-    """(image, lesion mask or None) pairs from a folder, or from a text file listing one image per line.
+    """(image, lesion mask or None) pairs from a folder, one image, or a text file listing one image per line.
 
     A listed line may name its mask after a comma: ``image.nii.gz, image_mask.nii.gz``.
     """
@@ -51,9 +51,16 @@ def find_training_images(source: str | os.PathLike) -> list[tuple[Path, Path | N
     if source.is_dir():
         images = sorted(p for p in source.iterdir() if _is_image(p) and not _is_mask(p))
         pairs = [(image, _mask_for(image)) for image in images]
+    elif source.is_file() and _is_image(source):
+        pairs = [(source, _mask_for(source))]
     elif source.is_file():
+        try:
+            listing = source.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise AutoDDPMError(f"training data {source} is neither an image ({', '.join(IMAGE_SUFFIXES)}) nor a text "
+                                "file listing images; give one of those or a folder of images") from None
         pairs = []
-        for line in source.read_text(encoding="utf-8").splitlines():
+        for line in listing.splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 parts = [part.strip() for part in line.split(",")]
                 image = (source.parent / parts[0]).resolve()
