@@ -62,13 +62,19 @@ def _load_engine(args: argparse.Namespace, settings: RunSettings, reporter: Repo
 
 
 def _check_engine_options(args: argparse.Namespace) -> None:
-    """Refuses option values the engine would silently turn into something else."""
+    """Refuses option values the engine would silently turn into something else, or refuse after the model loaded."""
+    from .diffusion.devices import select_device
+
+    select_device(args.device)  # an unknown device, or one this machine lacks
     if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold >= 0):
         raise AutoDDPMError(f"--threshold must be a finite number of at least 0 (got {args.threshold}); "
                             "leave it out for the model card's calibrated value")
     if args.batch_size is not None and args.batch_size < 1:
         raise AutoDDPMError(f"--batch-size must be at least 1 (got {args.batch_size}); "
                             "leave it out for the default")
+    # PyTorch seeds are 64-bit; repeats and batches add to the seed, which leaves room for them in the signed range.
+    if not -2**63 <= args.seed < 2**63:
+        raise AutoDDPMError(f"--seed must be a whole number between {-2**63} and {2**63 - 1} (got {args.seed})")
 
 
 def _skip_or_raise(error: AutoDDPMError, path: Path, single: bool, rows: list[SummaryRow]) -> None:
@@ -99,7 +105,7 @@ def _check_inputs(inputs: list[Path], single: bool) -> tuple[list[Path], list[Su
 def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, run: RunContext,
              single: bool) -> tuple[dict[Path, dict], list[SummaryRow]]:
     """Run every input, writing its outputs and their sidecar; one that fails is reported and skipped."""
-    from .volumes.volume_io import input_stem, make_output_dir, read_volume, write_outputs_atomically
+    from .volumes.volume_io import input_stem, make_output_dir, read_scan, write_outputs_atomically
 
     done, rows = {}, []
     for path in inputs:
@@ -108,7 +114,7 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, r
             with reporter.working_on(path):
                 reporter.stage(path, "reading", 0.0)
                 started = time.perf_counter()
-                image = read_volume(path)
+                image = read_scan(path)
                 reading_seconds = time.perf_counter() - started
                 reporter.start(path, engine, image)
                 result = engine.process_volume(image, lambda fraction, stage: reporter.stage(path, stage, 0.95 * fraction),
@@ -268,18 +274,26 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from .training.calibrate import calibrate
 
-    # Calibrating the reference schedule takes hours on a CPU: show how far it is.
-    with tqdm(total=100, desc=f"calibrating ({args.schedule})", unit="%",
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]") as bar:
-        def progress(fraction: float, stage: str) -> None:
-            bar.update(round(100 * fraction) - bar.n)
-            bar.set_postfix_str(stage)
+    # Calibrating the reference schedule takes hours on a CPU: show how far it is, from its first progress on,
+    # so that what calibrate refuses first (options, model, data) is the only line printed.
+    bars = []
 
+    def progress(fraction: float, stage: str) -> None:
+        if not bars:
+            bars.append(tqdm(total=100, desc=f"calibrating ({args.schedule})", unit="%",
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"))
+        bars[0].update(round(100 * fraction) - bars[0].n)
+        bars[0].set_postfix_str(stage)
+
+    try:
         thresholds = calibrate(args.model_dir, args.data, schedule=args.schedule, mask_fraction=args.mask_fraction,
                                healthy_fpr=args.healthy_fpr, max_slices=args.max_slices, device=args.device,
                                seed=args.seed, progress=progress, backend=args.backend, coarse_start=args.coarse_start,
                                lpips_size=args.lpips_size, resample_start=args.resample_start,
                                mask_dilation=args.mask_dilation)
+    finally:
+        for bar in bars:
+            bar.close()
     info = thresholds["calibration"]
     print(f"tau = {thresholds['mask_tau']:.5f} (flags {100 * info['flagged_by_tau']:.2f}% of healthy tissue), "
           f"anomaly threshold = {thresholds['anomaly']:.5f} (flags {100 * info['flagged_by_anomaly_threshold']:.2f}%), "
@@ -378,8 +392,15 @@ def _prepare_slices(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Reports a bad command line as every other error is: one line, exit 2 (not the usage, then the error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"autoddpm: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="autoddpm",
         description="AutoDDPM: unsupervised anomaly detection in brain MRI with diffusion models (mask, stitch, re-sample).",
     )
@@ -473,8 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``autoddpm`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    args.command_line = "autoddpm " + shlex.join(sys.argv[1:] if argv is None else argv)  # for the sidecars
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # a bare `autoddpm` asks what it can do
+        parser.print_usage(sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad command line that argparse reported: its code, as for any error
+        return stop.code
+    args.command_line = "autoddpm " + shlex.join(argv)  # for the sidecars
     try:
         if args.threads is not None and args.threads < 1:
             raise AutoDDPMError(f"--threads must be at least 1 (got {args.threads}); leave it out for the default")
