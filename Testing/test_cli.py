@@ -1,7 +1,9 @@
 """The ``autoddpm`` command line, end to end, and every kind of bad input."""
 
+import gzip
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import make_head_volume, run_cli_without_simpleitk
-from test_volume_io import SHEARED_SFORM, write_nifti_with_sform
+from test_volume_io import SHEARED_SFORM, write_dicom_series, write_nifti_with_sform
 
 from AutoDDPMLib.cli import main
 from AutoDDPMLib.errors import AutoDDPMError
@@ -117,14 +120,48 @@ def write(path: Path, array: np.ndarray, vector: bool = False) -> Path:
     return path
 
 
+def patched_nifti(path: Path, source: Path, **fields: tuple) -> Path:
+    """A copy of the uncompressed NIfTI-1 ``source`` with header fields (dim, pixdim, sform_code) overwritten."""
+    header = bytearray(source.read_bytes())
+    offsets = {"dim": (40, "<8h"), "pixdim": (76, "<8f"), "sform_code": (254, "<h")}
+    for name, values in fields.items():
+        offset, layout = offsets[name]
+        struct.pack_into(layout, header, offset, *values)
+    path.write_bytes(bytes(header))
+    return path
+
+
 def bad_runs(tmp: Path) -> dict:
-    """Every `autoddpm run` refused with exit 2: (arguments, words its one error line must contain, whether the
-    refusal comes before the model loads, from headers and options alone)."""
+    """Every `autoddpm` command refused with exit 2: (arguments, words its one error line must contain, whether the
+    refusal comes before the model loads, from headers and options alone[, environment variables]).
+
+    A run or demo gets --model (unless it names its own) and --progress none from the test; "MODEL" in the
+    arguments stands for the test model's folder."""
     head = sitk.GetArrayFromImage(make_head_volume())
     good = write(tmp / "head.nii.gz", head)
     out = tmp / "out"
     corrupt = tmp / "corrupt.nii.gz"
     corrupt.write_bytes(b"this is not a NIfTI file at all" * 10)
+    empty = tmp / "empty.nii.gz"  # what an interrupted copy or a full disk leaves
+    empty.write_bytes(b"")
+    (tmp / "loop_a.nii.gz").symlink_to(tmp / "loop_b.nii.gz")
+    (tmp / "loop_b.nii.gz").symlink_to(tmp / "loop_a.nii.gz")
+    plain = write(tmp / "plain.nii", head)  # uncompressed, so its header can be edited in place
+    qform_only = {"sform_code": (0,)}  # ITK then takes the voxel sizes from pixdim alone
+    huge = tmp / "huge.mha"  # a header whose sizes were damaged: 4 PB of voxels
+    huge.write_text("ObjectType = Image\nNDims = 3\nDimSize = 100000 100000 100000\nElementType = MET_FLOAT\n"
+                    "ElementDataFile = LOCAL\n")
+    dicom = tmp / "dicom"
+    write_dicom_series(sitk.Cast(make_head_volume(), sitk.sitkInt16), dicom)
+    unreadable = dicom / "slice002.dcm"  # GDCM leaves it out, and ITK stacks the others as if evenly spaced
+    unreadable.write_bytes(unreadable.read_bytes()[:200])
+    mask = sitk.GetImageFromArray((head > 100).astype(np.uint8))  # a brain mask, as an outline tool writes it
+    sitk.WriteImage(mask, str(tmp / "brain_mask_of_head.nii.gz"))
+    grey_alpha = np.repeat((head[3] / head.max() * 255).astype(np.uint8)[..., None], 4, axis=2)
+    grey_alpha[..., 3] = np.arange(grey_alpha.shape[1], dtype=np.uint8)  # a fading alpha: not a greyscale export
+    no_images = tmp / "no_images"
+    no_images.mkdir()
+    (no_images / "notes.txt").write_text("scans to follow")
     inputs = {
         "missing": (tmp / "nope.nii.gz", "does not exist", True),
         "corrupt": (corrupt, "corrupt", True),
@@ -137,6 +174,20 @@ def bad_runs(tmp: Path) -> dict:
         "int8 wrapped": (write(tmp / "int8.nii.gz", head.astype(np.int16).astype(np.int8)), "signed 8-bit", False),
         "sheared MetaImage": (tmp / "sheared.mha", "non-orthogonal direction matrix", True),
         "sheared NIfTI": (write_nifti_with_sform(tmp / "sheared.nii.gz", SHEARED_SFORM), "sheared or rescaled", True),
+        "empty file": (empty, "is empty (0 bytes)", True),
+        "symbolic link loop": (tmp / "loop_a.nii.gz", "symbolic link", True),
+        # ITK reads a size of 0 as 1, a zero voxel size as 1 mm and a negative one as a mirrored axis, all silently.
+        "NIfTI axis of 0 voxels": (patched_nifti(tmp / "no_rows.nii", plain, dim=(3, 48, 0, 6, 1, 1, 1, 1)),
+                                   "declares 0 voxels along axis 2", True),
+        "NIfTI voxel size 0": (patched_nifti(tmp / "zero_mm.nii", plain, pixdim=(1, 0, 1, 2, 0, 0, 0, 0), **qform_only),
+                               "voxel size along axis 1 is 0 mm", True),
+        "NIfTI negative voxel size": (patched_nifti(tmp / "minus_mm.nii", plain, pixdim=(1, 1, -1, 2, 0, 0, 0, 0)),
+                                      "voxel size along axis 2 is -1 mm", True),
+        "size beyond memory": (huge, "more than this computer's memory", True),
+        "DICOM slice unreadable": (dicom, "missing or unevenly spaced slices", True),
+        "mask given as the scan": (tmp / "brain_mask_of_head.nii.gz", "only the values 0 and 1", False),
+        "PNG with varying alpha": (write(tmp / "alpha.png", grey_alpha, vector=True), "4 values per voxel", False),
+        "folder without images": (no_images, "holds no DICOM series and no image files", True),
     }
     for name, value in (("NaN", np.nan), ("Inf", np.inf)):
         for extension in (".mha", ".nii", ".nii.gz"):
@@ -156,6 +207,15 @@ def bad_runs(tmp: Path) -> dict:
         "threshold below 0": (["--threshold", "-1"], "--threshold must be a finite number of at least 0"),
         "batch size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
         "batch size below 0": (["--batch-size", "-3"], "--batch-size must be at least 1"),
+        "repeats below 0": (["--repeats", "-1"], "--repeats must be at least 1"),
+        "seed beyond 64 bits": (["--seed", str(2**64)], "--seed must be a whole number between"),
+        # What argparse refuses is one line too, not the usage and then the error.
+        "seed not a whole number": (["--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
+        "schedule unknown": (["--schedule", "fastest"], "argument --schedule: invalid choice: 'fastest'"),
+        "postprocess unknown": (["--postprocess", "median"], "argument --postprocess: invalid choice: 'median'"),
+        "device unknown": (["--device", "tpu"], "unknown device 'tpu'"),
+        "device cuda without a GPU": (["--device", "cuda"], "PyTorch sees no CUDA GPU"),
+        "model folder without model.json": (["--model", str(no_images)], "has no model.json"),
     }
     runs.update({name: (["run", str(good), "--output-dir", str(out), *extra], words, True)
                  for name, (extra, words) in options.items()})
@@ -178,6 +238,18 @@ def bad_runs(tmp: Path) -> dict:
     write(earlier / "head_mask.nii.gz", np.zeros((6, 40, 48), np.uint8))
     runs["earlier outputs"] = (["run", str(good), "--output-dir", str(earlier)],
                                f"output folder {earlier} already holds outputs of head.nii.gz; give --resume", True)
+    runs["same input twice"] = (["run", str(good), str(good), "--output-dir", str(out)],
+                                "several inputs share the name head", True)
+    runs["output dir not given"] = (["run", str(good)], "the following arguments are required: --output-dir", True)
+    runs["demo device unknown"] = (["demo", "--output-dir", str(out), "--device", "tpu"], "unknown device 'tpu'", True)
+    runs["calibrate max slices 0"] = (["calibrate", "MODEL", "--data", str(good), "--max-slices", "0"],
+                                      "--max-slices must be at least 1", True)
+    not_a_list = tmp / "scans.bin"  # an image under a name that is no image's, taken for a list of images
+    not_a_list.write_bytes(gzip.compress(b"\x00\x01" * 100))
+    runs["calibrate data neither image nor list"] = (["calibrate", "MODEL", "--data", str(not_a_list)],
+                                                     "is neither an image", False)
+    runs["resources without models"] = (["models"], "AUTODDPM_RESOURCES is set to", True,
+                                        {"AUTODDPM_RESOURCES": str(no_images)})
     return runs
 
 
@@ -187,6 +259,12 @@ BAD_RUNS = [
     "Inf in .nii.gz", "threshold nan", "threshold inf", "threshold below 0", "batch size 0", "batch size below 0",
     "threads 0", "threads -1", "output dir is a file", "output dir inside a file", "output dir under /proc",
     "output dir under /sys", "earlier outputs",
+    "empty file", "symbolic link loop", "NIfTI axis of 0 voxels", "NIfTI voxel size 0", "NIfTI negative voxel size",
+    "size beyond memory", "DICOM slice unreadable", "mask given as the scan", "PNG with varying alpha",
+    "folder without images", "repeats below 0", "seed beyond 64 bits", "seed not a whole number", "schedule unknown",
+    "postprocess unknown", "device unknown", "device cuda without a GPU", "model folder without model.json",
+    "same input twice", "output dir not given", "demo device unknown", "calibrate max slices 0",
+    "calibrate data neither image nor list", "resources without models",
 ]
 
 
@@ -197,12 +275,20 @@ def files_under(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", BAD_RUNS)
-def test_bad_run_exit_2_one_line_nothing_written(tiny_model, tmp_path, capfd, case):
-    args, expected, before_the_model = bad_runs(tmp_path)[case]
+def test_bad_run_exit_2_one_line_nothing_written(tiny_model, tmp_path, capfd, monkeypatch, case):
+    args, expected, before_the_model, *environment = bad_runs(tmp_path)[case]
+    if case == "device cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    for name, value in (environment[0] if environment else {}).items():
+        monkeypatch.setenv(name, value)
     # What headers and options show is refused before the model loads: a model that is not there is never looked for.
-    model = "no-such-model" if before_the_model else str(tiny_model)
+    # The model is a copy among the inputs: a refused run must leave it untouched too.
+    model = "no-such-model" if before_the_model else str(shutil.copytree(tiny_model, tmp_path / "model"))
+    args = [model if arg == "MODEL" else arg for arg in args]
+    if args[0] in ("run", "demo"):
+        args += ([] if "--model" in args else ["--model", model]) + ["--progress", "none"]
     before = files_under(tmp_path)
-    code = main([*args, "--model", model, "--progress", "none"])
+    code = main(args)
     err = capfd.readouterr().err  # the process's stderr, where ITK's C++ warnings would land too
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("autoddpm: error:"), err
@@ -269,6 +355,15 @@ def test_bad_model_exit_2(tiny_model, head_volume, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_data_may_be_one_image(tmp_path):
+    # --data takes "healthy images/volumes": one image was read as a text file listing images, and failed to decode.
+    from AutoDDPMLib.training.training_data import find_training_images
+
+    image = write(tmp_path / "p1_flair.nii.gz", sitk.GetArrayFromImage(make_head_volume()))
+    mask = write(tmp_path / "p1_mask.nii.gz", np.zeros((6, 40, 48), np.uint8))
+    assert find_training_images(image) == [(image, mask)]
 
 
 def test_models_lists_bundled_models(tiny_model, tmp_path, monkeypatch, capsys):
