@@ -27,6 +27,7 @@ from ..detection.postprocessing import PostProcessing
 from ..diffusion.pipeline import AutoDDPMPipeline
 from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from ..errors import AutoDDPMError
+from ..provenance import command_line
 from ..models.bundle import ModelCard, read_card, write_card
 from ..volumes.slices import FOREGROUND_LEVEL, AxialStack
 from .training_data import find_training_images, load_healthy_slices
@@ -222,6 +223,7 @@ def calibrate(
             "seed": seed,
             "backend": engine.backend_name,
             "date": time.strftime("%Y-%m-%d"),
+            **({"command": command} if (command := command_line("calibrate")) else {}),
         },
     }
     if not postprocessing.is_none:

@@ -1,7 +1,8 @@
-"""The dilation of step 1's mask: a setting of each schedule, calibrated with the thresholds it changes."""
+"""What `autoddpm calibrate` writes into a model card beside the thresholds: the settings they were measured with."""
 
 import json
 import shutil
+import sys
 
 import pytest
 import SimpleITK as sitk
@@ -65,3 +66,11 @@ def test_a_card_that_leaves_a_post_processing_step_out_finds_its_calibrated_thre
     calibrated = read_card(model)
     threshold = calibrated.postprocessed_threshold("fast")
     assert threshold is not None and AutoDDPM(model).threshold == threshold
+
+
+def test_the_card_records_the_calibration_command(model_and_healthy_volume, monkeypatch):
+    model, data = model_and_healthy_volume
+    argv = ["calibrate", str(model), "--data", str(data), "--max-slices", "3"]
+    monkeypatch.setattr(sys, "argv", ["autoddpm", *argv])
+    assert main(argv) == 0
+    assert read_card(model).data["thresholds"]["calibration"]["command"] == "autoddpm " + " ".join(argv)
