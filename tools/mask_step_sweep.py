@@ -3,14 +3,15 @@
 
     python tools/mask_step_sweep.py --data ../shared/data --cache runs/pp-cache
 
-Starting from the shipped ``flair-lgg`` (fast schedule, tau at 5 % of healthy
-tissue, the paper's 3-pixel dilation, re-sampling from level 150), one setting
+Starting from ``flair-lgg``'s step 1 before this sweep (fast schedule, tau at 5 %
+of healthy tissue, the paper's 3-pixel dilation, re-sampling from level 150), one setting
 is changed at a time: the share of healthy tissue tau sends to re-sampling
 (``--mask-fractions``; tau recalibrated on the card's healthy validation slices
 as ``autoddpm calibrate`` does), the dilation of the mask on the model grid
 (``--dilations``), the level the coarse reconstruction and the re-sampling start
 from (``--resample-starts``, up to the model's 499), and the number of repeats
-averaged (``--repeats``). Each variant runs the development and validation
+averaged (``--repeats``); ``--combined`` moves tau's share and the dilation together.
+Each variant runs the development and validation
 volumes as ``autoddpm run`` does (outputs cached in ``--cache``), post-processes
 the map as the card says, calibrates the threshold on the validation patients'
 healthy voxels and scores the development patients only (tools/postprocess_sweep.py).
@@ -30,6 +31,7 @@ from AutoDDPMLib.detection.postprocessing import PostProcessing
 from AutoDDPMLib.training.calibrate import coarse_likelihood, healthy_calibration_slices, healthy_tau
 from AutoDDPMLib.volumes.slices import FOREGROUND_LEVEL
 
+# Where the sweep starts from: flair-lgg's step 1 before it (the fast schedule now dilates by 9, chosen here).
 SHIPPED = dict(mask_fraction=0.05, dilation=3, resample_start=None, repeats=1)
 
 
@@ -43,7 +45,7 @@ def variant_name(mask_fraction: float, dilation: int, resample_start: int | None
 def configure(engine: AutoDDPM, mask_fraction: float, dilation: int, resample_start: int | None) -> float:
     """Set the engine's pipeline to the variant, recalibrating tau when its step 1 changed; returns tau."""
     pipeline = engine.pipeline
-    pipeline.mask_dilation = dilation
+    pipeline.schedule = dataclasses.replace(pipeline.schedule, mask_dilation=dilation)
     if resample_start is not None:
         pipeline.schedule = dataclasses.replace(pipeline.schedule, resample_start=resample_start,
                                                 coarse_start=max(pipeline.schedule.coarse_start, resample_start))
@@ -62,9 +64,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--mask-fractions", type=float, nargs="*", default=[0.10, 0.20])
-    parser.add_argument("--dilations", type=int, nargs="*", default=[5, 7])
+    parser.add_argument("--dilations", type=int, nargs="*", default=[5, 7, 9, 11, 13])
     parser.add_argument("--resample-starts", type=int, nargs="*", default=[250, 350, 499])
     parser.add_argument("--repeats", type=int, nargs="*", default=[2, 4])
+    parser.add_argument("--combined", nargs="*", default=[], metavar="FRACTION:DILATION",
+                        help="tau's healthy share and the dilation changed together, e.g. 0.1:5")
     args = parser.parse_args()
 
     variants = [dict(SHIPPED)]
@@ -72,6 +76,9 @@ def main() -> None:
     variants += [dict(SHIPPED, dilation=d) for d in args.dilations]
     variants += [dict(SHIPPED, resample_start=s) for s in args.resample_starts]
     variants += [dict(SHIPPED, repeats=n) for n in args.repeats]
+    for pair in args.combined:
+        fraction, dilation = pair.split(":")
+        variants.append(dict(SHIPPED, mask_fraction=float(fraction), dilation=int(dilation)))
     splits = patients(args.data)
     print("| tau: healthy share | dilation (px) | re-sampling from | repeats | tau | tumour re-sampled | threshold | "
           "Dice (pooled) | AUPRC | median patient Dice | found (Dice > 0.1) |")
