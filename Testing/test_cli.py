@@ -373,6 +373,14 @@ def test_models_lists_bundled_models(tiny_model, tmp_path, monkeypatch, capsys):
     assert main(["models"]) == 0
     listed = capsys.readouterr().out
     assert "tiny" in listed and "NOTHING" in listed  # its thresholds are placeholders
+    card = json.loads((resources / "Models" / "tiny" / "model.json").read_text())
+    card["postprocessing"] = {"polarity": "bright"}
+    card["thresholds"]["postprocessed"] = {"anomaly": 0.00123, "mask_tau": card["thresholds"]["mask_tau"],
+                                           "settings": card["postprocessing"]}
+    card["thresholds"]["calibration"] = {"schedule": "fast"}
+    (resources / "Models" / "tiny" / "model.json").write_text(json.dumps(card))
+    assert main(["models"]) == 0
+    assert "0.00123" in capsys.readouterr().out  # the threshold a run applies: the post-processed map's
     assert main(["models", "--json"]) == 0
     cards = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in cards] == ["tiny"] and cards[0]["path"].endswith("tiny")

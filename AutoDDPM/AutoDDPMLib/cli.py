@@ -260,11 +260,12 @@ def _models(args: argparse.Namespace) -> int:
     if not cards:
         print("no bundled models")
         return 0
+    # The threshold `autoddpm run` applies by default: on the post-processed map where the card post-processes.
     print(f"{'name':18s} {'modality':9s} {'grid':>7s} {'tau':>7s} {'threshold':>9s}  {'calibrated for':16s}  license")
     for card in cards:
         calibrated = ", ".join(s for s in SCHEDULES if card.thresholds_for(s)[2]) or "NOTHING"
         print(f"{card.name:18s} {card.data['modality']:9s} {card.image_size:>4d} px {card.mask_threshold:7.4f} "
-              f"{card.anomaly_threshold:9.4f}  {calibrated:16s}  {card.data.get('license', '?')}")
+              f"{card.run_threshold(DEFAULT_SCHEDULE):9.3g}  {calibrated:16s}  {card.data.get('license', '?')}")
         print(f"{'':18s} validation: {validation_headline(card)}")
     return 0
 
