@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from AutoDDPMLib.detection.map_filters import (
 from AutoDDPMLib.detection.postprocessing import PostProcessing
 from AutoDDPMLib.diffusion.polarity import deviation
 from AutoDDPMLib.errors import AutoDDPMError
+from AutoDDPMLib.models.bundle import read_card
 
 FLAIR_LIKE = {"polarity": "bright", "brain_erosion_mm": 4.0, "median_mm": 3.0, "min_component_mm3": 20.0}
 
@@ -242,3 +244,29 @@ def test_volume_benchmark_scores_each_patient_as_autoddpm_run_makes_its_map(tiny
     # A card without post-processing is scored by `autoddpm benchmark`, not here.
     assert main(["benchmark-volumes", "--model", str(tiny_model_with("plain")), "--data", str(data), "--output-dir",
                  str(tmp_path / "b2")]) == 2
+
+
+def test_a_volume_benchmark_is_recorded_in_the_card_it_was_made_with(tiny_model_with, tmp_path, capsys, monkeypatch) -> None:
+    from AutoDDPMLib.benchmark.validation_record import record_volume_validation
+    from AutoDDPMLib.cli import main
+
+    model = card_with(tiny_model_with("pp"), postprocessing=FLAIR_LIKE)
+    data = patients_with_masks(tmp_path / "volumes")
+    run = tmp_path / "bench"
+    assert main(["benchmark-volumes", "--model", str(model), "--data", str(data), "--output-dir", str(run), "--backend", "torch"]) == 0
+    autoddpm = json.loads((run / "results.json").read_text())[0]
+    recorded = record_volume_validation(run, model).data["validation_volumes"]
+    assert recorded["dice"] == autoddpm["dice"] and recorded["found"] == autoddpm["found"] and recorded["patients"] == 2
+    assert recorded["threshold"] == read_card(model).run_threshold("fast") and recorded["benchmark"] == str(run)
+
+    resources = tmp_path / "Resources"
+    shutil.copytree(model, resources / "Models" / "pp")
+    monkeypatch.setenv("AUTODDPM_RESOURCES", str(resources))
+    capsys.readouterr()
+    assert main(["models"]) == 0
+    assert f"2 whole volumes: Dice {autoddpm['dice']:.3f}, AUPRC {autoddpm['auprc']:.3f}" in capsys.readouterr().out
+
+    # Post-processed otherwise since the run: the run no longer says what the model does.
+    card_with(model, postprocessing=dict(FLAIR_LIKE, median_mm=7.0))
+    with pytest.raises(AutoDDPMError, match="other post-processing or thresholds"):
+        record_volume_validation(run, model)

@@ -6,6 +6,11 @@ the oracle threshold, AUPRC, false positives on lesion-free slices, healthy-tiss
 MAE, per dataset and lesion-size bin) with the command and commit that made them,
 so that a card never states a number no command produced. A run is only accepted
 if it was made with the thresholds the card holds now.
+
+The card's ``validation_volumes`` field holds what users get from ``autoddpm run``:
+one ``autoddpm benchmark-volumes`` run's pooled Dice, AUPRC, median patient Dice
+and the share of patients whose tumour was found, at the post-processed map's
+calibrated threshold.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..detection.postprocessing import PostProcessing
 from ..errors import AutoDDPMError
 from ..models.bundle import ModelCard, read_card, write_card
 from ..models.validation import METHOD
@@ -59,3 +65,44 @@ def record_validation(run_dir: str | os.PathLike, model_dir: str | os.PathLike) 
             "since): rerun the benchmark before recording it")
     summary = validation_summary(results, meta, str(run_dir))
     return write_card(model_dir, dict(card.data, validation=summary))
+
+
+def volume_validation_summary(rows: list[dict], meta: dict, source: str) -> dict[str, Any]:
+    """The card's ``validation_volumes`` entry for one ``autoddpm benchmark-volumes`` run."""
+    row = next((r for r in rows if r["method"] == METHOD), None)
+    if row is None:
+        raise AutoDDPMError(f"{source} has no '{METHOD}' row: it is not a whole-volume benchmark of this model")
+    return {
+        "benchmark": source,
+        "command": meta.get("command"),
+        "commit": meta.get("commit"),
+        "date": meta.get("date"),
+        "data": meta.get("data"),
+        "schedule": meta.get("schedule"),
+        "threshold": row["threshold"],
+        "patients": row["patients"],
+        "dice": row["dice"],
+        "auprc": row["auprc"],
+        "patient_dice_median": row["patient_dice_median"],
+        "found": row["found"],
+        "found_dice": meta.get("found_dice"),
+        "healthy_fpr": row["healthy_fpr"],
+    }
+
+
+def record_volume_validation(run_dir: str | os.PathLike, model_dir: str | os.PathLike) -> ModelCard:
+    """Write the ``autoddpm benchmark-volumes`` run in ``run_dir`` into the card in ``model_dir`` as its
+    ``validation_volumes``; refused unless the run used the card's post-processing and threshold as they are now."""
+    run_dir = Path(run_dir)
+    rows, meta = read_run(run_dir)
+    card = read_card(model_dir)
+    if meta.get("model") != card.name:
+        raise AutoDDPMError(f"{run_dir} benchmarks model '{meta.get('model')}', not '{card.name}'")
+    summary = volume_validation_summary(rows, meta, str(run_dir))
+    made_as_now = (meta.get("postprocessing") == PostProcessing.from_dict(card.postprocessing).to_dict()
+                   and summary["threshold"] == card.run_threshold(meta.get("schedule")))
+    if not made_as_now:
+        raise AutoDDPMError(
+            f"{run_dir} was made with other post-processing or thresholds than {card.path} holds now (the model was "
+            "calibrated again since): rerun the benchmark before recording it")
+    return write_card(model_dir, dict(card.data, validation_volumes=summary))

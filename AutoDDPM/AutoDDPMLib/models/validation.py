@@ -8,7 +8,12 @@ METHOD = "AutoDDPM fast"  # the schedule `autoddpm run` and the Slicer module us
 
 
 def validation_headline(card: ModelCard) -> str:
-    """One line for `autoddpm models`: calibrated Dice and AUPRC on the card's first validation dataset."""
+    """One line for `autoddpm models`: what `autoddpm run` achieved on whole validation volumes where the card
+    records it (``validation_volumes``), else calibrated Dice and AUPRC on the first dataset of its slice benchmark."""
+    volumes = card.data.get("validation_volumes")
+    if isinstance(volumes, dict) and volumes.get("dice") is not None:
+        return (f"{volumes['patients']} whole volumes: Dice {volumes['dice']:.3f}, AUPRC {volumes['auprc']:.3f}, "
+                f"tumour found in {volumes['found']}/{volumes['patients']} (patient Dice > {volumes['found_dice']:g})")
     validation = card.data.get("validation")
     if not isinstance(validation, dict) or not validation.get("results"):
         return "not recorded"
