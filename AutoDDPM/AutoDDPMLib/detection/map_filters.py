@@ -25,40 +25,14 @@ in the benchmark.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from scipy import ndimage
 
-from ..volumes.slices import FOREGROUND_LEVEL
+# The regions live in volumes.head_region (training and the fit checks use them too); imported from here as before.
+from ..volumes.head_region import Spacing, brain_region, head_region  # noqa: F401
 from .postprocessing import PostProcessing
-
-Spacing = Sequence[float]  # (slice, row, column) in mm
-
-
-def head_region(slices01: np.ndarray) -> np.ndarray:
-    """The head in each slice: its largest region of tissue with the holes (ventricles, dark lesions) filled."""
-    head = np.zeros(slices01.shape, dtype=bool)
-    for z, tissue in enumerate(slices01 > FOREGROUND_LEVEL):
-        labels, count = ndimage.label(tissue)
-        if count:
-            largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
-            head[z] = ndimage.binary_fill_holes(labels == largest)
-    return head
-
-
-def brain_region(slices01: np.ndarray, spacing: Spacing, erosion_mm: float) -> np.ndarray:
-    """The head region of each slice eroded in-plane by ``erosion_mm`` (an exact Euclidean distance in mm)."""
-    head = head_region(slices01)
-    if erosion_mm <= 0:
-        return head
-    brain = np.zeros_like(head)
-    for z in range(len(head)):
-        if head[z].any():
-            # Distance to the nearest voxel outside the head; the padding makes the image border count as outside.
-            inside = np.pad(head[z], 1)
-            brain[z] = ndimage.distance_transform_edt(inside, sampling=spacing[1:])[1:-1, 1:-1] > erosion_mm
-    return brain
 
 
 def median_kernel(spacing: Spacing, size_mm: float) -> tuple[int, ...]:
