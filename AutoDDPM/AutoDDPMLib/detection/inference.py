@@ -237,7 +237,7 @@ class AutoDDPM:
         flagged = int(mask.sum())
         tissue = slices01 > FOREGROUND_LEVEL
         flagged_tissue = float(mask[tissue].mean()) if tissue.any() else 0.0
-        warnings = fit_warnings(self.card, name, int(with_signal.sum()))
+        warnings = fit_warnings(self.card, name, int(with_signal.sum()), stack.array[with_signal], slices01[with_signal])
         if self.threshold_warning:
             warnings.append(self.threshold_warning)
         if flagged_tissue > SUSPICIOUS_ANOMALY_FRACTION:

@@ -59,6 +59,12 @@ class ModelCard:
         return int(self.data["unet"]["image_size"])
 
     @property
+    def covers(self) -> dict[str, bool]:
+        """What kinds of input the model was made for, machine-readable (e.g. {"skull_stripped": False});
+        a kind it does not name was not recorded. ``valid_for`` says the same in words."""
+        return self.data.get("covers", {})
+
+    @property
     def intensity_percentiles(self) -> tuple[float, float]:
         """The foreground intensity percentiles that preprocessing maps to 0 and 1."""
         low, high = self.data["preprocessing"].get("intensity_percentiles", (0.5, 99.5))
@@ -227,6 +233,9 @@ def read_card(folder: str | os.PathLike) -> ModelCard:
                 if not isinstance(thresholds, dict) or not isinstance(thresholds.get(key), (int, float)):
                     problems.append(f"{where}.{key} missing or not a number")
         problems += _scheduler_problems(data["scheduler"])
+        covers = data.get("covers", {})
+        if not (isinstance(covers, dict) and all(isinstance(v, bool) for v in covers.values())):
+            problems.append('covers should map kinds of input to true or false, e.g. {"skull_stripped": false}')
         if not isinstance(data["unet"].get("image_size"), int):
             problems.append("unet.image_size missing or not an integer")
         elif "lpips_image_size" in data and not (isinstance(data["lpips_image_size"], int)
@@ -249,6 +258,7 @@ def new_card(
     description: str = "",
     valid_for: str = "axial slices",
     slice_levels: str = "all",
+    covers: dict[str, bool] | None = None,
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A card for freshly trained weights; its thresholds are placeholders until calibration."""
@@ -260,6 +270,9 @@ def new_card(
         "valid_for": valid_for,
         # "all": any axial slice of a brain volume; "mid-axial": the one slice level the model was trained on.
         "slice_levels": slice_levels,
+        # What valid_for says, for programs: {"skull_stripped": false} makes `autoddpm run` warn on a
+        # skull-stripped input (models.fit_checks); a kind of input not named here was not recorded.
+        "covers": covers or {},
         "license": license,
         "unet": unet.to_dict(),
         "scheduler": {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 2e-2,
