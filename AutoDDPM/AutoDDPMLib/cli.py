@@ -326,6 +326,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     from .diffusion.unet import UNetConfig
     from .models.bundle import read_card, resolve_model
+    from .training.acquisition_augmentation import AcquisitionAugmentation
     from .training.train import TrainConfig, Trainer, read_checkpoint_config
 
     if args.resume:
@@ -361,6 +362,9 @@ def _train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             seed=args.seed,
+            augmentation=AcquisitionAugmentation(gamma=args.augment_gamma, contrast=args.augment_contrast,
+                                                 bias_field=args.augment_bias_field, skull_strip=args.augment_skull_strip),
+            covers_skull_stripped=None if args.covers_skull_stripped is None else args.covers_skull_stripped == "yes",
         )
     for key in ("steps", "max_minutes", "checkpoint_minutes", "slice_levels"):
         if getattr(args, key) is not None:
@@ -489,6 +493,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this many minutes (resume later)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (under torchrun: one GPU per process)")
     train.add_argument("--seed", type=int, default=0)
+    augmentation = train.add_argument_group(
+        "acquisition augmentation", "simulate other scanners and skull-stripped inputs (off by default; on the "
+        "preprocessed [0, 1] slices, each slice its own draw; recorded in the card's training config)")
+    augmentation.add_argument("--augment-gamma", type=float, default=0.0, metavar="G",
+                              help="raise each slice to a gamma in [exp(-G), exp(G)], e.g. 0.3")
+    augmentation.add_argument("--augment-contrast", type=float, default=0.0, metavar="C",
+                              help="scale each slice's intensities by a factor in [exp(-C), exp(C)], clipped at 1, e.g. 0.15")
+    augmentation.add_argument("--augment-bias-field", type=float, default=0.0, metavar="B",
+                              help="multiply each slice by a smooth field exp(a * f), f in [-1, 1], a up to B, e.g. 0.3")
+    augmentation.add_argument("--augment-skull-strip", type=float, default=0.0, metavar="P",
+                              help="set each slice to 0 outside its brain region with probability P (the region "
+                                   "flair-lgg's post-processing uses: the head eroded by 12 mm), e.g. 0.3")
+    augmentation.add_argument("--covers-skull-stripped", choices=["yes", "no"], default=None,
+                              help="whether the model is meant for skull-stripped scans, for the card's covers "
+                                   "(`autoddpm run` warns on a stripped input with 'no'); default: yes with "
+                                   "--augment-skull-strip, else not recorded")
     train.set_defaults(handler=_train)
     return parser
 

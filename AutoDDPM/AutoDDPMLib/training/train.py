@@ -5,6 +5,8 @@ random affine + horizontal flip, best checkpoint by reconstruction error from
 level 200 on held-out healthy slices) with what makes a small network train
 well on a CPU: AdamW, EMA weights, and only the noise levels the product uses
 (AutoDDPM never goes above 200; the fixed-noise baselines need up to 500).
+On request it also simulates other scanners and skull-stripped inputs
+(``acquisition_augmentation``).
 Checkpoints every few minutes make a run resumable (``--resume``); under
 ``torchrun`` it trains with DistributedDataParallel on all GPUs.
 """
@@ -19,6 +21,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,7 @@ from ..diffusion.scheduler import DDPMScheduler, gaussian_noise, strided_levels
 from ..diffusion.unet import UNet, UNetConfig
 from ..errors import AutoDDPMError
 from ..models.bundle import ModelCard, load_unet, new_card, save_tensors, save_unet, write_card
+from .acquisition_augmentation import AcquisitionAugmentation, augment_acquisition, strip_regions
 from .slice_file import is_slice_file, read_slice_file
 
 CHECKPOINT_DIR = "checkpoint"
@@ -63,11 +67,22 @@ class TrainConfig:
     slice_levels: str = "all"
     license: str = "see the training data's license"
     description: str = ""
+    augmentation: AcquisitionAugmentation = field(default_factory=AcquisitionAugmentation)
+    # Whether the model is meant for skull-stripped inputs (the card's covers); None: yes when trained with
+    # the skull-strip augmentation, else not recorded (the trainer cannot tell what the data itself is).
+    covers_skull_stripped: Optional[bool] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["unet"] = self.unet.to_dict()
         return d
+
+    def covers(self) -> dict:
+        """The card's machine-readable ``covers``: what kinds of input the model was made for."""
+        skull_stripped = self.covers_skull_stripped
+        if skull_stripped is None and self.augmentation.skull_strip > 0:
+            skull_stripped = True
+        return {} if skull_stripped is None else {"skull_stripped": skull_stripped}
 
 
 def read_checkpoint_config(output: str | os.PathLike) -> TrainConfig:
@@ -78,6 +93,7 @@ def read_checkpoint_config(output: str | os.PathLike) -> TrainConfig:
     saved = json.loads(state.read_text())["config"]
     saved["unet"] = UNetConfig.from_dict(saved["unet"])
     saved["percentiles"] = tuple(saved["percentiles"])
+    saved["augmentation"] = AcquisitionAugmentation(**saved.get("augmentation", {}))  # none before it existed
     return TrainConfig(**saved)
 
 
@@ -151,6 +167,9 @@ class Trainer:
             self.validation = slices[order[:held]]
             slices = slices[order[held:]]
         self.slices = slices.to(self.device)
+        # Computed once: the region each slice is stripped to whenever the skull-strip augmentation picks it.
+        self.strip_regions = strip_regions(slices, config.augmentation).to(self.device) \
+            if config.augmentation.skull_strip else None
         self.validation = self.validation.to(self.device)
 
         self.network = UNet(config.unet).to(self.device)
@@ -229,7 +248,11 @@ class Trainer:
     def train_step(self, generator: torch.Generator) -> float:
         c = self.config
         index = torch.randint(len(self.slices), (c.batch_size,), generator=generator)
-        x0 = augment(self.slices[index.to(self.device)], generator)
+        x0 = self.slices[index.to(self.device)]
+        if c.augmentation.active:
+            brains = None if self.strip_regions is None else self.strip_regions[index.to(self.device)]
+            x0 = augment_acquisition(x0, brains, generator, c.augmentation)
+        x0 = augment(x0, generator)
         t = torch.randint(c.max_timestep, (c.batch_size,), generator=generator).to(self.device)
         noise = gaussian_noise(x0, generator)
         x_t = self.scheduler.add_noise(x0, noise, t)
@@ -269,7 +292,7 @@ class Trainer:
         write_card(self.output, new_card(
             c.name, c.modality, c.unet, max_timestep=c.max_timestep - 1, percentiles=c.percentiles,
             min_foreground_fraction=c.min_foreground_fraction, license=c.license, description=c.description, valid_for=c.valid_for,
-            slice_levels=c.slice_levels,
+            slice_levels=c.slice_levels, covers=c.covers(),
             training={"data": c.data, "slices": len(self.slices), "steps": self.step,
                       "steps_in_all": self.step + steps_in_all(c.earlier_training),
                       "validation_mse_t200": validation_mse, "config": c.to_dict()},
