@@ -120,6 +120,34 @@ def test_dev_set_is_the_unseen_tumour_slices_of_training_patients(tiny_model, da
     assert "tumour slices" in dev.description
 
 
+def test_robustness_dev_sets_are_lgg_dev_stripped_or_with_scanner_changes(tiny_model, data_root):
+    from AutoDDPMLib.benchmark.datasets import DATASETS, default_datasets, load_dataset
+    from AutoDDPMLib.models.bundle import read_card
+    from AutoDDPMLib.volumes.head_region import brain_region
+
+    card = read_card(tiny_model)
+    sizes = dict(max_volumes=None)
+    dev = load_dataset("lgg-dev", data_root, card, sizes, seed=0)
+    stripped = load_dataset("lgg-dev-stripped", data_root, card, sizes, seed=0)
+    scanner = load_dataset("lgg-dev-scanner", data_root, card, sizes, seed=0)
+    for changed in (stripped, scanner):  # the same training patients' tumour slices, the same truth
+        assert changed.volumes == dev.volumes and (changed.truth == dev.truth).all()
+        assert "lgg_flair/train" in changed.description and changed.x.shape == dev.x.shape
+        assert 0 <= changed.x.min() and changed.x.max() <= 1 and not torch.equal(changed.x, dev.x)
+    # Stripped: black outside the brain region of the unstripped slices, tissue left inside it.
+    brain = brain_region(dev.x[:, 0].numpy(), (1.0, 1.0, 1.0), 12.0 * card.image_size / 40)
+    outside = dev.x[:, 0].numpy() * ~brain
+    assert outside.sum() > 0 and (stripped.x[:, 0].numpy() * ~brain).sum() < 0.1 * outside.sum()
+    assert (stripped.x[:, 0].numpy()[brain] > 0).mean() > 0.9
+    # Scanner: black air stays black, the tissue changes; the seed decides the change.
+    assert (scanner.x[dev.x == 0] == 0).all()
+    assert torch.equal(scanner.x, load_dataset("lgg-dev-scanner", data_root, card, sizes, seed=0).x)
+    assert not torch.equal(scanner.x, load_dataset("lgg-dev-scanner", data_root, card, sizes, seed=1).x)
+    assert "skull-stripped" in stripped.description and "seed 0" in scanner.description
+    assert {"lgg-dev-stripped", "lgg-dev-scanner"} <= set(DATASETS)
+    assert not any("dev" in name for name in default_datasets(card))
+
+
 def test_the_t1_dev_set_puts_synthetic_lesions_on_training_slices(tiny_model, data_root):
     from AutoDDPMLib.benchmark.datasets import calibration_family, load_dataset
     from AutoDDPMLib.models.bundle import read_card

@@ -18,6 +18,14 @@ Datasets (under the data root, ``../shared/data`` of the repository by default):
   tumours are unseen: a development set for choosing a recipe without looking
   at the validation patients. Never a default; its lesion-free slices are left
   out (their healthy tissue was trained on).
+* ``lgg-dev-stripped``: lgg-dev as a skull-stripping pipeline would deliver it:
+  each volume set to 0 outside the brain region the engine computes (the card's
+  ``brain_erosion_mm``, 12 mm without one) before the card's preprocessing. The
+  truth is lgg-dev's, tumour voxels stripped away included. Never a default.
+* ``lgg-dev-scanner``: lgg-dev's slices with scanner-like intensity changes after
+  the preprocessing (gamma, intensity scale, smooth bias field; the training
+  augmentation's transforms at fixed strengths), one draw per patient from the
+  benchmark's seed. Never a default.
 * ``ixi-dev``: every 8th IXI T1 training slice with synthetic lesions, as ``ixi``:
   the T1 development set. The lesions are new to the model but the tissue around
   them is not, so it flatters; for comparing recipes only. Never a default.
@@ -39,8 +47,13 @@ import numpy as np
 
 from ..errors import AutoDDPMError
 
-DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev", "ixi-dev")
+DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev", "ixi-dev", "lgg-dev-stripped", "lgg-dev-scanner")
 DEV_STRIDE = 8  # the development sets: every 8th training patient (lgg-dev: 10 of 80) or subject (ixi-dev: 58 of 461)
+# Where the card does not post-process with a brain region: flair-lgg's erosion.
+DEFAULT_STRIP_EROSION_MM = 12.0
+# lgg-dev-scanner's changes: a gamma up to exp(+-0.3), an intensity scale up to exp(+-0.15), a bias field up to
+# exp(+-0.3); as strong as the augmentation that docs/TRAINING.md suggests, so it measures what training covered.
+SCANNER_GAMMA, SCANNER_CONTRAST, SCANNER_BIAS_FIELD = 0.3, 0.15, 0.3
 
 
 @dataclass
@@ -73,14 +86,41 @@ class EvalSet:
         return [np.flatnonzero(ids == v) for v in dict.fromkeys(self.volumes)]
 
 
-def _volume_slices(image_path: Path, mask_path: Optional[Path], card):
-    """All slices with signal of a volume on the model grid, and the mask on the same grid (> 0.5)."""
+def skull_stripped(array: np.ndarray, spacing, percentiles, erosion_mm: float) -> np.ndarray:
+    """A volume [S, H, W] as a skull-stripping pipeline leaves it: 0 outside the brain region the engine computes."""
+    from ..volumes.head_region import brain_region
+    from ..volumes.slices import intensity_window, normalize
+
+    brain = brain_region(normalize(array, intensity_window(array, percentiles)), spacing, erosion_mm)
+    return np.where(brain, array, 0).astype(array.dtype)
+
+
+def scanner_changed(grid, seed: int):
+    """Slices [S, 1, N, N] of one patient with one draw of scanner-like intensity changes (seeded)."""
+    import torch
+
+    from ..training.acquisition_augmentation import random_bias_field, random_contrast, random_gamma
+
+    generator = torch.Generator().manual_seed(seed)
+    # The slices as the channels of one sample: the transforms draw per sample, so the patient gets one draw.
+    x = grid.transpose(0, 1)
+    x = random_bias_field(x, generator, SCANNER_BIAS_FIELD)
+    x = random_gamma(x, generator, SCANNER_GAMMA)
+    return random_contrast(x, generator, SCANNER_CONTRAST).transpose(0, 1).contiguous()
+
+
+def _volume_slices(image_path: Path, mask_path: Optional[Path], card, strip_erosion_mm: Optional[float] = None):
+    """All slices with signal of a volume on the model grid, and the mask on the same grid (> 0.5); with
+    ``strip_erosion_mm``, of the volume stripped to its brain region first."""
     from ..volumes.slices import AxialStack, has_signal, intensity_window, normalize, to_model_grid
     from ..volumes.volume_io import read_volume
 
     percentiles, min_fraction = card.intensity_percentiles, card.min_foreground_fraction
     stack = AxialStack.from_image(read_volume(image_path))
-    slices01 = normalize(stack.array, intensity_window(stack.array, percentiles))
+    array = stack.array
+    if strip_erosion_mm is not None:
+        array = skull_stripped(array, stack.spacing, percentiles, strip_erosion_mm)
+    slices01 = normalize(array, intensity_window(array, percentiles))
     keep = np.array([has_signal(s, min_fraction) for s in slices01], dtype=bool)
     if not keep.any():
         return None, None, keep
@@ -97,8 +137,10 @@ def _volume_slices(image_path: Path, mask_path: Optional[Path], card):
 
 
 def load_lgg(folder: Path, card, max_volumes: Optional[int], name: str = "lgg", stride: int = 1,
-             lesion_only: bool = False) -> EvalSet:
-    """LGG FLAIR patients (every ``stride``-th): every slice with signal, tumour and tumour-free (or tumour only)."""
+             lesion_only: bool = False, strip_erosion_mm: Optional[float] = None,
+             scanner_seed: Optional[int] = None) -> EvalSet:
+    """LGG FLAIR patients (every ``stride``-th): every slice with signal, tumour and tumour-free (or tumour only);
+    skull-stripped with ``strip_erosion_mm``, with scanner-like changes seeded by ``scanner_seed``."""
     import torch
 
     from ..training.training_data import find_training_images
@@ -108,13 +150,15 @@ def load_lgg(folder: Path, card, max_volumes: Optional[int], name: str = "lgg", 
     if max_volumes:
         pairs = pairs[:max_volumes]
     xs, truths, volumes = [], [], []
-    for image, mask in pairs:
-        grid, truth, _ = _volume_slices(image, mask, card)
+    for index, (image, mask) in enumerate(pairs):
+        grid, truth, _ = _volume_slices(image, mask, card, strip_erosion_mm)
         if grid is not None and lesion_only:
             keep = truth.any(axis=(1, 2))
             grid, truth = (grid[torch.as_tensor(keep)], truth[keep]) if keep.any() else (None, None)
         if grid is None:
             continue
+        if scanner_seed is not None:
+            grid = scanner_changed(grid, scanner_seed * 1000 + index)
         patient = image.name.split("_flair")[0] if "_flair" in image.name else image.name.split(".")[0]
         xs.append(grid)
         truths.append(truth)
@@ -125,6 +169,12 @@ def load_lgg(folder: Path, card, max_volumes: Optional[int], name: str = "lgg", 
     n = card.image_size
     which = f"every {stride}th patient" if stride > 1 else "patients"
     slices = f"their {len(volumes)} tumour slices" if lesion_only else f"all {len(volumes)} slices with signal"
+    changes = ""
+    if strip_erosion_mm is not None:
+        changes += f", skull-stripped to the brain region (head eroded {strip_erosion_mm:g} mm)"
+    if scanner_seed is not None:
+        changes += (f", scanner-like intensity changes per patient (gamma exp(+-{SCANNER_GAMMA:g}), scale "
+                    f"exp(+-{SCANNER_CONTRAST:g}), bias field exp(+-{SCANNER_BIAS_FIELD:g}), seed {scanner_seed})")
     return EvalSet(
         name=name,
         x=torch.cat(xs),
@@ -132,7 +182,7 @@ def load_lgg(folder: Path, card, max_volumes: Optional[int], name: str = "lgg", 
         healthy=None,
         volumes=volumes,
         bins=[size_bin(int(t.sum()), n) for t in truth],
-        description=f"LGG FLAIR ({folder}): {len(pairs)} {which}, {slices}, expert masks",
+        description=f"LGG FLAIR ({folder}): {len(pairs)} {which}, {slices}, expert masks{changes}",
         per_volume=True,
     )
 
@@ -140,6 +190,19 @@ def load_lgg(folder: Path, card, max_volumes: Optional[int], name: str = "lgg", 
 def load_lgg_dev(train_folder: Path, card, max_volumes: Optional[int] = None) -> EvalSet:
     """The development set: the tumour slices of every DEV_STRIDE-th training patient (training saw none)."""
     return load_lgg(train_folder, card, max_volumes, name="lgg-dev", stride=DEV_STRIDE, lesion_only=True)
+
+
+def load_lgg_dev_stripped(train_folder: Path, card, max_volumes: Optional[int] = None) -> EvalSet:
+    """lgg-dev skull-stripped to the brain region the engine computes with this card."""
+    erosion = card.postprocessing.get("brain_erosion_mm")
+    return load_lgg(train_folder, card, max_volumes, name="lgg-dev-stripped", stride=DEV_STRIDE, lesion_only=True,
+                    strip_erosion_mm=DEFAULT_STRIP_EROSION_MM if erosion is None else erosion)
+
+
+def load_lgg_dev_scanner(train_folder: Path, card, max_volumes: Optional[int] = None, seed: int = 0) -> EvalSet:
+    """lgg-dev with seeded scanner-like intensity changes, one draw per patient."""
+    return load_lgg(train_folder, card, max_volumes, name="lgg-dev-scanner", stride=DEV_STRIDE, lesion_only=True,
+                    scanner_seed=seed)
 
 
 def _png_slice(path: Path, card):
@@ -293,7 +356,7 @@ def default_datasets(card) -> list[str]:
         return ["lgg", "lgg-synth"]
     if "t1" in modality:
         return ["ixi"]
-    return list(DATASETS)
+    return ["lgg", "lgg-synth", "ixi"]  # the three evaluation sets; a development set is never a default
 
 
 DATASET_FOLDERS = {
@@ -302,6 +365,8 @@ DATASET_FOLDERS = {
     "ixi": lambda root: root / "ixi_t1_midaxial" / "val",
     "lgg-dev": lambda root: root / "lgg_flair" / "train",
     "ixi-dev": lambda root: root / "ixi_t1_midaxial" / "train",
+    "lgg-dev-stripped": lambda root: root / "lgg_flair" / "train",
+    "lgg-dev-scanner": lambda root: root / "lgg_flair" / "train",
 }
 
 
@@ -329,6 +394,10 @@ def load_dataset(name: str, root: Path, card, sizes: dict, seed: int) -> EvalSet
         return load_ixi(folder, card, sizes["max_images"], seed)
     if name == "lgg-dev":
         return load_lgg_dev(folder, card, sizes["max_volumes"])
+    if name == "lgg-dev-stripped":
+        return load_lgg_dev_stripped(folder, card, sizes["max_volumes"])
+    if name == "lgg-dev-scanner":
+        return load_lgg_dev_scanner(folder, card, sizes["max_volumes"], seed)
     return load_ixi_dev(folder, card, sizes["max_images"], seed)
 
 
