@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Continue training flair-lgg on a CUDA machine with the acquisition augmentation, and try the 96 x 96 grid.
+#
+#   tools/train_on_gpu.sh OUTPUT_DIR [MINUTES] [SLICES_64] [SLICES_96]
+#
+# Two runs share the GPU at the same time, each at batch 64 with a checkpoint every minute, each stopping
+# after MINUTES (default 8) of training:
+#   OUTPUT_DIR/flair-lgg-aug  flair-lgg's shipped weights trained further on its 64 x 64 grid
+#   OUTPUT_DIR/flair-lgg-96   a 96 x 96 network from scratch (the same channels)
+# both with gamma, intensity-scale, bias-field and skull-strip augmentation. The same command again continues
+# both (--resume) for another MINUTES. Afterwards the new cards get flair-lgg's post-processing and sampling
+# settings, and the script prints the commands that calibrate them where the validation data is.
+#
+# Needs only this repository, `pip install -e .` and a CUDA build of PyTorch: the training slices travel as
+# files from `autoddpm prepare-slices` (SLICES_64, SLICES_96; default OUTPUT_DIR/flair-train-64.safetensors
+# and -96). Where they are missing and the data is at $AUTODDPM_DATA (default ../shared/data), the script
+# makes them. PYTHON (default python3) runs the engine; AUTODDPM_DEVICE=cpu makes a smoke run without a GPU.
+set -euo pipefail
+
+if [[ $# -lt 1 || $# -gt 4 ]]; then
+  sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$1"
+out="$(cd "$1" && pwd)"
+minutes="${2:-8}"
+slices64="${3:-$out/flair-train-64.safetensors}"
+slices96="${4:-$out/flair-train-96.safetensors}"
+python="${PYTHON:-python3}"
+device="${AUTODDPM_DEVICE:-cuda}"
+data="${AUTODDPM_DATA:-$repo/../shared/data}"
+cd "$repo"  # the shipped model is found by name from here
+autoddpm() { "$python" -m AutoDDPMLib.cli "$@"; }
+
+if ! "$python" -c "import AutoDDPMLib, torch" 2>/dev/null; then
+  echo "train_on_gpu: $python cannot import AutoDDPMLib and torch: run \`pip install -e .\` in $repo first" >&2
+  exit 2
+fi
+if [[ "$device" == cuda ]] && ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "train_on_gpu: PyTorch sees no CUDA GPU here (AUTODDPM_DEVICE=cpu for a smoke run on the CPU)" >&2
+  exit 2
+fi
+
+# The training slices: the healthy slices of the 80 LGG training patients, preprocessed as `train` would.
+for grid in 64 96; do
+  file="slices$grid"
+  if [[ ! -f "${!file}" ]]; then
+    if [[ ! -d "$data/lgg_flair/train" ]]; then
+      echo "train_on_gpu: no ${!file}, and no training data at $data/lgg_flair/train to make it from. Where the" \
+           "data is, run: autoddpm prepare-slices --data ../shared/data/lgg_flair/train" \
+           "--image-size $grid --output flair-train-$grid.safetensors; then give the files to this script" >&2
+      exit 2
+    fi
+    # flair-lgg's preprocessing is the default one; --like would also take its 64-pixel grid.
+    autoddpm prepare-slices --data "$data/lgg_flair/train" --image-size "$grid" --output "${!file}"
+  fi
+done
+
+augmentation=(--augment-gamma 0.3 --augment-contrast 0.15 --augment-bias-field 0.3 --augment-skull-strip 0.3)
+card=(--name flair-lgg --modality FLAIR
+      --valid-for "axial FLAIR brain MRI, with skull or skull-stripped, whole brain, all slice levels"
+      --license "CC BY-NC-SA 4.0 (follows the training data: TCGA-LGG / Buda et al. 2019; non-commercial)"
+      --description "Axial FLAIR, whole brain, all slice levels; trained on the lesion-free slices of 80 lower-grade glioma patients, with scanner and skull-stripping augmentation")
+budget=(--batch-size 64 --device "$device" --max-minutes "$minutes" --checkpoint-minutes 1 --steps 1000000)
+
+# One run: continued from its checkpoint where there is one, else started with the given arguments.
+train() {
+  local run="$out/$1"; shift
+  if [[ -f "$run/checkpoint/state.json" ]]; then
+    autoddpm train --output "$run" --resume --max-minutes "$minutes"
+  else
+    autoddpm train --output "$run" "$@"
+  fi
+}
+
+echo "train_on_gpu: two runs of $minutes minutes on $device; logs in $out/*.log"
+train flair-lgg-aug --data "$slices64" --init-from flair-lgg "${budget[@]}" "${card[@]}" "${augmentation[@]}" \
+  > "$out/flair-lgg-aug.log" 2>&1 &
+first=$!
+train flair-lgg-96 --data "$slices96" --image-size 96 "${budget[@]}" "${card[@]}" "${augmentation[@]}" \
+  > "$out/flair-lgg-96.log" 2>&1 &
+second=$!
+status=0
+wait "$first" || { status=1; echo "train_on_gpu: flair-lgg-aug failed, see $out/flair-lgg-aug.log" >&2; }
+wait "$second" || { status=1; echo "train_on_gpu: flair-lgg-96 failed, see $out/flair-lgg-96.log" >&2; }
+
+# A new card has placeholder thresholds and the paper's settings; flair-lgg's were chosen on lgg-dev.
+for run in flair-lgg-aug flair-lgg-96; do
+  if [[ -f "$out/$run/model.json" ]]; then
+    "$python" - "$out/$run" <<'EOF'
+import json, sys
+from pathlib import Path
+
+from AutoDDPMLib.models.bundle import read_card, resolve_model, write_card
+
+shipped = read_card(resolve_model("flair-lgg")).data
+new = read_card(Path(sys.argv[1])).data
+new.update({key: shipped[key] for key in ("postprocessing", "schedules", "lpips_image_size")})
+write_card(sys.argv[1], new)
+training = new["training"]
+print(f"{sys.argv[1]}: {training['steps']} steps in this run, validation MSE(t=200) {training['validation_mse_t200']:.5f}")
+EOF
+  fi
+  tail -n 3 "$out/$run.log" | tr '\r' '\n' | tail -n 2
+done
+
+cat <<EOF
+
+Where the validation data is (../shared/data), calibrate before benchmarking (the 96 grid's step-1 mask
+dilation is flair-lgg's 9 pixels scaled to 13):
+  autoddpm calibrate $out/flair-lgg-aug --data ../shared/data/lgg_flair/val --max-slices 128
+  autoddpm calibrate $out/flair-lgg-aug --data ../shared/data/lgg_flair/val --max-slices 32 --schedule reference
+  autoddpm calibrate $out/flair-lgg-96 --data ../shared/data/lgg_flair/val --max-slices 128 --mask-dilation 13
+  autoddpm calibrate $out/flair-lgg-96 --data ../shared/data/lgg_flair/val --max-slices 32 --schedule reference
+then compare on the development sets (never the validation patients):
+  autoddpm benchmark --model $out/flair-lgg-aug --quick --datasets lgg-dev,lgg-dev-stripped,lgg-dev-scanner --output-dir $out/flair-lgg-aug-dev
+Continue both runs: $0 $*
+EOF
+exit "$status"
