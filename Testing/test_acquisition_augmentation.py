@@ -116,3 +116,7 @@ def test_covers_can_be_stated_for_data_without_augmentation(tmp_path):
                  "16", "--batch-size", "4", "--steps", "1", "--covers-skull-stripped", "no"]) == 0
     card = json.loads((tmp_path / "b" / "model.json").read_text())
     assert card["covers"] == {"skull_stripped": False} and card["training"]["config"]["augmentation"]["gamma"] == 0.0
+    assert main(["train", "--output", str(tmp_path / "b"), "--resume", "--steps", "2", "--checkpoint-minutes", "0",
+                 "--covers-skull-stripped", "yes"]) == 0
+    # Like slice_levels, corrected on resume: the next card written says it.
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["config"]["covers_skull_stripped"] is True

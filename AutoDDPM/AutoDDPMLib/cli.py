@@ -364,11 +364,12 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             augmentation=AcquisitionAugmentation(gamma=args.augment_gamma, contrast=args.augment_contrast,
                                                  bias_field=args.augment_bias_field, skull_strip=args.augment_skull_strip),
-            covers_skull_stripped=None if args.covers_skull_stripped is None else args.covers_skull_stripped == "yes",
         )
     for key in ("steps", "max_minutes", "checkpoint_minutes", "slice_levels"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
+    if args.covers_skull_stripped is not None:  # what the card says about its inputs, correctable on resume too
+        config.covers_skull_stripped = args.covers_skull_stripped == "yes"
     trainer = Trainer(config, Path(args.output), device=args.device)
     if args.resume:
         trainer.load_checkpoint()
@@ -508,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     augmentation.add_argument("--covers-skull-stripped", choices=["yes", "no"], default=None,
                               help="whether the model is meant for skull-stripped scans, for the card's covers "
                                    "(`autoddpm run` warns on a stripped input with 'no'); default: yes with "
-                                   "--augment-skull-strip, else not recorded")
+                                   "--augment-skull-strip, else not recorded (with --resume: corrects the card)")
     train.set_defaults(handler=_train)
     return parser
 
