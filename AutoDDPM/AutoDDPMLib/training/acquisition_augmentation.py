@@ -48,10 +48,6 @@ class AcquisitionAugmentation:
         if not self.field_of_view_mm > 0:
             raise AutoDDPMError(f"the field of view must be > 0 mm, not {self.field_of_view_mm}")
 
-    @property
-    def active(self) -> bool:
-        return any((self.gamma, self.contrast, self.bias_field, self.skull_strip))
-
     def to_dict(self) -> dict:
         return asdict(self)
 

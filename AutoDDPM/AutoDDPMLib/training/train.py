@@ -248,11 +248,10 @@ class Trainer:
     def train_step(self, generator: torch.Generator) -> float:
         c = self.config
         index = torch.randint(len(self.slices), (c.batch_size,), generator=generator)
-        x0 = self.slices[index.to(self.device)]
-        if c.augmentation.active:
-            brains = None if self.strip_regions is None else self.strip_regions[index.to(self.device)]
-            x0 = augment_acquisition(x0, brains, generator, c.augmentation)
-        x0 = augment(x0, generator)
+        index = index.to(self.device)
+        brains = None if self.strip_regions is None else self.strip_regions[index]
+        # The scanner and the pipeline first, then the reference's geometric augmentation (the head's pose).
+        x0 = augment(augment_acquisition(self.slices[index], brains, generator, c.augmentation), generator)
         t = torch.randint(c.max_timestep, (c.batch_size,), generator=generator).to(self.device)
         noise = gaussian_noise(x0, generator)
         x_t = self.scheduler.add_noise(x0, noise, t)
