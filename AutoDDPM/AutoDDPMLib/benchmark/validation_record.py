@@ -26,6 +26,11 @@ from ..models.validation import METHOD
 from .report import read_run
 
 
+def _made_by(meta: dict, source: str) -> dict[str, Any]:
+    """Where a recorded run is and what made it: its folder, command, commit and date."""
+    return {"benchmark": source, "command": meta.get("command"), "commit": meta.get("commit"), "date": meta.get("date")}
+
+
 def validation_summary(results: list[dict], meta: dict, source: str) -> dict[str, Any]:
     """The card's ``validation`` entry for one benchmark run (its results.json rows and meta.json)."""
     by_dataset: dict[str, dict[str, dict]] = {}
@@ -41,10 +46,7 @@ def validation_summary(results: list[dict], meta: dict, source: str) -> dict[str
     if not by_dataset:
         raise AutoDDPMError(f"{source} has no '{METHOD}' rows: it is not a benchmark of this model's default schedule")
     return {
-        "benchmark": source,
-        "command": meta.get("command"),
-        "commit": meta.get("commit"),
-        "date": meta.get("date"),
+        **_made_by(meta, source),
         "device": meta.get("device"),
         "quick": meta.get("quick"),
         "datasets": meta.get("datasets"),
@@ -73,10 +75,7 @@ def volume_validation_summary(rows: list[dict], meta: dict, source: str) -> dict
     if row is None:
         raise AutoDDPMError(f"{source} has no '{METHOD}' row: it is not a whole-volume benchmark of this model")
     return {
-        "benchmark": source,
-        "command": meta.get("command"),
-        "commit": meta.get("commit"),
-        "date": meta.get("date"),
+        **_made_by(meta, source),
         "data": meta.get("data"),
         "schedule": meta.get("schedule"),
         "threshold": row["threshold"],
