@@ -143,6 +143,7 @@ def main() -> None:
                         help="slice spacing (mm) brainextractor reads the stacks with (their headers say a nominal 1 mm)")
     parser.add_argument("--healthy-rate", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--per-patient", action="store_true", help="also each development patient's Dice per region")
     parser.add_argument("--figure", type=Path, help="a PNG of each development patient's largest tumour slice with "
                         "the truth and the unmodified regions' outlines")
     args = parser.parse_args()
@@ -225,6 +226,7 @@ def main() -> None:
     print("| brain region | tumour in region (pooled / worst patient) | region volume (mL, median) | threshold | "
           "Dice (pooled) | AUPRC | median patient Dice | found (Dice > 0.1) | s / volume |")
     print("|---|---|---|---|---|---|---|---|---|")
+    per_patient = {}
     for name, (region, secs) in regions.items():
         def post(v):
             result = np.where(region[v.name], raw[v.name], 0).astype(raw[v.name].dtype)
@@ -236,6 +238,7 @@ def main() -> None:
         dev_maps = [post(v) for v in dev]
         masks = [anomaly_mask(m, threshold, v.spacing, settings) for m, v in zip(dev_maps, dev)]
         row = score(name, dev, dev_maps, masks, threshold)
+        per_patient[name] = row["per_patient_dice"]
         inside = sum(int(v.truth[region[v.name]].sum()) for v in dev) / sum(int(v.truth.sum()) for v in dev)
         worst = min(v.truth[region[v.name]].sum() / v.truth.sum() for v in dev)
         volume_ml = np.median([region[v.name].sum() * np.prod(v.spacing) / 1000 for v in dev])
@@ -243,6 +246,10 @@ def main() -> None:
               f"{row['auprc']:.3f} | {row['patient_dice_median']:.3f} | {row['found']}/{row['patients']} | "
               f"{'-' if secs is None else f'{secs:.1f}'} |", flush=True)
 
+    if args.per_patient:
+        print("\n| patient | " + " | ".join(per_patient) + " |\n|---|" + "---|" * len(per_patient))
+        for v in dev:
+            print(f"| {v.name} | " + " | ".join(f"{d[v.name]:.3f}" for d in per_patient.values()) + " |")
     if args.figure:
         import matplotlib
 
