@@ -103,3 +103,11 @@ def test_engine_warns_on_a_skull_stripped_input(tiny_model_with):
     model = tiny_model_with("with-skull", covers={"skull_stripped": False})
     result = AutoDDPM(model).process_volume(stripped(head_with_skull()), name="scan.nii.gz")
     assert any("looks skull-stripped" in w for w in result.warnings)
+
+
+def test_the_bundled_models_say_they_do_not_cover_skull_stripped_scans():
+    # Both were trained on scans with skull: a skull-stripped input must get the warning above.
+    from AutoDDPMLib.models.bundle import list_bundled_models
+
+    assert {card.name: card.covers for card in list_bundled_models()} == {
+        "flair-lgg": {"skull_stripped": False}, "t1-ixi-midaxial": {"skull_stripped": False}}
