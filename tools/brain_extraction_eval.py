@@ -72,7 +72,6 @@ def worker(method: str, out: Path, images: list[str], bet_slice_spacing: float) 
             mask = nib.Nifti1Image(np.asarray(mask.dataobj).astype(np.uint8), img.affine, img.header)
         elif method == "bet":
             from brainextractor import BrainExtractor
-
             from scipy import ndimage
 
             # brainextractor works in voxel units (it takes pixdim[1] as the resolution of every axis), and LGG's

@@ -6,6 +6,8 @@ and rerun.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shlex
 import subprocess
 import sys
@@ -43,3 +45,12 @@ def command_line(subcommand: str) -> Optional[str]:
     if subcommand not in sys.argv[1:]:
         return None
     return "autoddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (the weights, card or input a result was made from), read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

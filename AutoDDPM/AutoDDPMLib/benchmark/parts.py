@@ -27,15 +27,6 @@ PARTS_FOLDER = "partial"
 _ENGINE = Path(__file__).resolve().parents[1]  # the AutoDDPMLib package
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def engine_digest() -> str:
     """SHA-256 of the engine's source files: a part made by other code is not reused."""
     digest = hashlib.sha256()

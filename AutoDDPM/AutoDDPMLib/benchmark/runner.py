@@ -42,10 +42,10 @@ import numpy as np
 from ..diffusion.onnx_backend import BACKENDS
 from ..errors import AutoDDPMError
 from ..models.bundle import WEIGHTS_FILE
-from ..provenance import command_line, git_commit
+from ..provenance import command_line, file_sha256, git_commit
 from .datasets import DATASETS, EvalSet, calibration_slices, default_datasets, load_with_provenance, spread
 from .methods import MethodRun, Runner, build_methods
-from .parts import PartStore, engine_digest, file_digest
+from .parts import PartStore, engine_digest
 from .prepared_data import is_prepared_data, read_prepared_data, write_prepared_data
 from .report import write_figures, write_run
 from .scoring import BIN_ORDER, calibrate_baselines, evaluate_rows, fidelity_maps
@@ -199,7 +199,7 @@ def run_benchmark(
     # The code that runs is the checkout as it is now: edits made while the run goes on do not count.
     commit = git_commit()
     run_fields = {
-        "weights": file_digest(Path(folder) / WEIGHTS_FILE), "card": card.data, "engine": engine_digest(),
+        "weights": file_sha256(Path(folder) / WEIGHTS_FILE), "card": card.data, "engine": engine_digest(),
         "seed": seed, "batch_size": batch_size, "backend": backend, "device": torch_device.type,
     }
     parts = PartStore(output_dir, run_fields, resume)

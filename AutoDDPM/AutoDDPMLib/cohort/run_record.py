@@ -9,7 +9,6 @@ result can be traced and rerun; ``nifti_description`` puts the key facts in the 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,21 +18,13 @@ from .. import __version__
 from ..detection.postprocessing import PostProcessing
 from ..errors import AutoDDPMError
 from ..models.bundle import WEIGHTS_FILE, read_card, resolve_model
-from ..provenance import git_commit
+from ..provenance import file_sha256, git_commit
 
 RECORD_FORMAT = "autoddpm-run/1"
 # A NIfTI header's description holds 80 bytes, the last one its terminating zero; ITK's NIfTI writer fills it
 # from this key of an image's metadata.
 NIFTI_DESCRIPTION_BYTES = 79
 NIFTI_DESCRIPTION_KEY = "ITK_FileNotes"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from ..detection.postprocessing import PostProcessing
 from ..diffusion.pipeline import AutoDDPMPipeline
 from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from ..errors import AutoDDPMError
-from ..provenance import command_line
 from ..models.bundle import ModelCard, read_card, write_card
+from ..provenance import command_line
 from ..volumes.slices import FOREGROUND_LEVEL, AxialStack
 from .training_data import find_training_images, load_healthy_slices
 from .volume_calibration import HEALTHY_MARGIN_MM, LabelledVolume, calibrate_volume_threshold
