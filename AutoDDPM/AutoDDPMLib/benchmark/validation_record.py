@@ -54,13 +54,19 @@ def validation_summary(results: list[dict], meta: dict, source: str) -> dict[str
     }
 
 
-def record_validation(run_dir: str | os.PathLike, model_dir: str | os.PathLike) -> ModelCard:
-    """Write the benchmark run in ``run_dir`` into the card in ``model_dir`` as its ``validation``."""
-    run_dir = Path(run_dir)
-    results, meta = read_run(run_dir)
+def _run_of(run_dir: Path, model_dir: str | os.PathLike) -> tuple[list[dict], dict, ModelCard]:
+    """A finished run's rows and meta.json, and the card it is to be recorded in; refused when it benchmarks another model."""
+    rows, meta = read_run(run_dir)
     card = read_card(model_dir)
     if meta.get("model") != card.name:
         raise AutoDDPMError(f"{run_dir} benchmarks model '{meta.get('model')}', not '{card.name}'")
+    return rows, meta, card
+
+
+def record_validation(run_dir: str | os.PathLike, model_dir: str | os.PathLike) -> ModelCard:
+    """Write the benchmark run in ``run_dir`` into the card in ``model_dir`` as its ``validation``."""
+    run_dir = Path(run_dir)
+    results, meta, card = _run_of(run_dir, model_dir)
     if meta.get("thresholds") != card.data["thresholds"]:
         raise AutoDDPMError(
             f"{run_dir} was made with other thresholds than {card.path} holds now (the model was calibrated again "
@@ -93,10 +99,7 @@ def record_volume_validation(run_dir: str | os.PathLike, model_dir: str | os.Pat
     """Write the ``autoddpm benchmark-volumes`` run in ``run_dir`` into the card in ``model_dir`` as its
     ``validation_volumes``; refused unless the run used the card's post-processing and threshold as they are now."""
     run_dir = Path(run_dir)
-    rows, meta = read_run(run_dir)
-    card = read_card(model_dir)
-    if meta.get("model") != card.name:
-        raise AutoDDPMError(f"{run_dir} benchmarks model '{meta.get('model')}', not '{card.name}'")
+    rows, meta, card = _run_of(run_dir, model_dir)
     summary = volume_validation_summary(rows, meta, str(run_dir))
     made_as_now = (meta.get("postprocessing") == PostProcessing.from_dict(card.postprocessing).to_dict()
                    and summary["threshold"] == card.run_threshold(meta.get("schedule")))
