@@ -103,8 +103,11 @@ def _check_inputs(inputs: list[Path], single: bool) -> tuple[list[Path], list[Su
 
 
 def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, run: RunContext,
-             single: bool) -> tuple[dict[Path, dict], list[SummaryRow]]:
-    """Run every input, writing its outputs and their sidecar; one that fails is reported and skipped."""
+             single: bool) -> tuple[dict[Path, dict[str, Path]], list[SummaryRow]]:
+    """Run every input, writing its outputs and their sidecar; one that fails is reported and skipped.
+
+    Returns each finished input's output files (only their paths: a cohort's volumes are not held in memory) and
+    the summary rows."""
     from .volumes.volume_io import input_stem, make_output_dir, read_scan, write_outputs_atomically
 
     done, rows = {}, []
@@ -138,7 +141,7 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, r
                 write_outputs_atomically(files)
                 remove_other_outputs(output_dir, stem, list(files))
                 reporter.done(path, outputs, engine, result)
-            done[path] = {"outputs": outputs, "result": result, "image": image}
+            done[path] = outputs
             rows.append(SummaryRow(path.name, "ok", "", result.anomalous_volume_ml, result.slices, result.seconds,
                                    list(result.warnings), str(path)))
         except AutoDDPMError as error:
@@ -198,7 +201,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .benchmark.figures import FigureRow, save_overview
     from .resources import resources_dir
-    from .volumes.volume_io import check_output_dir
+    from .volumes.volume_io import check_output_dir, read_scan
 
     _check_engine_options(args)
     check_output_dir(args.output_dir)
@@ -218,9 +221,8 @@ def _demo(args: argparse.Namespace) -> int:
     done, _ = _process(engine, samples, output_dir, reporter, run, single=True)
     rows, overlap, flagged, truth_voxels = [], 0, 0, 0
     for path in samples:
-        outputs = done[path]["outputs"]
-        arrays = {key: _slices(sitk.ReadImage(str(output))) for key, output in outputs.items()}
-        image = _slices(done[path]["image"])
+        arrays = {key: _slices(sitk.ReadImage(str(output))) for key, output in done[path].items()}
+        image = _slices(read_scan(path))
         truth = _slices(sitk.ReadImage(str(path).replace(".nii.gz", "_mask.nii.gz"))) > 0
         # The slices with the most lesion, as the expert outlined it (three in all).
         for z in sorted(np.argsort(truth.reshape(len(truth), -1).sum(1))[-max(1, 3 // len(samples)):]):
@@ -233,7 +235,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nAutoDDPM demo on {', '.join(p.name for p in samples)} (model {engine.card.name}, schedule {engine.schedule_name}, "
           f"backend {engine.backend_name}):")
     for path in samples:
-        for key, output in done[path]["outputs"].items():
+        for key, output in done[path].items():
             print(f"  {key:14s} {output.resolve()}")
     print(f"  {'figure':14s} {figure.resolve()}")
     dice = 2 * overlap / max(flagged + truth_voxels, 1)
