@@ -16,7 +16,7 @@ from test_packaging import MODULE_DIR, cmake_list
 LIB = MODULE_DIR / "AutoDDPMLib"
 # Lowest first; a module may import from its own layer or a lower one (AutoDDPMLib/__init__.py says why).
 LAYERS = [
-    {"errors", "resources", "provenance", "legacy_paths", "__init__"},
+    {"errors", "resources", "provenance", "legacy_paths", "cpu_sharing", "__init__"},
     {"diffusion"},
     {"volumes"},
     {"models"},

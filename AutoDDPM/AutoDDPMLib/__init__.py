@@ -3,7 +3,7 @@
 Pure Python + PyTorch, no Slicer import. Its layers, lowest first; a module imports
 only from its own layer or lower ones (Testing/test_architecture.py checks):
 
-- ``errors``, ``resources``, ``provenance``: what every layer may use;
+- ``errors``, ``resources``, ``provenance``, ``cpu_sharing``: what every layer may use;
 - ``diffusion``: the network, noise scheduler, sampling schedules, LPIPS, the
   mask / stitch / re-sample pipeline, the ONNX Runtime backend, devices;
 - ``volumes``: image files in and out, orientation, intensity windows, model grids;

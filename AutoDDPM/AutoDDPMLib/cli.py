@@ -22,6 +22,7 @@ from .cohort.output_files import OUTPUT_SUFFIXES, output_path, remove_other_outp
 from .cohort.ranks import Ranks
 from .cohort.run_record import NIFTI_DESCRIPTION_KEY, RunContext, RunSettings, record_bytes, run_record
 from .cohort.summary import SummaryRow, write_summary
+from .cpu_sharing import lower_priority, wait_passively
 from .detection.postprocessing import POSTPROCESS_CHOICES
 from .diffusion.onnx_backend import BACKENDS
 from .diffusion.sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
@@ -412,7 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="autoddpm",
         description="AutoDDPM: unsupervised anomaly detection in brain MRI with diffusion models (mask, stitch, re-sample).",
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: all cores; waiting threads sleep, so runs that share the cores "
+                             "share their time rather than slowing each other down)")
+    parser.add_argument("--nice", action="store_true",
+                        help="run below normal CPU priority, so an interactive application on the same cores stays "
+                             "responsive (the Slicer module sets it)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="find anomalies in volumes: pseudo-healthy volume, anomaly map and mask")
@@ -518,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``autoddpm`` console script; returns the exit code."""
+    wait_passively()  # before anything imports torch (the benchmark commands' parser does)
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # a bare `autoddpm` asks what it can do
@@ -531,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads is not None and args.threads < 1:
             raise AutoDDPMError(f"--threads must be at least 1 (got {args.threads}); leave it out for the default")
+        if args.nice:
+            lower_priority()
         if args.threads:
             import torch
 

@@ -4,7 +4,8 @@ The float32 network is exported to ONNX with PyTorch's TorchScript-based
 exporter (``torch.onnx.export(..., dynamo=False)``, which needs the ``onnx``
 package but not ``onnxscript``) into a temporary folder, with a dynamic batch
 axis, and run by an ``onnxruntime.InferenceSession`` with the
-CPUExecutionProvider and as many intra-op threads as PyTorch uses. Inputs are
+CPUExecutionProvider and as many intra-op threads as PyTorch uses, which sleep
+rather than spin while they wait. Inputs are
 ``x`` [B, C, N, N] float32 and ``t`` [B] int64, the output is epsilon like
 ``UNet.forward``. Install the packages with ``pip install "autoddpm[onnx]"``.
 
@@ -50,6 +51,20 @@ def unavailable_reason(device: "torch.device") -> Optional[str]:
     return None
 
 
+def session_options(threads: int):
+    """ONNX Runtime's settings for the network: ``threads`` intra-op threads that sleep while they wait."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    # Beside a second job on the same cores, spinning threads take the cores that job needs
+    # (cpu_sharing.py); alone, sleeping made no measurable difference.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def onnxruntime_forward(
     network: nn.Module,
     image_size: int,
@@ -71,10 +86,7 @@ def onnxruntime_forward(
     net = copy.deepcopy(network).to(device="cpu", dtype=torch.float32).eval()
     x = torch.zeros(2, in_channels, image_size, image_size, dtype=torch.float32)
     t = torch.zeros(2, dtype=torch.int64)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only
+    options = session_options(threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="autoddpm-onnx-") as folder:
         path = Path(folder) / "unet.onnx"
         # The caller may be inside torch.inference_mode, under which tracing fails.

@@ -49,8 +49,12 @@ def engine_command(
     threshold: Optional[float] = None,
     repeats: int = 1,
 ) -> list[str]:
-    """The ``autoddpm run`` command line with machine-readable progress."""
-    args = [python_executable(), "-m", "AutoDDPMLib.cli", "run", str(input_path),
+    """The ``autoddpm run`` command line with machine-readable progress.
+
+    It runs below normal priority (``--nice``) on all cores: Slicer's views and
+    panels get the CPU when they need it, the run takes the rest.
+    """
+    args = [python_executable(), "-m", "AutoDDPMLib.cli", "--nice", "run", str(input_path),
             "--output-dir", str(output_dir), "--schedule", schedule, "--device", device,
             "--seed", str(int(seed)), "--progress", "json"]
     if model is not None:
