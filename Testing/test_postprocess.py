@@ -21,7 +21,7 @@ from AutoDDPMLib.detection.map_filters import (
     remove_small_components,
     smooth,
 )
-from AutoDDPMLib.detection.postprocessing import PostProcessing
+from AutoDDPMLib.detection.postprocessing import PostProcessing, option_settings
 from AutoDDPMLib.diffusion.polarity import deviation
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.models.bundle import read_card
@@ -47,7 +47,8 @@ def test_deviation_counts_the_chosen_direction_only() -> None:
 
 def test_settings_round_trip_and_refuse_what_they_do_not_know() -> None:
     settings = PostProcessing.from_dict(FLAIR_LIKE)
-    assert settings.to_dict() == FLAIR_LIKE and not settings.is_none
+    assert settings.to_dict() == {**FLAIR_LIKE, "brain_region": "head"} and not settings.is_none
+    assert PostProcessing.from_dict(settings.to_dict()) == settings
     assert PostProcessing.from_dict(None).is_none and PostProcessing.from_dict({}) == PostProcessing.none()
     assert "bright deviations" in settings.describe() and "3D median 3 mm" in settings.describe()
     with pytest.raises(AutoDDPMError, match="unknown post-processing settings in the model card: smoothing"):
@@ -56,6 +57,21 @@ def test_settings_round_trip_and_refuse_what_they_do_not_know() -> None:
         PostProcessing(polarity="hyper")
     with pytest.raises(AutoDDPMError, match="median_mm must be"):
         PostProcessing(median_mm=-1.0)
+    with pytest.raises(AutoDDPMError, match="unknown brain region 'skull'"):
+        PostProcessing(brain_region="skull")
+
+
+def test_the_deepbet_option_is_the_cards_post_processing_with_deepbets_region() -> None:
+    assert option_settings("card", FLAIR_LIKE) == FLAIR_LIKE and option_settings("none", FLAIR_LIKE) == {}
+    deepbet = option_settings("deepbet", FLAIR_LIKE)
+    assert deepbet == {**FLAIR_LIKE, "brain_region": "deepbet", "brain_erosion_mm": 0.0}
+    settings = PostProcessing.for_option("deepbet", FLAIR_LIKE)
+    assert settings.brain_region == "deepbet" and settings.median_mm == FLAIR_LIKE["median_mm"]
+    assert "deepbet brain mask" in settings.describe() and "eroded" not in settings.describe()
+    with pytest.raises(AutoDDPMError, match="this model's card has none"):
+        option_settings("deepbet", {})
+    with pytest.raises(AutoDDPMError, match="--postprocess must be one of card, deepbet, none"):
+        option_settings("skull", FLAIR_LIKE)
 
 
 def test_head_region_fills_holes_and_keeps_the_largest_region() -> None:
@@ -153,7 +169,7 @@ def test_engine_applies_the_cards_post_processing_and_none_gives_the_raw_map(tin
 
 
 def test_engine_refuses_an_unknown_postprocess_choice(tiny_model) -> None:
-    with pytest.raises(AutoDDPMError, match="--postprocess must be one of card, none"):
+    with pytest.raises(AutoDDPMError, match="--postprocess must be one of card, deepbet, none"):
         AutoDDPM(tiny_model, device="cpu", postprocess="median")
 
 
@@ -237,7 +253,7 @@ def test_volume_benchmark_scores_each_patient_as_autoddpm_run_makes_its_map(tiny
     # The bright blob is what intensity finds best: calibrated on the healthy voxels, it is found in both.
     assert rows[2]["found"] == 2 and rows[2]["healthy_fpr"] <= 0.01
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["postprocessing"] == FLAIR_LIKE and meta["cases"] == 2
+    assert meta["postprocessing"] == {**FLAIR_LIKE, "brain_region": "head"} and meta["cases"] == 2
     report = (out / "results.md").read_text()
     assert "| p1 |" in report and "found (Dice > 0.1)" in report
     assert (out / "patient_dice.png").is_file()

@@ -23,7 +23,7 @@ from .cohort.ranks import Ranks
 from .cohort.run_record import NIFTI_DESCRIPTION_KEY, RunContext, RunSettings, record_bytes, run_record
 from .cohort.summary import SummaryRow, write_summary
 from .cpu_sharing import lower_priority, wait_passively
-from .detection.postprocessing import POSTPROCESS_CHOICES
+from .detection.postprocessing import POSTPROCESS_CHOICES, PostProcessing
 from .diffusion.onnx_backend import BACKENDS
 from .diffusion.sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .errors import AutoDDPMError
@@ -294,7 +294,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                                healthy_fpr=args.healthy_fpr, max_slices=args.max_slices, device=args.device,
                                seed=args.seed, progress=progress, backend=args.backend, coarse_start=args.coarse_start,
                                lpips_size=args.lpips_size, resample_start=args.resample_start,
-                               mask_dilation=args.mask_dilation)
+                               mask_dilation=args.mask_dilation, with_deepbet=args.with_deepbet)
     finally:
         for bar in bars:
             bar.close()
@@ -302,6 +302,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"tau = {thresholds['mask_tau']:.5f} (flags {100 * info['flagged_by_tau']:.2f}% of healthy tissue), "
           f"anomaly threshold = {thresholds['anomaly']:.5f} (flags {100 * info['flagged_by_anomaly_threshold']:.2f}%), "
           f"from {info['healthy_slices']} healthy slices; written to {Path(args.model_dir) / 'model.json'}")
+    for entry in [thresholds.get("postprocessed")] + thresholds.get("postprocessed_alternatives", []):
+        if entry:
+            print(f"threshold on the map post-processed with {PostProcessing.from_dict(entry['settings']).describe()} "
+                  f"= {entry['anomaly']:.5f}, from {entry['calibration']['volumes']} whole volumes")
     return 0
 
 
@@ -319,7 +323,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     _add_backend_option(parser)
     parser.add_argument("--postprocess", default="card", choices=list(POSTPROCESS_CHOICES),
                         help="card: the model card's post-processing of the anomaly map (which deviations count, brain region, "
-                             "3D median, small components removed; default); none: the paper's raw map |x - x_ph| * M")
+                             "3D median, small components removed; default); deepbet: the same with deepbet's brain mask as "
+                             "the brain region (pip install --no-deps deepbet==1.0.2); none: the paper's raw map |x - x_ph| * M")
     parser.add_argument("--threshold", type=float, default=None, help="threshold on the anomaly map for the mask (default: the model card's calibrated value for the --postprocess chosen)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same result")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default 16 on CPU, 64 on GPU; halved on out-of-memory)")
@@ -458,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--coarse-start", type=int, default=None, metavar="LEVEL", help="start the schedule's coarse reconstruction at this noise level and calibrate for it (written to the card; default: the card's level, 200 as in the paper)")
     calibrate.add_argument("--resample-start", type=int, default=None, metavar="LEVEL", help="start the schedule's stitch-and-re-sample stage at this noise level and calibrate for it (written to the card; default: the card's level, 50 as in the paper)")
     calibrate.add_argument("--lpips-size", type=int, default=None, metavar="PIXELS", help="resize slices to this size for LPIPS in the mask step and calibrate for it (written to the card, for every schedule; default: the card's, else the model grid)")
+    calibrate.add_argument("--with-deepbet", action="store_true",
+                           help="also calibrate the threshold for `--postprocess deepbet` (makes the maps once more, "
+                                "with deepbet's brain region; pip install --no-deps deepbet==1.0.2)")
     calibrate.add_argument("--mask-dilation", type=int, default=None, metavar="PIXELS", help="dilate the schedule's step-1 mask by a square of this odd size on the model grid and calibrate for it (written to the card; default: the card's, else the paper's 3)")
     calibrate.add_argument("--device", default="auto")
     _add_backend_option(calibrate)

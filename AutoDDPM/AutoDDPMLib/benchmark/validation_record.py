@@ -101,7 +101,7 @@ def record_volume_validation(run_dir: str | os.PathLike, model_dir: str | os.Pat
     run_dir = Path(run_dir)
     rows, meta, card = _run_of(run_dir, model_dir)
     summary = volume_validation_summary(rows, meta, str(run_dir))
-    made_as_now = (meta.get("postprocessing") == PostProcessing.from_dict(card.postprocessing).to_dict()
+    made_as_now = (PostProcessing.from_dict(meta.get("postprocessing")) == PostProcessing.from_dict(card.postprocessing)
                    and summary["threshold"] == card.run_threshold(meta.get("schedule")))
     if not made_as_now:
         raise AutoDDPMError(

@@ -7,6 +7,9 @@ benchmark runs exactly that on volumes with expert masks and scores it per
 patient as well as pooled: a radiologist asks how often a tumour is missed,
 not only how many voxels were right.
 
+With ``--postprocess deepbet`` every post-processed method below searches
+deepbet's brain mask instead of the card's brain region.
+
 Methods, each thresholded at 1 % of the healthy tissue of the same volumes
 (tissue at least 10 mm from the lesion, or on lesion-free slices; see
 training.volume_calibration), except AutoDDPM with the card's own threshold:
@@ -116,7 +119,7 @@ def calibrated_method(cases: list[LabelledVolume], raw_maps: list[np.ndarray],
     """A map post-processed with ``settings`` and thresholded at 1% of the healthy voxels:
     (maps, masks, threshold, seconds per volume of the post-processing and thresholding as a run does them)."""
     started = time.perf_counter()
-    maps = [postprocess_map(raw, case.slices01, case.spacing, settings)[0] for raw, case in zip(raw_maps, cases)]
+    maps = [postprocess_map(raw, case.slices01, case.spacing, settings, case.array)[0] for raw, case in zip(raw_maps, cases)]
     seconds = time.perf_counter() - started
     threshold, _ = calibrate_volume_threshold(maps, [c.healthy for c in cases], [c.spacing for c in cases], settings)
     started = time.perf_counter()
@@ -128,6 +131,7 @@ def calibrated_method(cases: list[LabelledVolume], raw_maps: list[np.ndarray],
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Whole-volume benchmark: {meta['model']} on {meta['data']}", "",
              f"{meta['cases']} patients; command `{meta['command']}`, commit {meta['commit']}, {meta['date']}.", "",
+             f"Post-processing: {PostProcessing.from_dict(meta['postprocessing']).describe()}.", "",
              "| method | threshold | Dice (pooled) | AUPRC | patient Dice: median [IQR] | found (Dice > 0.1) | healthy voxels flagged "
              "| s / volume |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -169,9 +173,10 @@ def box_plot(rows: list[dict], path: Path) -> Optional[str]:
 
 def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_dir: str | os.PathLike,
                          max_volumes: Optional[int] = None, backend: str = "auto", baselines: Sequence[str] = (),
-                         log=print) -> list[dict]:
+                         log=print, postprocess: str = "card") -> list[dict]:
     """Run and score every method (and the ``baselines``, keys of RECONSTRUCTION_BASELINES) on the volumes with masks
-    in ``data``; write results.json, meta.json, results.md."""
+    in ``data``, every post-processed one as ``--postprocess postprocess`` says (card or deepbet); write
+    results.json, meta.json, results.md."""
     from ..detection.inference import AutoDDPM
     from ..training.training_data import find_training_images
 
@@ -182,7 +187,7 @@ def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_d
     pairs = [(image, mask) for image, mask in find_training_images(data) if mask is not None][:max_volumes]
     if not pairs:
         raise AutoDDPMError(f"no volumes with expert masks (*_mask) in {data}")
-    engine = AutoDDPM(model, backend=backend)
+    engine = AutoDDPM(model, backend=backend, postprocess=postprocess)
     settings = engine.postprocessing
     if settings.is_none:
         raise AutoDDPMError(f"model {engine.card.name} has no post-processing in its card; `autoddpm benchmark` scores its raw map")
@@ -234,11 +239,15 @@ def add_volume_benchmark_command(subparsers) -> None:
     command.add_argument("--baselines", nargs="*", default=[], choices=list(RECONSTRUCTION_BASELINES),
                          help="also the fixed-noise reconstructions (network evaluations: residual-fast 10 per slice, "
                               "anoddpm-100 101), raw and post-processed")
+    command.add_argument("--postprocess", default="card", choices=["card", "deepbet"],
+                         help="the post-processing of every method but the raw rows: the model card's (default), or the "
+                              "same with deepbet's brain mask as the brain region")
     command.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    rows = run_volume_benchmark(args.model, args.data, args.output_dir, args.max_volumes, args.backend, args.baselines)
+    rows = run_volume_benchmark(args.model, args.data, args.output_dir, args.max_volumes, args.backend, args.baselines,
+                                postprocess=args.postprocess)
     for row in rows:
         print(f"{row['method']:26s} Dice {row['dice']:.3f}  AUPRC {row['auprc']:.3f}  "
               f"patients found {row['found']}/{row['patients']}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..detection.postprocessing import PostProcessing
+from ..detection.postprocessing import PostProcessing, option_settings
 from ..errors import AutoDDPMError
 from ..models.bundle import WEIGHTS_FILE, read_card, resolve_model
 from ..provenance import file_sha256, git_commit
@@ -52,11 +52,11 @@ class RunSettings:
         """The settings of ``autoddpm run`` with these options; reads the model card and hashes the weights
         (tens of milliseconds), without loading the network. Thresholds are chosen as ``AutoDDPM`` chooses them."""
         card = read_card(resolve_model(model))
-        processing = PostProcessing.none() if postprocess == "none" else PostProcessing.from_dict(card.postprocessing)
-        postprocessed = not processing.is_none
+        settings = option_settings(postprocess, card.postprocessing)
+        processing = PostProcessing.from_dict(settings)
         if threshold is not None:
             threshold_from = "--threshold"
-        elif postprocessed and card.postprocessed_threshold(schedule) is not None:
+        elif settings and card.postprocessed_threshold(schedule, settings) is not None:
             threshold_from = "model card, post-processed map"
         else:
             threshold_from = "model card, raw map"
@@ -73,7 +73,7 @@ class RunSettings:
             schedule=schedule,
             postprocess=postprocess,
             postprocessing=processing.to_dict(),
-            threshold=card.run_threshold(schedule, postprocessed) if threshold is None else float(threshold),
+            threshold=card.run_threshold(schedule, settings) if threshold is None else float(threshold),
             threshold_from=threshold_from,
             mask_tau=card.thresholds_for(schedule)[0],
             seed=seed,

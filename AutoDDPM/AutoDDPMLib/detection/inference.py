@@ -25,9 +25,10 @@ from ..errors import AutoDDPMError
 from ..models.bundle import read_card, resolve_model
 from ..models.fit_checks import fit_warnings
 from ..models.networks import load_network
+from ..volumes.brain_extraction import deepbet_network_files
 from ..volumes.slices import FOREGROUND_LEVEL, AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
 from .map_filters import anomaly_mask, postprocess_map
-from .postprocessing import POSTPROCESS_CHOICES, PostProcessing
+from .postprocessing import PostProcessing, option_settings
 
 # Called with (fraction done in [0, 1], stage name).
 VolumeProgress = Callable[[float, str], None]
@@ -71,8 +72,9 @@ class AutoDDPM:
     ``threshold`` (on the anomaly map) and ``mask_threshold`` (tau, on the
     likelihood map) default to the model card's calibrated values. ``postprocess``
     is ``card`` (the card's post-processing: polarity, brain region, 3D median,
-    small components; see detection.map_filters) or ``none`` (the paper's raw
-    map, with its own calibrated threshold). ``backend``
+    small components; see detection.map_filters), ``deepbet`` (the same with
+    deepbet's brain mask as the region; ``pip install --no-deps deepbet==1.0.2``)
+    or ``none`` (the paper's raw map, with its own calibrated threshold). ``backend``
     runs the network with ``torch``, ``onnxruntime`` (CPU only, ``pip install
     "autoddpm[onnx]"``) or, by default, ``auto``: ONNX Runtime where it can run,
     else torch. ``backend_name`` says which runs and ``backend_note`` why torch
@@ -91,11 +93,11 @@ class AutoDDPM:
         backend: str = "auto",
         postprocess: str = "card",
     ) -> None:
-        if postprocess not in POSTPROCESS_CHOICES:
-            raise AutoDDPMError(f"--postprocess must be one of {', '.join(POSTPROCESS_CHOICES)}, not '{postprocess}'")
         self.card = read_card(resolve_model(model))
-        self.postprocessing = (PostProcessing.none() if postprocess == "none"
-                               else PostProcessing.from_dict(self.card.postprocessing))
+        settings = option_settings(postprocess, self.card.postprocessing)
+        self.postprocessing = PostProcessing.from_dict(settings)
+        if self.postprocessing.brain_region == "deepbet":
+            deepbet_network_files()  # missing or other networks: say so now, not after the first volume
         self.schedule_name = schedule
         self.device = select_device(device)
         self.seed = seed
@@ -109,14 +111,15 @@ class AutoDDPM:
                 f"model {self.card.name} has no thresholds calibrated for the {schedule} schedule, so its mask and "
                 f"anomaly threshold are not what its card promises; run `autoddpm calibrate MODEL_DIR --schedule {schedule} "
                 "--data HEALTHY_DATA` or give --threshold")
-        postprocessed = not self.postprocessing.is_none
-        if (postprocessed and self.card.postprocessed_threshold(schedule) is None and threshold is None
+        if (settings and self.card.postprocessed_threshold(schedule, settings) is None and threshold is None
                 and self.threshold_warning is None):
+            with_deepbet = " --with-deepbet" if self.postprocessing.brain_region == "deepbet" else ""
             self.threshold_warning = (
-                f"model {self.card.name} has no threshold calibrated for its post-processed map with the {schedule} "
-                f"schedule, so the mask uses the raw map's; run `autoddpm calibrate MODEL_DIR --schedule {schedule} "
-                "--data VOLUMES_WITH_MASKS`, give --threshold, or run with --postprocess none")
-        self.threshold = self.card.run_threshold(schedule, postprocessed) if threshold is None else threshold
+                f"model {self.card.name} has no threshold calibrated for its post-processed map "
+                f"({self.postprocessing.describe()}) with the {schedule} schedule, so the mask uses the raw map's; run "
+                f"`autoddpm calibrate MODEL_DIR --schedule {schedule} --data VOLUMES_WITH_MASKS{with_deepbet}`, give "
+                "--threshold, or run with --postprocess none")
+        self.threshold = self.card.run_threshold(schedule, settings) if threshold is None else threshold
         unet, self.backend_name, self.backend_note = load_network(self.card, self.device, backend)
         self.pipeline = AutoDDPMPipeline(
             unet,
@@ -230,7 +233,7 @@ class AutoDDPM:
         if repeats > 1:  # the outputs are the mean over the runs, their spread the standard deviation of the maps
             pseudo_healthy = np.mean([pseudo_healthy] + [pseudo_healthy_of(run) for run in runs[1:]], axis=0)
             raw_map, spread = np.mean(raw_maps, axis=0), np.std(raw_maps, axis=0)
-        anomaly, brain = postprocess_map(raw_map, slices01, stack.spacing, self.postprocessing)
+        anomaly, brain = postprocess_map(raw_map, slices01, stack.spacing, self.postprocessing, stack.array)
         mask = anomaly_mask(anomaly, self.threshold, stack.spacing, self.postprocessing).astype(np.uint8)
 
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0

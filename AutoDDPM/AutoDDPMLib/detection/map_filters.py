@@ -8,6 +8,8 @@ comparative study), the map is post-processed before it is thresholded:
    slice, holes filled) eroded in-plane by ``brain_erosion_mm``: scalp, skull and
    the edge of the field of view never count. The erosion stays in-plane because
    axial stacks are often thick and their slice spacing is not always known.
+   With ``brain_region="deepbet"`` the region is deepbet's brain mask instead
+   (volumes.brain_extraction), which follows the brain's outline at the skull base.
 2. **3D median.** A median over ``median_mm`` in every direction and at least
    the neighbouring voxel on each side, so a 1 mm and a 5 mm stack both get a
    3D filter: an isolated bright voxel or slice is noise, a tumour is not.
@@ -31,7 +33,8 @@ import numpy as np
 from scipy import ndimage
 
 # The regions live in volumes.head_region (training and the fit checks use them too); imported from here as before.
-from ..volumes.head_region import Spacing, brain_region, head_region  # noqa: F401
+from ..volumes.brain_extraction import deepbet_extractor
+from ..volumes.head_region import Spacing, brain_region, erode_in_plane, head_region  # noqa: F401
 from .postprocessing import PostProcessing
 
 
@@ -57,13 +60,28 @@ def smooth(anomaly: np.ndarray, spacing: Spacing, size_mm: float, region: Option
     return result
 
 
-def postprocess_map(anomaly: np.ndarray, slices01: np.ndarray, spacing: Spacing,
-                    settings: PostProcessing) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """(The output map, the brain region or None): ``anomaly`` limited to the brain and smoothed in 3D."""
-    brain = None
+def searched_region(slices01: np.ndarray, spacing: Spacing, settings: PostProcessing,
+                    volume: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """Where the map is searched (None: everywhere). deepbet's region needs the ``volume``'s own intensities
+    (the AxialStack array the ``slices01`` were normalised from)."""
+    if settings.brain_erosion_mm is None:
+        return None
+    if settings.brain_region == "head":
+        return brain_region(slices01, spacing, settings.brain_erosion_mm)
+    if volume is None:
+        raise ValueError("deepbet's brain region needs the volume's intensities")
+    return erode_in_plane(deepbet_extractor()(volume), spacing, settings.brain_erosion_mm)
+
+
+def postprocess_map(anomaly: np.ndarray, slices01: np.ndarray, spacing: Spacing, settings: PostProcessing,
+                    volume: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(The output map, the brain region or None): ``anomaly`` limited to the brain and smoothed in 3D.
+
+    ``volume`` (the intensities ``slices01`` came from) is needed for deepbet's brain region only.
+    """
+    brain = searched_region(slices01, spacing, settings, volume)
     result = anomaly
-    if settings.brain_erosion_mm is not None:
-        brain = brain_region(slices01, spacing, settings.brain_erosion_mm)
+    if brain is not None:
         result = np.where(brain, result, 0).astype(anomaly.dtype)
     if settings.median_mm:
         result = smooth(result, spacing, settings.median_mm, brain)

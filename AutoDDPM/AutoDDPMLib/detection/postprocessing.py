@@ -13,21 +13,28 @@ from typing import Any, Optional
 from ..diffusion.polarity import POLARITIES
 from ..errors import AutoDDPMError
 
-# What `autoddpm run --postprocess` may be: the model card's post-processing, or none (the paper's raw map).
-POSTPROCESS_CHOICES = ("card", "none")
+# What `autoddpm run --postprocess` may be: the model card's post-processing, the same with deepbet's brain
+# mask as the brain region (volumes.brain_extraction), or none (the paper's raw map).
+POSTPROCESS_CHOICES = ("card", "deepbet", "none")
+# Where the map is searched: the head region eroded by brain_erosion_mm (no weights), or deepbet's brain mask.
+BRAIN_REGIONS = ("head", "deepbet")
 
 @dataclass(frozen=True)
 class PostProcessing:
     """How the raw map becomes the output map and mask; ``None``/0 switches a step off."""
 
     polarity: str = "both"
-    brain_erosion_mm: Optional[float] = None
+    brain_erosion_mm: Optional[float] = None  # None: no brain region; else how far in-plane the region is eroded
     median_mm: Optional[float] = None
     min_component_mm3: float = 0.0
+    brain_region: str = "head"
 
     def __post_init__(self) -> None:
         if self.polarity not in POLARITIES:
             raise AutoDDPMError(f"unknown polarity '{self.polarity}' in the model card: choose one of {', '.join(POLARITIES)}")
+        if self.brain_region not in BRAIN_REGIONS:
+            raise AutoDDPMError(f"unknown brain region '{self.brain_region}' in the model card: choose one of "
+                                f"{', '.join(BRAIN_REGIONS)}")
         for name in ("brain_erosion_mm", "median_mm", "min_component_mm3"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -48,6 +55,11 @@ class PostProcessing:
             raise AutoDDPMError(f"unknown post-processing settings in the model card: {', '.join(sorted(unknown))}")
         return cls(**data)
 
+    @classmethod
+    def for_option(cls, option: str, card_settings: Optional[dict[str, Any]]) -> "PostProcessing":
+        """What ``--postprocess option`` stands for with a card's settings (see ``option_settings``)."""
+        return cls.from_dict(option_settings(option, card_settings))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -61,9 +73,31 @@ class PostProcessing:
             return "none (the paper's raw map)"
         steps = [f"{self.polarity} deviations"]
         if self.brain_erosion_mm is not None:
-            steps.append(f"head region eroded {self.brain_erosion_mm:g} mm")
+            region = "deepbet brain mask" if self.brain_region == "deepbet" else "head region"
+            steps.append(region + (f" eroded {self.brain_erosion_mm:g} mm" if self.brain_erosion_mm else ""))
         if self.median_mm:
             steps.append(f"3D median {self.median_mm:g} mm")
         if self.min_component_mm3:
             steps.append(f"components >= {self.min_component_mm3:g} mm3")
         return ", ".join(steps)
+
+
+# `--postprocess deepbet`: the card's post-processing with deepbet's brain mask, not eroded, as the brain region
+# (on lgg-dev, eroding or growing it did not help: docs/RESEARCH_LOG.md).
+DEEPBET_REGION = {"brain_region": "deepbet", "brain_erosion_mm": 0.0}
+
+
+def option_settings(option: str, card_settings: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The post-processing settings ``--postprocess option`` stands for, as a card states them (a calibrated
+    threshold is found by comparing these): the card's, the card's with DEEPBET_REGION, or none ({})."""
+    if option not in POSTPROCESS_CHOICES:
+        raise AutoDDPMError(f"--postprocess must be one of {', '.join(POSTPROCESS_CHOICES)}, not '{option}'")
+    if option == "none":
+        return {}
+    settings = dict(card_settings or {})
+    if option == "deepbet":
+        if PostProcessing.from_dict(settings).is_none:
+            raise AutoDDPMError("--postprocess deepbet replaces the brain region of the model card's post-processing, "
+                                "and this model's card has none; use --postprocess card or none")
+        settings.update(DEEPBET_REGION)
+    return settings

@@ -111,22 +111,26 @@ class ModelCard:
         """The card's post-processing settings of the anomaly map (empty: the paper's raw map; see detection.postprocessing)."""
         return dict(self.data.get("postprocessing") or {})
 
-    def postprocessed_threshold(self, schedule: str) -> float | None:
-        """The threshold on the post-processed map for runs with ``schedule``, or None when none was calibrated
-        for the card's current post-processing and tau (calibration writes it beside the schedule's raw threshold)."""
+    def postprocessed_threshold(self, schedule: str, settings: dict | None = None) -> float | None:
+        """The threshold on the map post-processed with ``settings`` (default: the card's) for runs with
+        ``schedule``, or None when none was calibrated for those settings and the current tau (calibration
+        writes the card's beside the schedule's raw threshold, and others, e.g. deepbet's brain region, in
+        ``postprocessed_alternatives``)."""
+        settings = self.postprocessing if settings is None else settings
         thresholds = self.data["thresholds"]
         own = thresholds.get("schedules", {}).get(schedule)
         entry = own if own else (thresholds if thresholds.get("calibration", {}).get("schedule") == schedule else {})
-        postprocessed = entry.get("postprocessed") or {}
-        if (postprocessed.get("settings") != self.postprocessing or "anomaly" not in postprocessed
-                or postprocessed.get("mask_tau") != entry.get("mask_tau")):
-            return None
-        return float(postprocessed["anomaly"])
+        for postprocessed in [entry.get("postprocessed") or {}] + list(entry.get("postprocessed_alternatives", [])):
+            if (postprocessed.get("settings") == settings and "anomaly" in postprocessed
+                    and postprocessed.get("mask_tau") == entry.get("mask_tau")):
+                return float(postprocessed["anomaly"])
+        return None
 
-    def run_threshold(self, schedule: str, postprocessed: bool = True) -> float:
-        """The threshold a run with ``schedule`` uses unless given one: the post-processed map's when the card
-        post-processes (``postprocessed``) and it was calibrated, else the raw map's."""
-        postprocessed_threshold = self.postprocessed_threshold(schedule) if postprocessed and self.postprocessing else None
+    def run_threshold(self, schedule: str, settings: dict | None = None) -> float:
+        """The threshold a run with ``schedule`` uses unless given one: that of the map post-processed with
+        ``settings`` (default: the card's; {}: none) when it was calibrated, else the raw map's."""
+        settings = self.postprocessing if settings is None else settings
+        postprocessed_threshold = self.postprocessed_threshold(schedule, settings) if settings else None
         return self.thresholds_for(schedule)[1] if postprocessed_threshold is None else postprocessed_threshold
 
     def _same_lpips_size(self, thresholds: dict) -> bool:

@@ -23,12 +23,13 @@ from typing import Callable
 import torch
 
 from ..detection.inference import AutoDDPM
-from ..detection.postprocessing import PostProcessing
+from ..detection.postprocessing import PostProcessing, option_settings
 from ..diffusion.pipeline import AutoDDPMPipeline
 from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from ..errors import AutoDDPMError
 from ..models.bundle import ModelCard, read_card, write_card
 from ..provenance import command_line
+from ..volumes.brain_extraction import deepbet_network_files
 from ..volumes.slices import FOREGROUND_LEVEL, AxialStack
 from .training_data import find_training_images, load_healthy_slices
 from .volume_calibration import HEALTHY_MARGIN_MM, LabelledVolume, calibrate_volume_threshold
@@ -111,15 +112,18 @@ def postprocessed_threshold(
     data: list[str | os.PathLike],
     healthy_fpr: float,
     progress: Callable[[float, str], None] | None = None,
+    postprocess: str = "card",
 ) -> dict:
-    """The card entry of the threshold on ``engine``'s post-processed maps, from the whole volumes of ``data``."""
+    """The card entry of the threshold on the maps post-processed as ``--postprocess postprocess`` says, from
+    the whole volumes of ``data``; ``engine`` is left post-processing that way."""
+    engine.postprocessing = PostProcessing.for_option(postprocess, engine.card.postprocessing)
     pairs = [pair for source in data for pair in find_training_images(source)]
     maps, volumes = [], []
     for i, (image_path, mask_path) in enumerate(pairs):
         volumes.append(LabelledVolume(image_path, mask_path, engine.card))
         maps.append(AxialStack.from_image(engine.process_volume(volumes[-1].image).anomaly_map).array)
         if progress is not None:
-            progress((i + 1) / len(pairs), "post-processed maps of whole volumes")
+            progress((i + 1) / len(pairs), f"maps post-processed with {engine.postprocessing.describe()}")
     healthy = [volume.healthy for volume in volumes]
     threshold, flagged = calibrate_volume_threshold(maps, healthy, [v.spacing for v in volumes], engine.postprocessing, healthy_fpr)
     return {
@@ -127,7 +131,7 @@ def postprocessed_threshold(
         "mask_tau": engine.pipeline.mask_threshold,
         # As the card states them (ModelCard.postprocessed_threshold compares the two): a card that leaves a
         # step out would otherwise never match the defaults spelled out.
-        "settings": engine.card.postprocessing,
+        "settings": option_settings(postprocess, engine.card.postprocessing),
         "calibration": {
             "volumes": len(pairs),
             "healthy_voxels": int(sum(int(h.sum()) for h in healthy)),
@@ -153,6 +157,7 @@ def calibrate(
     lpips_size: int | None = None,
     resample_start: int | None = None,
     mask_dilation: int | None = None,
+    with_deepbet: bool = False,
 ) -> dict:
     """Measure tau and the anomaly threshold for ``schedule`` on healthy ``data`` and write them into the card.
 
@@ -163,13 +168,18 @@ def calibrate(
     thresholds depend on each); the card gets the settings and their thresholds together.
     A new LPIPS size applies to every schedule: the thresholds of the others then count
     as not calibrated until they are calibrated again. A card with post-processing also
-    gets the threshold on its post-processed map, from the whole volumes of ``data``.
+    gets the threshold on its post-processed map, from the whole volumes of ``data``,
+    and ``with_deepbet`` adds the threshold for ``--postprocess deepbet`` (the maps
+    made once more, with deepbet's brain region).
     """
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
         raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
     if max_slices < 1:  # no slice would leave the network an empty batch, which fails deep inside it
         raise AutoDDPMError(f"--max-slices must be at least 1 (got {max_slices})")
     card = read_card(model_dir)
+    if with_deepbet:
+        option_settings("deepbet", card.postprocessing)  # refuses a card without post-processing
+        deepbet_network_files()  # and a missing deepbet, before minutes of work
     run_schedule = card.schedule(schedule)
     if coarse_start is not None:
         if not run_schedule.coarse_steps - 1 <= coarse_start <= card.max_timestep:
@@ -229,7 +239,11 @@ def calibrate(
     if not postprocessing.is_none:
         # The pipeline now holds the new tau and the schedule being calibrated; the maps are made as `autoddpm run` makes them.
         engine.pipeline.polarity = postprocessing.polarity
-        calibrated["postprocessed"] = postprocessed_threshold(engine, list(data), healthy_fpr, stage_progress(0.5, 0.5))
+        share = 0.25 if with_deepbet else 0.5
+        calibrated["postprocessed"] = postprocessed_threshold(engine, list(data), healthy_fpr, stage_progress(0.5, share))
+        if with_deepbet:
+            calibrated["postprocessed_alternatives"] = [
+                postprocessed_threshold(engine, list(data), healthy_fpr, stage_progress(0.75, share), "deepbet")]
     # The card's main thresholds are those of the schedule `autoddpm run` uses by default;
     # other schedules keep theirs beside them (see ModelCard.thresholds_for).
     current = card.data["thresholds"]

@@ -50,6 +50,7 @@ class LabelledVolume:
         self.image = read_volume(image_path)
         stack = AxialStack.from_image(self.image)
         self.spacing = stack.spacing
+        self.array = stack.array  # the intensities, which deepbet's brain region reads
         self.slices01 = normalize(stack.array, intensity_window(stack.array, card.intensity_percentiles))
         self.truth = (np.zeros(self.slices01.shape, bool) if mask_path is None
                       else AxialStack.from_image(read_volume(mask_path)).array > 0)

@@ -35,13 +35,17 @@ def head_region(slices01: np.ndarray) -> np.ndarray:
 
 def brain_region(slices01: np.ndarray, spacing: Spacing, erosion_mm: float) -> np.ndarray:
     """The head region of each slice eroded in-plane by ``erosion_mm`` (an exact Euclidean distance in mm)."""
-    head = head_region(slices01)
+    return erode_in_plane(head_region(slices01), spacing, erosion_mm)
+
+
+def erode_in_plane(region: np.ndarray, spacing: Spacing, erosion_mm: float) -> np.ndarray:
+    """Each slice of ``region`` eroded by ``erosion_mm`` (an exact Euclidean distance in mm; 0: unchanged)."""
     if erosion_mm <= 0:
-        return head
-    brain = np.zeros_like(head)
-    for z in range(len(head)):
-        if head[z].any():
-            # Distance to the nearest voxel outside the head; the padding makes the image border count as outside.
-            inside = np.pad(head[z], 1)
-            brain[z] = ndimage.distance_transform_edt(inside, sampling=spacing[1:])[1:-1, 1:-1] > erosion_mm
-    return brain
+        return region
+    eroded = np.zeros_like(region)
+    for z in range(len(region)):
+        if region[z].any():
+            # Distance to the nearest voxel outside; the padding makes the image border count as outside.
+            inside = np.pad(region[z], 1)
+            eroded[z] = ndimage.distance_transform_edt(inside, sampling=spacing[1:])[1:-1, 1:-1] > erosion_mm
+    return eroded
