@@ -26,15 +26,18 @@ from AutoDDPMLib.slicer_bridge.results import summarize
 
 def test_engine_command_asks_for_json_progress() -> None:
     command = engine_command("in.nrrd", "out", model="m", schedule="reference", device="cpu", seed=3, threshold=0.25,
-                             repeats=4)
+                             repeats=4, postprocess="deepbet")
     # Below normal priority, so Slicer's views and panels get the CPU when they need it.
     assert command[1:6] == ["-m", "AutoDDPMLib.cli", "--nice", "run", "in.nrrd"]
     pairs = dict(zip(command[6::2], command[7::2]))
     assert pairs == {"--output-dir": "out", "--schedule": "reference", "--device": "cpu", "--seed": "3",
-                     "--progress": "json", "--model": "m", "--threshold": "0.25", "--repeats": "4"}
-    # No threshold: the engine takes the model card's; one run: no spread asked for.
+                     "--progress": "json", "--model": "m", "--threshold": "0.25", "--repeats": "4",
+                     "--postprocess": "deepbet"}
+    # No threshold: the engine takes the model card's; one run: no spread asked for; the card's post-processing is
+    # the engine's own default.
     assert "--threshold" not in engine_command("in.nrrd", "out")
     assert "--repeats" not in engine_command("in.nrrd", "out")
+    assert "--postprocess" not in engine_command("in.nrrd", "out", postprocess="card")
 
 
 def test_engine_environment() -> None:

@@ -48,11 +48,13 @@ def engine_command(
     seed: int = 0,
     threshold: Optional[float] = None,
     repeats: int = 1,
+    postprocess: str = "card",
 ) -> list[str]:
     """The ``autoddpm run`` command line with machine-readable progress.
 
     It runs below normal priority (``--nice``) on all cores: Slicer's views and
-    panels get the CPU when they need it, the run takes the rest.
+    panels get the CPU when they need it, the run takes the rest. ``postprocess``
+    is the engine's ``--postprocess`` (``card``, its default, is left out).
     """
     args = [python_executable(), "-m", "AutoDDPMLib.cli", "--nice", "run", str(input_path),
             "--output-dir", str(output_dir), "--schedule", schedule, "--device", device,
@@ -63,6 +65,8 @@ def engine_command(
         args += ["--threshold", repr(float(threshold))]
     if repeats != 1:
         args += ["--repeats", str(int(repeats))]
+    if postprocess != "card":
+        args += ["--postprocess", str(postprocess)]
     return args
 
 
