@@ -459,7 +459,8 @@ def test_post_processed_run_shows_the_searched_region_and_rethresholds_as_the_en
     assert logic.calibratedThreshold(str(model)) == 0.002  # the slider starts at the post-processed map's threshold
     volume = add_head_volume(scene, tmp_path)
     result = logic.process(volume, model=str(model), seed=0)
-    assert result.threshold == 0.002 and result.engineSummary["postprocessing"] == postprocessing
+    # The engine reports every setting, the brain region the card leaves out included.
+    assert result.threshold == 0.002 and result.engineSummary["postprocessing"] == dict(postprocessing, brain_region="head")
     brain = slicer.util.arrayFromVolume(result.brainRegionVolume) > 0
     anomaly = slicer.util.arrayFromVolume(result.anomalyMapVolume)
     assert brain.any() and not brain.all() and (anomaly[~brain] == 0).all()
