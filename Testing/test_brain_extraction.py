@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from AutoDDPMLib.benchmark.validation_record import record_volume_validation
 from AutoDDPMLib.cli import main
 from AutoDDPMLib.detection.inference import AutoDDPM
 from AutoDDPMLib.detection.postprocessing import option_settings
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.models.bundle import read_card
+from AutoDDPMLib.models.validation import validation_headline
 from AutoDDPMLib.resources import resources_dir
 from AutoDDPMLib.volumes.brain_extraction import DEEPBET_NETWORKS, deepbet_available, deepbet_extractor, deepbet_network_files
 from AutoDDPMLib.volumes.slices import AxialStack
@@ -102,6 +104,20 @@ def test_calibrate_and_run_with_deepbets_region(tiny_model_with, tmp_path) -> No
     assert record["settings"]["threshold_from"] == "model card, post-processed map"
     anomaly = AxialStack.from_image(sitk.ReadImage(str(out / "TCGA_LGG_FLAIR_anomaly.nii.gz"))).array
     assert (anomaly[~written] == 0).all()
+
+    # The whole-volume benchmark searches deepbet's region in every post-processed method, and its run is
+    # recorded in the card beside the card's own post-processing's.
+    bench = tmp_path / "bench"
+    assert main(["benchmark-volumes", "--model", str(model), "--data", str(data), "--output-dir", str(bench),
+                 "--backend", "torch", "--postprocess", "deepbet"]) == 0
+    meta = json.loads((bench / "meta.json").read_text())
+    assert meta["postprocessing"]["brain_region"] == "deepbet" and "deepbet brain mask" in (bench / "results.md").read_text()
+    rows = json.loads((bench / "results.json").read_text())
+    assert rows[0]["threshold"] == deepbet_threshold
+    recorded = record_volume_validation(bench, model)
+    assert recorded.data["validation_volumes_deepbet"]["dice"] == rows[0]["dice"]
+    assert "validation_volumes" not in recorded.data
+    assert validation_headline(recorded, "deepbet").startswith("1 whole volumes: Dice")
 
 
 @needs_deepbet

@@ -23,7 +23,7 @@ from .cohort.ranks import Ranks
 from .cohort.run_record import NIFTI_DESCRIPTION_KEY, RunContext, RunSettings, record_bytes, run_record
 from .cohort.summary import SummaryRow, write_summary
 from .cpu_sharing import lower_priority, wait_passively
-from .detection.postprocessing import POSTPROCESS_CHOICES, PostProcessing
+from .detection.postprocessing import POSTPROCESS_CHOICES, PostProcessing, option_settings
 from .diffusion.onnx_backend import BACKENDS
 from .diffusion.sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .errors import AutoDDPMError
@@ -270,6 +270,10 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{card.name:18s} {card.data['modality']:9s} {card.image_size:>4d} px {card.mask_threshold:7.4f} "
               f"{card.run_threshold(DEFAULT_SCHEDULE):9.3g}  {calibrated:16s}  {card.data.get('license', '?')}")
         print(f"{'':18s} validation: {validation_headline(card)}")
+        deepbet = option_settings("deepbet", card.postprocessing) if card.postprocessing else None
+        if deepbet and card.postprocessed_threshold(DEFAULT_SCHEDULE, deepbet) is not None:
+            print(f"{'':18s} --postprocess deepbet: threshold {card.run_threshold(DEFAULT_SCHEDULE, deepbet):.3g}, "
+                  f"validation: {validation_headline(card, 'deepbet')}")
     return 0
 
 

@@ -10,7 +10,7 @@ if it was made with the thresholds the card holds now.
 The card's ``validation_volumes`` field holds what users get from ``autoddpm run``:
 one ``autoddpm benchmark-volumes`` run's pooled Dice, AUPRC, median patient Dice
 and the share of patients whose tumour was found, at the post-processed map's
-calibrated threshold.
+calibrated threshold; ``validation_volumes_deepbet`` the same for ``--postprocess deepbet``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..detection.postprocessing import PostProcessing
+from ..detection.postprocessing import PostProcessing, option_settings
 from ..errors import AutoDDPMError
 from ..models.bundle import ModelCard, read_card, write_card
 from ..models.validation import METHOD
@@ -96,15 +96,20 @@ def volume_validation_summary(rows: list[dict], meta: dict, source: str) -> dict
 
 
 def record_volume_validation(run_dir: str | os.PathLike, model_dir: str | os.PathLike) -> ModelCard:
-    """Write the ``autoddpm benchmark-volumes`` run in ``run_dir`` into the card in ``model_dir`` as its
-    ``validation_volumes``; refused unless the run used the card's post-processing and threshold as they are now."""
+    """Write the ``autoddpm benchmark-volumes`` run in ``run_dir`` into the card in ``model_dir``: as its
+    ``validation_volumes`` when the run used the card's post-processing, as ``validation_volumes_deepbet`` when
+    it used ``--postprocess deepbet``; refused unless the run's post-processing and threshold are the card's now."""
     run_dir = Path(run_dir)
     rows, meta, card = _run_of(run_dir, model_dir)
     summary = volume_validation_summary(rows, meta, str(run_dir))
-    made_as_now = (PostProcessing.from_dict(meta.get("postprocessing")) == PostProcessing.from_dict(card.postprocessing)
-                   and summary["threshold"] == card.run_threshold(meta.get("schedule")))
+    run_settings = PostProcessing.from_dict(meta.get("postprocessing"))
+    option = next((option for option in ("card", "deepbet")
+                   if run_settings == PostProcessing.for_option(option, card.postprocessing)), None)
+    made_as_now = option is not None and summary["threshold"] == card.run_threshold(
+        meta.get("schedule"), option_settings(option, card.postprocessing))
     if not made_as_now:
         raise AutoDDPMError(
             f"{run_dir} was made with other post-processing or thresholds than {card.path} holds now (the model was "
             "calibrated again since): rerun the benchmark before recording it")
-    return write_card(model_dir, dict(card.data, validation_volumes=summary))
+    field = "validation_volumes" if option == "card" else f"validation_volumes_{option}"
+    return write_card(model_dir, dict(card.data, **{field: summary}))
