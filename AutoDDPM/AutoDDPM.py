@@ -28,6 +28,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from AutoDDPMLib.detection.postprocessing import option_settings
 from AutoDDPMLib.diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.models.bundle import DEFAULT_MODEL, ModelCard, bundled_models_dir, list_bundled_models, read_card, resolve_model
@@ -182,11 +183,25 @@ class Device(Enum):
         }[self]
 
 
+class BrainRegion(Enum):
+    """Where the model's post-processing searches the anomaly map; the values are the engine's ``--postprocess``."""
+
+    card = "card"
+    deepbet = "deepbet"
+
+    def label(self) -> str:
+        return {
+            BrainRegion.card: _("Head region (built in)"),
+            BrainRegion.deepbet: _("Brain extraction (deepbet)"),
+        }[self]
+
+
 @parameterNodeWrapper
 class AutoDDPMParameterNode:
     """The module's settings, saved with the scene.
 
     model: a bundled model's name or a model bundle folder ("" = the default model).
+    brainRegion: the model card's head region, or deepbet's brain mask (its networks installed on first use).
     repeats: runs with different seeds; more than one adds a spread volume (uncertainty).
     threshold: on the anomaly map; moving it re-thresholds the segmentation live.
     """
@@ -194,6 +209,7 @@ class AutoDDPMParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = ""
     schedule: Schedule = Schedule(DEFAULT_SCHEDULE)
+    brainRegion: BrainRegion = BrainRegion.card
     device: Device = Device.auto
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     repeats: Annotated[int, WithinRange(1, MAX_REPEATS)] = 1
@@ -218,6 +234,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._schedule = None  # the schedule the threshold slider was last set for
+        self._brainRegion = None  # and the brain region
         self._settleTimer = None
         self._pendingThreshold: Optional[tuple[vtkMRMLSegmentationNode, float]] = None  # shown, not yet settled
         self._clock: Optional[RunClock] = None  # of the run in progress
@@ -298,7 +315,8 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not parameterNode.model:
             # First use in this scene: the default model, with its calibrated threshold.
             try:
-                parameterNode.threshold = self.logic.calibratedThreshold(None, parameterNode.schedule)
+                parameterNode.threshold = self.logic.calibratedThreshold(None, parameterNode.schedule,
+                                                                         parameterNode.brainRegion)
                 parameterNode.model = DEFAULT_MODEL
             except (AutoDDPMError, ValueError) as error:
                 # A broken install (no Resources folder, a damaged card): the panel still works, and says why.
@@ -319,7 +337,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with self.thresholdShownOnly():
                 self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
-            self._schedule = self._parameterNode.schedule
+            self._schedule, self._brainRegion = self._parameterNode.schedule, self._parameterNode.brainRegion
             self.selectModel(self._parameterNode.model)
             self.updateApplyButton()
             self.updateThresholdSlider()
@@ -377,11 +395,17 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not folder:
             return
         card = read_card(folder)
+        threshold = f"{card.anomaly_threshold:.3g}"
+        if self._parameterNode:
+            parameters = self._parameterNode
+            try:
+                threshold = f"{AutoDDPMLogic.cardThreshold(card, parameters.schedule, parameters.brainRegion):.3g}"
+            except (AutoDDPMError, ValueError) as error:
+                self.showProblem(str(error))  # e.g. deepbet's region chosen for a model that searches no region
         # What the model is valid for is what a user most needs before pressing Apply; its licence, what they may do.
-        self.ui.modelInfoLabel.text = _("{modality} model, calibrated threshold {threshold:.3g}. Valid for: {validFor}. "
+        self.ui.modelInfoLabel.text = _("{modality} model, calibrated threshold {threshold}. Valid for: {validFor}. "
                                         "License: {license}.").format(
-            modality=card.data.get("modality", "?"), threshold=card.run_threshold(self._parameterNode.schedule.value)
-            if self._parameterNode else card.anomaly_threshold,
+            modality=card.data.get("modality", "?"), threshold=threshold,
             validFor=card.data.get("valid_for", "?"), license=card.data.get("license", "?"))
 
     def onModelActivated(self, index: int) -> None:
@@ -422,18 +446,41 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         self.updateApplyButton()
-        schedule = self._parameterNode.schedule
-        if schedule != self._schedule:
-            # Thresholds are calibrated per schedule: another schedule brings its own.
-            self._schedule = schedule
-            if self._parameterNode.model:
-                self.showCalibratedThreshold()
-                self.showModelInfo(self.ui.modelComboBox.currentIndex)
+        parameters = self._parameterNode
+        if (parameters.schedule, parameters.brainRegion) == (self._schedule, self._brainRegion):
+            return
+        # Thresholds are calibrated per schedule and brain region: another brings its own.
+        self._schedule, self._brainRegion = parameters.schedule, parameters.brainRegion
+        if parameters.brainRegion == BrainRegion.deepbet and not self.offerBrainExtraction():
+            return  # the head region is chosen again, and shown with its threshold
+        if parameters.model:
+            self.showCalibratedThreshold()
+            self.showModelInfo(self.ui.modelComboBox.currentIndex)
+
+    def offerBrainExtraction(self) -> bool:
+        """deepbet's region is chosen: make sure its networks are there, installing them if the user agrees.
+
+        When they are not (declined, or the installation failed) the head region is chosen again and the status
+        line says why; returns whether deepbet's region stays chosen.
+        """
+        try:
+            if self.logic.setupBrainExtraction():
+                return True
+            message = _("deepbet was not installed, so the brain region is the built-in head region.")
+        except Exception as error:
+            logging.exception("AutoDDPM: installing deepbet failed")
+            message = _("deepbet could not be installed ({error}), so the brain region is the built-in head "
+                        "region.").format(error=error)
+        self._parameterNode.brainRegion = BrainRegion.card
+        self.showProblem(message)
+        return False
 
     def showCalibratedThreshold(self) -> None:
-        """Put the selected model's calibrated threshold for the selected schedule on the slider, for the next run."""
+        """Put the selected model's calibrated threshold for the selected schedule and brain region on the slider,
+        for the next run."""
         try:
-            threshold = self.logic.calibratedThreshold(self._parameterNode.model or None, self._parameterNode.schedule)
+            threshold = self.logic.calibratedThreshold(self._parameterNode.model or None, self._parameterNode.schedule,
+                                                       self._parameterNode.brainRegion)
         except (AutoDDPMError, ValueError) as error:
             self.showProblem(str(error))
             return
@@ -453,7 +500,8 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if origin is not None:
             return origin.calibrated_threshold
         try:
-            return self.logic.calibratedThreshold(self._parameterNode.model or None, self._parameterNode.schedule)
+            return self.logic.calibratedThreshold(self._parameterNode.model or None, self._parameterNode.schedule,
+                                                  self._parameterNode.brainRegion)
         except (AutoDDPMError, ValueError):
             return None  # said in the status line where the model was chosen
 
@@ -483,8 +531,8 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if calibrated is not None:
             button.text = _("Reset to calibrated ({threshold:.3g})").format(threshold=calibrated)
             button.toolTip = _("Set the threshold back to {threshold:.4g}, calibrated on healthy brains for {what}.").format(
-                threshold=calibrated, what=_("the model and schedule of the selected result") if segmentation is not None
-                else _("the selected model and schedule"))
+                threshold=calibrated, what=_("the model, schedule and brain region of the selected result")
+                if segmentation is not None else _("the selected model, schedule and brain region"))
 
     @contextmanager
     def thresholdShownOnly(self) -> Iterator[None]:
@@ -535,6 +583,11 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.acknowledgeLicense():
                 return
             self.logic.setupPythonRequirements()
+            # deepbet's networks before the run, not minutes into it; declined, the head region is chosen instead
+            # (and its threshold shown): the user presses Apply again to run with it.
+            if self._parameterNode.brainRegion == BrainRegion.deepbet and not self.offerBrainExtraction():
+                self.ui.statusLabel.text += " " + _("Not run: press Apply to run with it.")
+                return
             # A threshold still shown only is settled first: the run must not meet it half done.
             self.settleThreshold()
             parameters = self._parameterNode
@@ -551,6 +604,7 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     seed=parameters.seed,
                     repeats=parameters.repeats,
                     threshold=parameters.threshold,
+                    postprocess=parameters.brainRegion.value,
                     outputPseudoHealthy=parameters.outputPseudoHealthy,
                     outputAnomalyMap=parameters.outputAnomalyMap,
                     outputSegmentation=parameters.outputSegmentation,
@@ -712,10 +766,14 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if origin is None:
             self.ui.resultInfoLabel.text = ""
             return
-        self.ui.resultInfoLabel.text = _("Made by model {model}, {schedule} schedule; calibrated threshold {calibrated:.3g}. "
-                                         "License: {license}.").format(model=origin.model, schedule=origin.schedule,
-                                                                       calibrated=origin.calibrated_threshold,
-                                                                       license=origin.license)
+        try:
+            region = BrainRegion(origin.postprocess).label()
+        except ValueError:
+            region = origin.postprocess  # one this version does not know (a scene saved by a newer one)
+        self.ui.resultInfoLabel.text = _("Made by model {model}, {schedule} schedule, brain region: {region}; calibrated "
+                                         "threshold {calibrated:.3g}. License: {license}.").format(
+            model=origin.model, schedule=origin.schedule, region=region, calibrated=origin.calibrated_threshold,
+            license=origin.license)
 
     def addLog(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
@@ -863,6 +921,44 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
                 continue
         return None
 
+    def setupBrainExtraction(self) -> bool:
+        """Make sure deepbet's brain-extraction networks are installed (for ``postprocess="deepbet"``), installing
+        them after the user agrees; False when the user declines.
+
+        They come from deepbet's wheel installed with ``--no-deps``: the engine runs the two networks itself, so
+        deepbet's own dependencies (pandas, nibabel, a GUI toolkit, its own PyTorch requirement) are not installed.
+        Raises RuntimeError when the installed networks still cannot be used.
+        """
+        # Imported here: brain_extraction imports scipy, which setupPythonRequirements may not have installed yet.
+        from AutoDDPMLib.volumes.brain_extraction import DEEPBET_VERSION, deepbet_network_files
+
+        try:
+            deepbet_network_files()  # installed, and the very networks the engine was checked with
+            return True
+        except AutoDDPMError as error:
+            logging.info(f"AutoDDPM: {error}")
+        requirement = f"deepbet=={DEEPBET_VERSION}"
+        if not slicer.util.confirmOkCancelDisplay(
+                _("The deepbet brain region needs the brain-extraction networks of deepbet {version} (Fisch et al., "
+                  "2024; MIT licence), a 17 MB Python package, and they are not installed. Install {requirement} now? "
+                  "Only its own files are installed, none of its dependencies; the networks run on this "
+                  "computer.").format(version=DEEPBET_VERSION, requirement=requirement),
+                windowTitle=_("AutoDDPM: brain extraction")):
+            return False
+        arguments = ["--no-deps", requirement]
+        packaging = self._slicerPackaging()
+        if packaging is not None:
+            packaging.pip_install(arguments, requester="AutoDDPM")  # Slicer >= 5.12: with a progress dialog
+        else:
+            slicer.util.pip_install(arguments)
+        importlib.invalidate_caches()  # the new package's metadata must be found in this process
+        try:
+            deepbet_network_files()
+        except AutoDDPMError as error:
+            raise RuntimeError(_("deepbet was installed, but its networks cannot be used: {error}").format(
+                error=error)) from None
+        return True
+
     @staticmethod
     def checkInput(inputVolume) -> None:
         """Raise ValueError, with what to do about it, if AutoDDPM cannot analyse this node."""
@@ -897,10 +993,37 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         return folder
 
     @staticmethod
-    def calibratedThreshold(model: Union[str, os.PathLike, None], schedule: Union[str, "Schedule"] = DEFAULT_SCHEDULE) -> float:
-        """The model card's anomaly threshold for ``schedule`` (on its post-processed map when it has one):
-        what a run uses unless given another."""
-        return read_card(AutoDDPMLogic.modelFolder(model)).run_threshold(str(getattr(schedule, "value", schedule)))
+    def calibratedThreshold(model: Union[str, os.PathLike, None], schedule: Union[str, "Schedule"] = DEFAULT_SCHEDULE,
+                            postprocess: Union[str, "BrainRegion"] = "card") -> float:
+        """The model card's anomaly threshold for ``schedule`` (on its map post-processed as ``postprocess`` says,
+        when it post-processes): what a run uses unless given another."""
+        return AutoDDPMLogic.cardThreshold(read_card(AutoDDPMLogic.modelFolder(model)), schedule, postprocess)
+
+    @staticmethod
+    def cardThreshold(card: ModelCard, schedule: Union[str, "Schedule"],
+                      postprocess: Union[str, "BrainRegion"] = "card") -> float:
+        """``card``'s threshold for runs with ``schedule`` and ``postprocess``: as the engine picks it, the one
+        calibrated for that post-processing, else the raw map's."""
+        schedule = str(getattr(schedule, "value", schedule))
+        return card.run_threshold(schedule, AutoDDPMLogic.postprocessSettings(card, postprocess))
+
+    @staticmethod
+    def postprocessSettings(card: ModelCard, postprocess: Union[str, "BrainRegion"]) -> dict:
+        """The post-processing settings a run of ``card`` with ``postprocess`` ("card" or "deepbet") uses; ValueError,
+        with what to do, for another value or deepbet's region on a model that searches no brain region."""
+        postprocess = str(getattr(postprocess, "value", postprocess))
+        if postprocess not in [region.value for region in BrainRegion]:
+            raise ValueError(_("Unknown brain region '{postprocess}': use 'card' (the model's head region) or 'deepbet' "
+                               "(deepbet's brain extraction).").format(postprocess=postprocess))
+        if postprocess == BrainRegion.deepbet.value and not card.postprocessing:
+            # deepbet's region replaces the card's, and this card searches none (said in the panel's words).
+            raise ValueError(_("Model '{model}' does not post-process its anomaly map, so it searches no brain region "
+                               "that deepbet's could replace: choose '{head}' for it.").format(
+                                   model=card.name, head=BrainRegion.card.label()))
+        try:
+            return option_settings(postprocess, card.postprocessing)
+        except AutoDDPMError as error:
+            raise ValueError(str(error)) from None  # e.g. a card whose post-processing switches every step off
 
     def process(
         self,
@@ -917,6 +1040,7 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         waitForCompletion: bool = True,
         progressCallback: Optional[Callable[[dict], None]] = None,
         completedCallback: Optional[Callable[[AutoDDPMResult], None]] = None,
+        postprocess: Union[str, BrainRegion] = "card",
     ) -> AutoDDPMResult:
         """Find anomalies in ``inputVolume``; the input itself is never modified.
 
@@ -931,6 +1055,9 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             RuntimeError if the engine fails; False returns at once, runs in the background and reports through
             ``completedCallback(result)``.
         progressCallback: receives each engine event (dicts with "event": "start", "progress", "warning", "done").
+        postprocess: where the model's post-processing searches the map: "card" (the head region of its card) or
+            "deepbet" (deepbet's brain mask; its networks must be installed: :meth:`setupBrainExtraction`); the
+            default threshold is the one calibrated for it.
 
         Invalid inputs raise ValueError before anything starts, and leave the scene untouched.
         """
@@ -943,6 +1070,8 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         modelFolder = self.modelFolder(model)
         card = read_card(modelFolder)
         schedule, device = str(getattr(schedule, "value", schedule)), str(getattr(device, "value", device))
+        postprocess = str(getattr(postprocess, "value", postprocess))
+        self.postprocessSettings(card, postprocess)  # an unknown region, or none for deepbet's to replace
         if schedule not in [s.value for s in Schedule]:
             raise ValueError(_("Unknown schedule '{schedule}': use 'fast' or 'reference'.").format(schedule=schedule))
         if device not in [d.value for d in Device]:
@@ -953,6 +1082,8 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         if importlib.util.find_spec("torch") is None:
             raise RuntimeError(_("PyTorch is not installed: press Apply in the AutoDDPM module once, or call "
                                  "AutoDDPMLogic().setupPythonRequirements()."))
+        if postprocess == BrainRegion.deepbet.value:
+            self._checkBrainExtraction()
         # Said, not asked: the console and scripts are not stopped (the panel asks once before the first run).
         notice = self.licenseNotice(card.name, card.data.get("license", ""))
         if notice:
@@ -961,7 +1092,8 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         result = AutoDDPMResult(inputVolume)
         tempDir = make_temp_dir(getattr(getattr(slicer, "app", None), "temporaryPath", None))
         run = _ActiveRun(tempDir, tempDir / input_file_name(inputVolume.GetName()), result,
-                         dict(model=str(modelFolder), schedule=schedule, seed=seed, threshold=threshold, repeats=repeats),
+                         dict(model=str(modelFolder), schedule=schedule, seed=seed, threshold=threshold, repeats=repeats,
+                              postprocess=postprocess),
                          dict(pseudoHealthy=outputPseudoHealthy, anomalyMap=outputAnomalyMap, segmentation=outputSegmentation),
                          progressCallback, completedCallback)
         try:
@@ -988,6 +1120,18 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         if result.state == "failed":
             raise RuntimeError(result.error)
         return result
+
+    @staticmethod
+    def _checkBrainExtraction() -> None:
+        """RuntimeError, before the run starts, when deepbet's networks are missing (the engine would stop there)."""
+        from AutoDDPMLib.volumes.brain_extraction import deepbet_network_files
+
+        try:
+            deepbet_network_files()
+        except AutoDDPMError as error:
+            raise RuntimeError(_("The deepbet brain region cannot be used: {error}. Choose it in the AutoDDPM module "
+                                 "to install it, or call AutoDDPMLogic().setupBrainExtraction().").format(
+                                     error=error)) from None
 
     def _launch(self, run: _ActiveRun, device: str) -> None:
         args = engine_command(run.inputPath, run.tempDir / "output", device=device, **run.options)
@@ -1133,9 +1277,9 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             minComponent = float(result.engineSummary.get("postprocessing", {}).get("min_component_mm3") or 0.0)
             segmentation.SetAttribute(MIN_COMPONENT_ATTRIBUTE, repr(minComponent))
             card = read_card(run.options["model"])
-            schedule = run.options["schedule"]
+            schedule, postprocess = run.options["schedule"], run.options["postprocess"]
             ResultOrigin(result.engineStart.get("model") or card.name, schedule, card.data.get("license", "?"),
-                         card.run_threshold(schedule)).store(segmentation)
+                         self.cardThreshold(card, schedule, postprocess), postprocess).store(segmentation)
             place_beside(inputVolume, [pseudoHealthy, anomalyMap, segmentation] + [n for n in (spread, brain) if n is not None])
         except BaseException:
             for node in created:

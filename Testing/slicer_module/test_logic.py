@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import standins
-from scene_helpers import add_head_volume, new_scene, save_and_reopen, segment_voxels
+from scene_helpers import add_head_volume, make_head_volume, new_scene, save_and_reopen, segment_voxels
+
+from AutoDDPMLib.volumes.brain_extraction import deepbet_available
+
+needs_deepbet = pytest.mark.skipif(not deepbet_available(), reason='needs deepbet\'s networks: pip install --no-deps "deepbet==1.0.2"')
 
 
 def ijk_to_ras(node) -> np.ndarray:
@@ -480,6 +485,83 @@ def test_post_processed_run_shows_the_searched_region_and_rethresholds_as_the_en
         assert summary.voxels == segment_voxels(result.segmentation) == kept
     assert logic.setThreshold(result, result.threshold).voxels == engine_voxels
     assert list(temp_root.iterdir()) == []
+
+
+POSTPROCESSING = {"polarity": "bright", "brain_erosion_mm": 2.0, "median_mm": 3.0, "min_component_mm3": 30.0}
+
+
+@pytest.fixture()
+def deepbet_model(tiny_model_with) -> Path:
+    """The tiny model with post-processing, and thresholds calibrated for its head region (0.002) and for deepbet's
+    brain region (0.003), the latter as `autoddpm calibrate --with-deepbet` writes it."""
+    from AutoDDPMLib.detection.postprocessing import option_settings
+
+    deepbet = {"anomaly": 0.003, "mask_tau": 0.05, "settings": option_settings("deepbet", POSTPROCESSING)}
+    thresholds = {"mask_tau": 0.05, "anomaly": 0.05, "calibrated": True, "calibration": {"schedule": "fast"},
+                  "postprocessed": {"anomaly": 0.002, "mask_tau": 0.05, "settings": POSTPROCESSING},
+                  "postprocessed_alternatives": [deepbet]}
+    return tiny_model_with("deepbet", postprocessing=POSTPROCESSING, thresholds=thresholds)
+
+
+@needs_deepbet
+def test_the_deepbet_brain_region_is_searched_with_its_own_calibrated_threshold(
+        scene, logic, deepbet_model, temp_root, tmp_path) -> None:
+    import slicer
+
+    from AutoDDPMLib.detection.postprocessing import option_settings
+    from AutoDDPMLib.slicer_bridge.results import ResultOrigin
+    from AutoDDPMLib.volumes.brain_extraction import deepbet_extractor
+    from AutoDDPMLib.volumes.slices import AxialStack
+
+    assert logic.calibratedThreshold(str(deepbet_model)) == 0.002
+    assert logic.calibratedThreshold(str(deepbet_model), "fast", "deepbet") == 0.003
+    volume = add_head_volume(scene, tmp_path)
+    lines = []
+    logic.logCallback = lines.append
+    result = logic.process(volume, model=str(deepbet_model), seed=0, postprocess="deepbet")
+    # The engine was asked for deepbet's region, searched it, and thresholded with its threshold.
+    assert any("AutoDDPMLib.cli" in line and "--postprocess deepbet" in line for line in lines)
+    settings = option_settings("deepbet", POSTPROCESSING)
+    assert result.engineSummary["postprocessing"] == settings and settings["brain_region"] == "deepbet"
+    assert result.threshold == 0.003
+    # The searched region shown is deepbet's mask of the input (the same voxels, in whichever order), and the map is
+    # zero outside it.
+    brain = slicer.util.arrayFromVolume(result.brainRegionVolume) > 0
+    deepbet_mask = deepbet_extractor()(AxialStack.from_image(make_head_volume()).array)
+    assert 0 < int(brain.sum()) == int(deepbet_mask.sum()) < brain.size
+    assert (slicer.util.arrayFromVolume(result.anomalyMapVolume)[~brain] == 0).all()
+    assert segment_voxels(result.segmentation) == result.engineSummary["anomalous_voxels"]
+    # The result keeps the region and the threshold calibrated for it ("Reset to calibrated" returns there).
+    origin = ResultOrigin.read(result.segmentation)
+    assert (origin.calibrated_threshold, origin.postprocess) == (0.003, "deepbet")
+    assert list(temp_root.iterdir()) == []
+
+
+def test_the_deepbet_brain_region_without_deepbet_fails_before_starting(
+        scene, logic, deepbet_model, temp_root, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import AutoDDPMLib.volumes.brain_extraction  # noqa: F401  (loaded while its package can still be found)
+
+    volume = add_head_volume(scene, tmp_path)
+    before = node_ids(scene)
+    monkeypatch.setattr(sys, "path", [])  # no installed distribution can be found: deepbet is not installed
+    with pytest.raises(RuntimeError, match=r'needs deepbet\'s networks: pip install --no-deps "deepbet==1.0.2"'):
+        logic.process(volume, model=str(deepbet_model), postprocess="deepbet")
+    assert node_ids(scene) == before and list(temp_root.iterdir()) == [] and not logic.isRunning
+
+
+@pytest.mark.parametrize("postprocess, message", [
+    ("deepbet", "does not post-process its anomaly map"),  # the tiny model searches no brain region
+    ("none", "Unknown brain region 'none'"),
+])
+def test_a_brain_region_the_model_cannot_search_fails_before_starting(
+        scene, logic, tiny_model, temp_root, tmp_path, postprocess, message) -> None:
+    volume = add_head_volume(scene, tmp_path)
+    before = node_ids(scene)
+    with pytest.raises(ValueError, match=message):
+        logic.calibratedThreshold(str(tiny_model), "fast", postprocess)
+    with pytest.raises(ValueError, match=message):
+        logic.process(volume, model=str(tiny_model), postprocess=postprocess)
+    assert node_ids(scene) == before and list(temp_root.iterdir()) == [] and not logic.isRunning
 
 
 def test_results_of_a_transformed_input_overlay_it(scene, logic, tiny_model_with, temp_root, tmp_path) -> None:

@@ -21,6 +21,8 @@ import pytest
 import standins
 from scene_helpers import add_head_volume, segment_voxels
 
+from AutoDDPMLib.volumes.brain_extraction import deepbet_available
+
 
 @pytest.fixture()
 def make_panel(scene, monkeypatch: pytest.MonkeyPatch):
@@ -385,3 +387,97 @@ def test_a_saved_and_reopened_scene_shows_its_result_in_the_panel_and_rethreshol
     assert segment_voxels(segmentation) == int(expected.sum())
     panel.ui.resetThresholdButton.emit("clicked(bool)", False)
     assert segment_voxels(segmentation) == engine_voxels
+
+
+@pytest.fixture()
+def deepbet_model(tiny_model_with) -> Path:
+    """The post-processed tiny model with a threshold calibrated for deepbet's brain region too (0.003 beside the
+    head region's 0.002), as `autoddpm calibrate --with-deepbet` writes it; a licence that asks nothing."""
+    from AutoDDPMLib.detection.postprocessing import option_settings
+
+    deepbet = {"anomaly": 0.003, "mask_tau": 0.05, "settings": option_settings("deepbet", POSTPROCESSING)}
+    thresholds = {"mask_tau": 0.05, "anomaly": 0.05, "calibrated": True, "calibration": {"schedule": "fast"},
+                  "postprocessed": {"anomaly": 0.002, "mask_tau": 0.05, "settings": POSTPROCESSING},
+                  "postprocessed_alternatives": [deepbet]}
+    return tiny_model_with("deepbet", postprocessing=POSTPROCESSING, thresholds=thresholds, license="CC BY-SA 3.0")
+
+
+def never_asked(text, *args, **kwargs) -> bool:
+    pytest.fail(f"the panel asked: {text}")
+
+
+@pytest.mark.skipif(not deepbet_available(), reason='needs deepbet\'s networks: pip install --no-deps "deepbet==1.0.2"')
+def test_the_deepbet_brain_region_brings_its_calibrated_threshold_and_apply_runs_with_it(
+        panel, scene, deepbet_model, temp_root, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import slicer
+
+    from AutoDDPM import BrainRegion
+
+    monkeypatch.setattr(slicer, "app", standins.Application(str(temp_root)), raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", never_asked)  # deepbet is installed: nothing to ask
+    parameters, slider, reset = panel._parameterNode, panel.ui.thresholdSliderWidget, panel.ui.resetThresholdButton
+    assert parameters.brainRegion == BrainRegion.card
+    choose_model(panel, deepbet_model)
+    assert parameters.threshold == slider.value == 0.002
+    # deepbet's region chosen (as its combo box sets it): its own calibrated threshold, for the next run.
+    parameters.brainRegion = BrainRegion.deepbet
+    assert parameters.threshold == slider.value == 0.003
+    assert "0.003" in reset.text and "0.003" in panel.ui.modelInfoLabel.text
+    # Apply runs the engine with deepbet's region; the result keeps the region and its threshold.
+    parameters.inputVolume = add_head_volume(scene, tmp_path)
+    panel.onApplyButton()
+    while panel.logic.isRunning:
+        standins.process_events()
+    assert any("--postprocess deepbet" in line for line in panel.ui.logTextEdit.lines)
+    segmentation = parameters.outputSegmentation
+    assert segmentation is not None and float(segmentation.GetAttribute("AutoDDPM.Threshold")) == 0.003
+    assert "Brain extraction (deepbet)" in panel.ui.resultInfoLabel.text and "0.003" in panel.ui.resultInfoLabel.text
+    # The head region again: its threshold for the next run; the result still resets to its own.
+    parameters.brainRegion = BrainRegion.card
+    assert parameters.threshold == slider.value == 0.002
+    assert float(segmentation.GetAttribute("AutoDDPM.Threshold")) == 0.003 and "0.003" in reset.text
+
+
+def test_deepbet_is_installed_without_its_dependencies_only_if_the_user_agrees(
+        panel, scene, deepbet_model, temp_root, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import slicer
+
+    from AutoDDPM import BrainRegion
+
+    monkeypatch.setattr(slicer, "app", standins.Application(str(temp_root)), raising=False)
+    choose_model(panel, deepbet_model)
+    parameters = panel._parameterNode
+    # Another deepbet found first (an older release, without the networks the engine was checked with).
+    older = tmp_path / "site-packages"
+    (older / "deepbet-1.0.1.dist-info").mkdir(parents=True)
+    (older / "deepbet-1.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: deepbet\nVersion: 1.0.1\n")
+    monkeypatch.syspath_prepend(str(older))
+    questions, answers, installs = [], [False, True], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
+                        lambda text, windowTitle=None, **kwargs: questions.append(text) or answers.pop(0))
+
+    def pip_install(arguments) -> None:
+        # Slicer's pip_install (Slicer < 5.12) would fetch deepbet 1.0.2 over the older one; here the 1.0.2 installed
+        # in this environment is found again.
+        installs.append(list(arguments))
+        sys.path.remove(str(older))
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    # Picked and declined: nothing installed, the head region again with its threshold, and the panel says why.
+    parameters.brainRegion = BrainRegion.deepbet
+    assert len(questions) == 1 and "deepbet==1.0.2" in questions[0] and installs == []
+    assert parameters.brainRegion == BrainRegion.card and parameters.threshold == 0.002
+    assert "head region" in panel.ui.statusLabel.text
+    # Picked and accepted: deepbet alone, none of its dependencies; the region stays, with its threshold.
+    parameters.brainRegion = BrainRegion.deepbet
+    assert len(questions) == 2 and installs == [["--no-deps", "deepbet==1.0.2"]]
+    assert parameters.brainRegion == BrainRegion.deepbet and parameters.threshold == 0.003
+    # The older one back before Apply (reinstalled meanwhile): Apply asks before starting; declined, nothing runs.
+    sys.path.insert(0, str(older))
+    answers[:] = [False]
+    parameters.inputVolume = add_head_volume(scene, tmp_path)
+    panel.onApplyButton()
+    assert len(questions) == 3 and not panel.logic.isRunning and parameters.outputSegmentation is None
+    assert parameters.brainRegion == BrainRegion.card and parameters.threshold == 0.002
+    assert "Not run" in panel.ui.statusLabel.text and "head region" in panel.ui.statusLabel.text
+    assert list(temp_root.iterdir()) == []

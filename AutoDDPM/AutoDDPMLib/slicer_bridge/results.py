@@ -30,10 +30,12 @@ THRESHOLD_ATTRIBUTE = "AutoDDPM.Threshold"
 # The run's smallest kept part in mm^3 (the model card's post-processing), so re-thresholding drops the same parts.
 MIN_COMPONENT_ATTRIBUTE = "AutoDDPM.MinComponentMm3"
 # What made the result, kept with it (a change of model in the panel is for the next run, not for this result):
-# the model's name, its licence, the schedule, and the threshold calibrated for them ("Reset to calibrated").
+# the model's name, its licence, the schedule, the post-processing (the engine's --postprocess: which brain region
+# was searched) and the threshold calibrated for them ("Reset to calibrated").
 MODEL_ATTRIBUTE = "AutoDDPM.Model"
 LICENSE_ATTRIBUTE = "AutoDDPM.License"
 SCHEDULE_ATTRIBUTE = "AutoDDPM.Schedule"
+POSTPROCESS_ATTRIBUTE = "AutoDDPM.PostProcess"
 CALIBRATED_THRESHOLD_ATTRIBUTE = "AutoDDPM.CalibratedThreshold"
 
 # DICOM terminology of the segment: a morphologically altered structure of
@@ -68,11 +70,13 @@ class ResultOrigin:
     schedule: str
     license: str
     calibrated_threshold: float
+    postprocess: str = "card"  # results made before the choice existed searched the card's region
 
     def store(self, segmentation: "slicer.vtkMRMLSegmentationNode") -> None:
         segmentation.SetAttribute(MODEL_ATTRIBUTE, self.model)
         segmentation.SetAttribute(SCHEDULE_ATTRIBUTE, self.schedule)
         segmentation.SetAttribute(LICENSE_ATTRIBUTE, self.license)
+        segmentation.SetAttribute(POSTPROCESS_ATTRIBUTE, self.postprocess)
         segmentation.SetAttribute(CALIBRATED_THRESHOLD_ATTRIBUTE, repr(float(self.calibrated_threshold)))
 
     @staticmethod
@@ -83,7 +87,8 @@ class ResultOrigin:
             return None
         return ResultOrigin(segmentation.GetAttribute(MODEL_ATTRIBUTE) or "?",
                             segmentation.GetAttribute(SCHEDULE_ATTRIBUTE) or "?",
-                            segmentation.GetAttribute(LICENSE_ATTRIBUTE) or "?", float(calibrated))
+                            segmentation.GetAttribute(LICENSE_ATTRIBUTE) or "?", float(calibrated),
+                            segmentation.GetAttribute(POSTPROCESS_ATTRIBUTE) or "card")
 
 
 def summarize(mask: np.ndarray, spacing: Iterable[float], threshold: float) -> AnomalySummary:
