@@ -4,7 +4,8 @@
     python tools/record_validation.py Resources/Benchmark/flair-lgg-volumes
     python tools/record_validation.py Resources/Benchmark/t1-ixi-midaxial-quick --model-dir Resources/Models/t1-ixi-midaxial
 
-An `autoddpm benchmark-volumes` run becomes the card's ``validation_volumes``, an
+An `autoddpm benchmark-volumes` run becomes the card's ``validation_volumes``
+(``validation_volumes_deepbet`` when it ran with ``--postprocess deepbet``), an
 `autoddpm benchmark` run its ``validation``.
 
 The run must have been made with the thresholds the card holds now; the card
@@ -38,7 +39,9 @@ def main() -> int:
     except (AutoDDPMError, OSError, KeyError, json.JSONDecodeError) as exc:
         print(f"record_validation: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{card.path}: {validation_headline(card)}")
+    postprocess = "deepbet" if json.loads((args.run / "meta.json").read_text(encoding="utf-8")).get(
+        "postprocessing", {}).get("brain_region") == "deepbet" else "card"
+    print(f"{card.path}: {validation_headline(card, postprocess)}")
     return 0
 
 
