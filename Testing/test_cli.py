@@ -410,6 +410,9 @@ def test_run_says_it_loads_the_model_and_starts_each_message_on_its_own_line(tin
     # A bar redraws its line after carriage returns; a terminal shows what follows the last one.
     shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
     assert shown[0] == "loading model tiny ..."
+    # Each input's first line says how its map is made, post-processing included.
+    assert any(line.startswith(f"{head_volume.name}: model tiny, schedule fast") and
+               line.endswith("; post-processing: none (the paper's raw map)") for line in shown)
     messages = [line for line in shown if "autoddpm: " in line]
     assert any(line.startswith("autoddpm: warning: model tiny has no thresholds calibrated") for line in messages)
     assert any(line.startswith(f"autoddpm: error: {small}: the slices are 20 x 24 pixels") for line in messages)

@@ -88,7 +88,7 @@ class BarReporter(Reporter):
 
         print(f"{path.name}: model {engine.card.name}, schedule {engine.schedule_name} "
               f"({engine.evaluations_per_slice} network evaluations per slice), device {engine.device}, "
-              f"backend {engine.backend_name}", file=sys.stderr)
+              f"backend {engine.backend_name}; post-processing: {engine.postprocessing.describe()}", file=sys.stderr)
         self._bar = tqdm(total=100, desc=path.name, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
 
     def stage(self, path: Path, stage: str, fraction: float) -> None:
