@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--resample-start", type=int, default=None, metavar="LEVEL", help="start the schedule's stitch-and-re-sample stage at this noise level and calibrate for it (written to the card; default: the card's level, 50 as in the paper)")
     calibrate.add_argument("--lpips-size", type=int, default=None, metavar="PIXELS", help="resize slices to this size for LPIPS in the mask step and calibrate for it (written to the card, for every schedule; default: the card's, else the model grid)")
     calibrate.add_argument("--with-deepbet", action="store_true",
-                           help="also calibrate the threshold for `--postprocess deepbet` (makes the maps once more, "
+                           help="also calibrate the threshold for `--postprocess deepbet` (the same maps, post-processed "
                                 "with deepbet's brain region; pip install --no-deps deepbet==1.0.2)")
     calibrate.add_argument("--mask-dilation", type=int, default=None, metavar="PIXELS", help="dilate the schedule's step-1 mask by a square of this odd size on the model grid and calibrate for it (written to the card; default: the card's, else the paper's 3)")
     calibrate.add_argument("--device", default="auto")

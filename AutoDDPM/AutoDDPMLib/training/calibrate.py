@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from ..detection.inference import AutoDDPM
+from ..detection.map_filters import postprocess_map
 from ..detection.postprocessing import PostProcessing, option_settings
 from ..diffusion.pipeline import AutoDDPMPipeline
 from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
@@ -107,39 +108,49 @@ def healthy_thresholds(
     return tau, _quantile(anomaly[tissue], 1 - healthy_fpr), likelihood, anomaly
 
 
-def postprocessed_threshold(
+def postprocessed_thresholds(
     engine: AutoDDPM,
     data: list[str | os.PathLike],
     healthy_fpr: float,
+    options: tuple[str, ...] = ("card",),
     progress: Callable[[float, str], None] | None = None,
-    postprocess: str = "card",
-) -> dict:
-    """The card entry of the threshold on the maps post-processed as ``--postprocess postprocess`` says, from
-    the whole volumes of ``data``; ``engine`` is left post-processing that way."""
-    engine.postprocessing = PostProcessing.for_option(postprocess, engine.card.postprocessing)
+) -> list[dict]:
+    """The card entries of the thresholds on the maps post-processed as each ``--postprocess`` option of
+    ``options`` says, from the whole volumes of ``data``. Each volume's map is made once, as `autoddpm run`
+    makes it before its post-processing, and post-processed for every option as a run does it."""
     pairs = [pair for source in data for pair in find_training_images(source)]
-    maps, volumes = [], []
-    for i, (image_path, mask_path) in enumerate(pairs):
-        volumes.append(LabelledVolume(image_path, mask_path, engine.card))
-        maps.append(AxialStack.from_image(engine.process_volume(volumes[-1].image).anomaly_map).array)
-        if progress is not None:
-            progress((i + 1) / len(pairs), f"maps post-processed with {engine.postprocessing.describe()}")
-    healthy = [volume.healthy for volume in volumes]
-    threshold, flagged = calibrate_volume_threshold(maps, healthy, [v.spacing for v in volumes], engine.postprocessing, healthy_fpr)
-    return {
-        "anomaly": threshold,
-        "mask_tau": engine.pipeline.mask_threshold,
-        # As the card states them (ModelCard.postprocessed_threshold compares the two): a card that leaves a
-        # step out would otherwise never match the defaults spelled out.
-        "settings": option_settings(postprocess, engine.card.postprocessing),
-        "calibration": {
-            "volumes": len(pairs),
-            "healthy_voxels": int(sum(int(h.sum()) for h in healthy)),
-            "lesion_margin_mm": HEALTHY_MARGIN_MM,
-            "healthy_fpr": healthy_fpr,
-            "flagged_healthy_voxels": flagged,
-        },
-    }
+    made_with, engine.postprocessing = engine.postprocessing, PostProcessing.none()  # the map before post-processing
+    raw_maps, volumes = [], []
+    try:
+        for i, (image_path, mask_path) in enumerate(pairs):
+            volumes.append(LabelledVolume(image_path, mask_path, engine.card))
+            raw_maps.append(AxialStack.from_image(engine.process_volume(volumes[-1].image).anomaly_map).array)
+            if progress is not None:
+                progress((i + 1) / len(pairs), "maps of whole volumes")
+    finally:
+        engine.postprocessing = made_with
+    healthy, spacings = [volume.healthy for volume in volumes], [volume.spacing for volume in volumes]
+    entries = []
+    for option in options:
+        settings = PostProcessing.for_option(option, engine.card.postprocessing)
+        maps = [postprocess_map(raw, volume.slices01, volume.spacing, settings, volume.array)[0]
+                for raw, volume in zip(raw_maps, volumes)]
+        threshold, flagged = calibrate_volume_threshold(maps, healthy, spacings, settings, healthy_fpr)
+        entries.append({
+            "anomaly": threshold,
+            "mask_tau": engine.pipeline.mask_threshold,
+            # As the card states them (ModelCard.postprocessed_threshold compares the two): a card that leaves a
+            # step out would otherwise never match the defaults spelled out.
+            "settings": option_settings(option, engine.card.postprocessing),
+            "calibration": {
+                "volumes": len(pairs),
+                "healthy_voxels": int(sum(int(h.sum()) for h in healthy)),
+                "lesion_margin_mm": HEALTHY_MARGIN_MM,
+                "healthy_fpr": healthy_fpr,
+                "flagged_healthy_voxels": flagged,
+            },
+        })
+    return entries
 
 
 def calibrate(
@@ -169,8 +180,8 @@ def calibrate(
     A new LPIPS size applies to every schedule: the thresholds of the others then count
     as not calibrated until they are calibrated again. A card with post-processing also
     gets the threshold on its post-processed map, from the whole volumes of ``data``,
-    and ``with_deepbet`` adds the threshold for ``--postprocess deepbet`` (the maps
-    made once more, with deepbet's brain region).
+    and ``with_deepbet`` adds the threshold for ``--postprocess deepbet`` (the same
+    maps, post-processed with deepbet's brain region).
     """
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
         raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
@@ -239,11 +250,11 @@ def calibrate(
     if not postprocessing.is_none:
         # The pipeline now holds the new tau and the schedule being calibrated; the maps are made as `autoddpm run` makes them.
         engine.pipeline.polarity = postprocessing.polarity
-        share = 0.25 if with_deepbet else 0.5
-        calibrated["postprocessed"] = postprocessed_threshold(engine, list(data), healthy_fpr, stage_progress(0.5, share))
-        if with_deepbet:
-            calibrated["postprocessed_alternatives"] = [
-                postprocessed_threshold(engine, list(data), healthy_fpr, stage_progress(0.75, share), "deepbet")]
+        options = ("card", "deepbet") if with_deepbet else ("card",)
+        own, *alternatives = postprocessed_thresholds(engine, list(data), healthy_fpr, options, stage_progress(0.5, 0.5))
+        calibrated["postprocessed"] = own
+        if alternatives:
+            calibrated["postprocessed_alternatives"] = alternatives
     # The card's main thresholds are those of the schedule `autoddpm run` uses by default;
     # other schedules keep theirs beside them (see ModelCard.thresholds_for).
     current = card.data["thresholds"]
