@@ -32,6 +32,14 @@ from AutoDDPMLib.volumes.slices import AxialStack  # noqa: E402
 from AutoDDPMLib.volumes.volume_io import read_volume  # noqa: E402
 
 
+def write_stripped(image_path: Path, target: Path, card) -> None:
+    """``image_path`` set to 0 outside ``card``'s brain region (12 mm without one), written to ``target``."""
+    stack = AxialStack.from_image(read_volume(image_path))
+    erosion_mm = card.postprocessing.get("brain_erosion_mm") or 12.0
+    stripped = skull_stripped(stack.array, stack.spacing, card.intensity_percentiles, erosion_mm)
+    sitk.WriteImage(stack.to_image(stripped), str(target))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the project's data folder (../shared/data)")
@@ -45,13 +53,10 @@ def main() -> None:
     for image_path, mask_path in patients(args.data)["dev"]:
         shutil.copy(mask_path, args.output / mask_path.name)
         target = args.output / image_path.name
-        if not args.stripped:
+        if args.stripped:
+            write_stripped(image_path, target, card)
+        else:
             shutil.copy(image_path, target)
-            continue
-        image = read_volume(image_path)
-        stack = AxialStack.from_image(image)
-        stripped = skull_stripped(stack.array, stack.spacing, card.intensity_percentiles, erosion_mm)
-        sitk.WriteImage(stack.to_image(stripped), str(target))
     print(f"{len(patients(args.data)['dev'])} development patients in {args.output}"
           + (f", skull-stripped to the head region eroded {erosion_mm:g} mm" if args.stripped else ""))
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from dev_volumes import write_stripped  # noqa: E402
 from postprocess_sweep import patients  # noqa: E402
 
-from AutoDDPMLib.benchmark.datasets import skull_stripped  # noqa: E402
 from AutoDDPMLib.benchmark.volume_benchmark import score  # noqa: E402
 from AutoDDPMLib.detection.inference import AutoDDPM  # noqa: E402
 from AutoDDPMLib.detection.map_filters import anomaly_mask, postprocess_map  # noqa: E402
@@ -36,16 +36,9 @@ from AutoDDPMLib.volumes.slices import AxialStack  # noqa: E402
 
 def stripped_case(image_path: Path, mask_path: Path, card, work: Path) -> LabelledVolume:
     """The volume stripped (written once into ``work``) and read back as the benchmark reads volumes."""
-    import SimpleITK as sitk
-
-    from AutoDDPMLib.volumes.volume_io import read_volume
-
     target = work / image_path.name
     if not target.exists():
-        stack = AxialStack.from_image(read_volume(image_path))
-        erosion_mm = card.postprocessing.get("brain_erosion_mm") or 12.0
-        stripped = skull_stripped(stack.array, stack.spacing, card.intensity_percentiles, erosion_mm)
-        sitk.WriteImage(stack.to_image(stripped), str(target))
+        write_stripped(image_path, target, card)
     return LabelledVolume(target, mask_path, card)
 
 
