@@ -26,8 +26,8 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).parent))
 from postprocess_sweep import patients  # noqa: E402
 
-from AutoDDPMLib.benchmark.datasets import skull_stripped  # noqa: E402
 from AutoDDPMLib.models.bundle import read_card, resolve_model  # noqa: E402
+from AutoDDPMLib.volumes.head_region import skull_stripped  # noqa: E402
 from AutoDDPMLib.volumes.slices import AxialStack  # noqa: E402
 from AutoDDPMLib.volumes.volume_io import read_volume  # noqa: E402
 

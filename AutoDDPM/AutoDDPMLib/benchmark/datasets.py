@@ -86,15 +86,6 @@ class EvalSet:
         return [np.flatnonzero(ids == v) for v in dict.fromkeys(self.volumes)]
 
 
-def skull_stripped(array: np.ndarray, spacing, percentiles, erosion_mm: float) -> np.ndarray:
-    """A volume [S, H, W] as a skull-stripping pipeline leaves it: 0 outside the brain region the engine computes."""
-    from ..volumes.head_region import brain_region
-    from ..volumes.slices import intensity_window, normalize
-
-    brain = brain_region(normalize(array, intensity_window(array, percentiles)), spacing, erosion_mm)
-    return np.where(brain, array, 0).astype(array.dtype)
-
-
 def scanner_changed(grid, seed: int):
     """Slices [S, 1, N, N] of one patient with one draw of scanner-like intensity changes (seeded)."""
     import torch
@@ -112,6 +103,7 @@ def scanner_changed(grid, seed: int):
 def _volume_slices(image_path: Path, mask_path: Optional[Path], card, strip_erosion_mm: Optional[float] = None):
     """All slices with signal of a volume on the model grid, and the mask on the same grid (> 0.5); with
     ``strip_erosion_mm``, of the volume stripped to its brain region first."""
+    from ..volumes.head_region import skull_stripped
     from ..volumes.slices import AxialStack, has_signal, intensity_window, normalize, to_model_grid
     from ..volumes.volume_io import read_volume
 

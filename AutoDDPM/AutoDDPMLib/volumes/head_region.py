@@ -5,7 +5,8 @@ the brain region is that head region eroded in-plane by a distance in mm, which
 leaves out scalp, skull and the edge of the field of view. The detection's
 post-processing limits the anomaly map to the brain region
 (``detection.map_filters``); training strips slices to it (skull-stripping
-augmentation), the benchmark builds its skull-stripped development set with it,
+augmentation), the benchmark builds its skull-stripped development set with it
+(``skull_stripped``),
 and the fit checks use the head region to tell a skull-stripped input. It lives
 here, below all of them, so each computes the very same region.
 """
@@ -17,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .slices import FOREGROUND_LEVEL
+from .slices import FOREGROUND_LEVEL, intensity_window, normalize
 
 Spacing = Sequence[float]  # (slice, row, column) in mm
 
@@ -49,3 +50,10 @@ def erode_in_plane(region: np.ndarray, spacing: Spacing, erosion_mm: float) -> n
             inside = np.pad(region[z], 1)
             eroded[z] = ndimage.distance_transform_edt(inside, sampling=spacing[1:])[1:-1, 1:-1] > erosion_mm
     return eroded
+
+
+def skull_stripped(array: np.ndarray, spacing: Spacing, percentiles: Sequence[float], erosion_mm: float) -> np.ndarray:
+    """A volume [S, H, W] as a skull-stripping pipeline leaves it: 0 outside the brain region the engine
+    computes (the head eroded ``erosion_mm``, on the volume normalised with ``percentiles``)."""
+    brain = brain_region(normalize(array, intensity_window(array, tuple(percentiles))), spacing, erosion_mm)
+    return np.where(brain, array, 0).astype(array.dtype)
