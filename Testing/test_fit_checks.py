@@ -87,7 +87,8 @@ def test_a_skull_stripped_input_warns_where_the_card_does_not_cover_it(tiny_mode
 
     def warnings_for(image: sitk.Image, card=card) -> list[str]:
         array = sitk.GetArrayFromImage(image)
-        return fit_warnings(card, "scan.nii.gz", len(array), array, normalize(array, intensity_window(array)))
+        share = constant_background_share(array, normalize(array, intensity_window(array)))
+        return fit_warnings(card, "scan.nii.gz", len(array), share)
 
     with_skull, without = head_with_skull(), stripped(head_with_skull())
     assert constant_background_share(sitk.GetArrayFromImage(with_skull), normalize(

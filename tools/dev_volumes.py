@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from postprocess_sweep import patients  # noqa: E402
 
 from AutoDDPMLib.models.bundle import read_card, resolve_model  # noqa: E402
-from AutoDDPMLib.volumes.head_region import skull_stripped  # noqa: E402
+from AutoDDPMLib.volumes.head_region import skull_stripped, strip_erosion_mm  # noqa: E402
 from AutoDDPMLib.volumes.slices import AxialStack  # noqa: E402
 from AutoDDPMLib.volumes.volume_io import read_volume  # noqa: E402
 
@@ -35,8 +35,7 @@ from AutoDDPMLib.volumes.volume_io import read_volume  # noqa: E402
 def write_stripped(image_path: Path, target: Path, card) -> None:
     """``image_path`` set to 0 outside ``card``'s brain region (12 mm without one), written to ``target``."""
     stack = AxialStack.from_image(read_volume(image_path))
-    erosion_mm = card.postprocessing.get("brain_erosion_mm") or 12.0
-    stripped = skull_stripped(stack.array, stack.spacing, card.intensity_percentiles, erosion_mm)
+    stripped = skull_stripped(stack.array, stack.spacing, card.intensity_percentiles, strip_erosion_mm(card.postprocessing))
     sitk.WriteImage(stack.to_image(stripped), str(target))
 
 
@@ -48,7 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="the card whose brain region strips (default: flair-lgg)")
     args = parser.parse_args()
     card = read_card(resolve_model(args.model))
-    erosion_mm = card.postprocessing.get("brain_erosion_mm") or 12.0
+    erosion_mm = strip_erosion_mm(card.postprocessing)
     args.output.mkdir(parents=True, exist_ok=True)
     for image_path, mask_path in patients(args.data)["dev"]:
         shutil.copy(mask_path, args.output / mask_path.name)

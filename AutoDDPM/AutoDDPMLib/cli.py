@@ -23,7 +23,7 @@ from .cohort.ranks import Ranks
 from .cohort.run_record import NIFTI_DESCRIPTION_KEY, RunContext, RunSettings, record_bytes, run_record
 from .cohort.summary import SummaryRow, write_summary
 from .cpu_sharing import lower_priority, wait_passively
-from .detection.postprocessing import POSTPROCESS_CHOICES, PostProcessing, option_settings
+from .detection.postprocessing import POSTPROCESS_CHOICES, PostProcessing, for_skull_stripped_input, option_settings
 from .diffusion.onnx_backend import BACKENDS
 from .diffusion.sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .errors import AutoDDPMError
@@ -33,6 +33,9 @@ from .slicer_bridge.licences import is_non_commercial
 
 # What `autoddpm demo` runs, by the model's modality: a real LGG patient for FLAIR; for T1, the paper's
 # setting, one IXI subject's mid-axial slice with a synthetic lesion of each size (tools/make_t1_samples.py).
+# --skull-stripped: the engine's skull_stripped (None: each input is looked at).
+SKULL_STRIPPED = {"auto": None, "yes": True, "no": False}
+
 DEMO_SAMPLES = {
     "FLAIR": ["TCGA_LGG_FLAIR.nii.gz"],
     "T1": [f"IXI_T1_midaxial_{size}.nii.gz" for size in ("small", "medium", "large")],
@@ -41,7 +44,7 @@ DEMO_SAMPLES = {
 
 def _settings(args: argparse.Namespace) -> RunSettings:
     return RunSettings.for_run(args.model, args.schedule, args.postprocess, args.threshold, args.seed,
-                               getattr(args, "repeats", 1), args.batch_size)
+                               getattr(args, "repeats", 1), args.batch_size, SKULL_STRIPPED[args.skull_stripped])
 
 
 def _load_engine(args: argparse.Namespace, settings: RunSettings, reporter: Reporter, ranks: Ranks):
@@ -53,7 +56,7 @@ def _load_engine(args: argparse.Namespace, settings: RunSettings, reporter: Repo
     started = time.perf_counter()
     engine = AutoDDPM(args.model, schedule=args.schedule, device=ranks.device(args.device), seed=args.seed,
                       batch_size=args.batch_size, threshold=args.threshold, backend=args.backend,
-                      postprocess=args.postprocess)
+                      postprocess=args.postprocess, skull_stripped=SKULL_STRIPPED[args.skull_stripped])
     seconds = time.perf_counter() - started
     licence = str(engine.card.data.get("license", ""))
     if is_non_commercial(licence) and ranks.is_first:
@@ -131,7 +134,7 @@ def _process(engine, inputs: list[Path], output_dir: Path, reporter: Reporter, r
                 outputs = {key: output_path(output_dir, stem, key).resolve() for key, image in images.items()
                            if image is not None}
                 for key in outputs:
-                    images[key].SetMetaData(NIFTI_DESCRIPTION_KEY, run.settings.nifti_description())
+                    images[key].SetMetaData(NIFTI_DESCRIPTION_KEY, run.settings.nifti_description(result.threshold))
                 record = run_record(run, input_path=path, image=image, engine=engine, result=result, outputs=outputs,
                                     reading_seconds=reading_seconds)
                 # Created only now, so that a run that fails before its first result leaves no empty folder.
@@ -274,6 +277,11 @@ def _models(args: argparse.Namespace) -> int:
         if deepbet and card.postprocessed_threshold(DEFAULT_SCHEDULE, deepbet) is not None:
             print(f"{'':18s} --postprocess deepbet: threshold {card.run_threshold(DEFAULT_SCHEDULE, deepbet):.3g}, "
                   f"validation: {validation_headline(card, 'deepbet')}")
+        stripped = [f"{option} {threshold:.3g}" for option in ("card", "deepbet") if card.postprocessing
+                    and (threshold := card.postprocessed_threshold(
+                        DEFAULT_SCHEDULE, for_skull_stripped_input(option_settings(option, card.postprocessing)))) is not None]
+        if stripped:
+            print(f"{'':18s} skull-stripped inputs: threshold {', '.join(stripped)}")
     return 0
 
 
@@ -298,7 +306,8 @@ def _calibrate(args: argparse.Namespace) -> int:
                                healthy_fpr=args.healthy_fpr, max_slices=args.max_slices, device=args.device,
                                seed=args.seed, progress=progress, backend=args.backend, coarse_start=args.coarse_start,
                                lpips_size=args.lpips_size, resample_start=args.resample_start,
-                               mask_dilation=args.mask_dilation, with_deepbet=args.with_deepbet)
+                               mask_dilation=args.mask_dilation, with_deepbet=args.with_deepbet,
+                               with_stripped=args.with_stripped)
     finally:
         for bar in bars:
             bar.close()
@@ -330,6 +339,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                              "3D median, small components removed; default); deepbet: the same with deepbet's brain mask as "
                              "the brain region (pip install --no-deps deepbet==1.0.2); none: the paper's raw map |x - x_ph| * M")
     parser.add_argument("--threshold", type=float, default=None, help="threshold on the anomaly map for the mask (default: the model card's calibrated value for the --postprocess chosen)")
+    parser.add_argument("--skull-stripped", default="auto", choices=list(SKULL_STRIPPED),
+                        help="whether the inputs are skull-stripped: auto (default) looks at each (is the background "
+                             "around the brain exactly one value?); a stripped input gets the model card's threshold "
+                             "for stripped inputs where it has one (see `autoddpm models`)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same result")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default 16 on CPU, 64 on GPU; halved on out-of-memory)")
     parser.add_argument("--progress", default="bar", choices=["bar", "json", "none"], help="a progress bar, JSON lines for programs, or nothing")
@@ -470,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--with-deepbet", action="store_true",
                            help="also calibrate the threshold for `--postprocess deepbet` (the same maps, post-processed "
                                 "with deepbet's brain region; pip install --no-deps deepbet==1.0.2)")
+    calibrate.add_argument("--with-stripped", action="store_true",
+                           help="also calibrate the thresholds for skull-stripped inputs (each --data volume again, set to 0 "
+                                "outside the card's brain region; the maps take as long again), which `autoddpm run` "
+                                "uses for an input that looks skull-stripped")
     calibrate.add_argument("--mask-dilation", type=int, default=None, metavar="PIXELS", help="dilate the schedule's step-1 mask by a square of this odd size on the model grid and calibrate for it (written to the card; default: the card's, else the paper's 3)")
     calibrate.add_argument("--device", default="auto")
     _add_backend_option(calibrate)

@@ -100,7 +100,7 @@ class BarReporter(Reporter):
         if self._bar is not None:
             self._bar.update(100 - self._bar.n)
         self._close_bar()
-        print(f"{path.name}: {result.anomalous_volume_ml:.2f} mL flagged at threshold {engine.threshold:.4g} "
+        print(f"{path.name}: {result.anomalous_volume_ml:.2f} mL flagged at threshold {result.threshold:.4g} "
               f"({result.slices_with_signal} of {result.slices} slices, {result.seconds:.1f} s); "
               f"outputs in {outputs['mask'].parent}", file=sys.stderr)
 
@@ -127,11 +127,11 @@ class JsonReporter(Reporter):
         self._emit("skipped", input=str(path), reason=reason)
 
     def done(self, path: Path, outputs: dict[str, Path], engine: Any, result: Any) -> None:
-        self._emit("done", input=str(path), outputs={k: str(v) for k, v in outputs.items()}, threshold=engine.threshold,
+        self._emit("done", input=str(path), outputs={k: str(v) for k, v in outputs.items()}, threshold=result.threshold,
                    slices=result.slices, slices_with_signal=result.slices_with_signal,
                    anomalous_voxels=result.anomalous_voxels, anomalous_volume_ml=result.anomalous_volume_ml,
                    repeats=result.repeats, seconds=round(result.seconds, 3),
-                   postprocessing=engine.postprocessing.to_dict())
+                   postprocessing=result.postprocessing_settings, skull_stripped=result.skull_stripped)
 
     def finished(self) -> None:
         self._emit("finished", seconds=round(time.perf_counter() - self.started, 3))

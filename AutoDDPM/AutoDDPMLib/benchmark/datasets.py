@@ -49,8 +49,6 @@ from ..errors import AutoDDPMError
 
 DATASETS = ("lgg", "lgg-synth", "ixi", "lgg-dev", "ixi-dev", "lgg-dev-stripped", "lgg-dev-scanner")
 DEV_STRIDE = 8  # the development sets: every 8th training patient (lgg-dev: 10 of 80) or subject (ixi-dev: 58 of 461)
-# Where the card does not post-process with a brain region: flair-lgg's erosion.
-DEFAULT_STRIP_EROSION_MM = 12.0
 # lgg-dev-scanner's changes: a gamma up to exp(+-0.3), an intensity scale up to exp(+-0.15), a bias field up to
 # exp(+-0.3); as strong as the augmentation that docs/TRAINING.md suggests, so it measures what training covered.
 SCANNER_GAMMA, SCANNER_CONTRAST, SCANNER_BIAS_FIELD = 0.3, 0.15, 0.3
@@ -186,9 +184,10 @@ def load_lgg_dev(train_folder: Path, card, max_volumes: Optional[int] = None) ->
 
 def load_lgg_dev_stripped(train_folder: Path, card, max_volumes: Optional[int] = None) -> EvalSet:
     """lgg-dev skull-stripped to the brain region the engine computes with this card."""
-    erosion = card.postprocessing.get("brain_erosion_mm")
+    from ..volumes.head_region import strip_erosion_mm
+
     return load_lgg(train_folder, card, max_volumes, name="lgg-dev-stripped", stride=DEV_STRIDE, lesion_only=True,
-                    strip_erosion_mm=DEFAULT_STRIP_EROSION_MM if erosion is None else erosion)
+                    strip_erosion_mm=strip_erosion_mm(card.postprocessing))
 
 
 def load_lgg_dev_scanner(train_folder: Path, card, max_volumes: Optional[int] = None, seed: int = 0) -> EvalSet:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -81,15 +82,19 @@ def score(name: str, cases: list[LabelledVolume], maps: list[np.ndarray], masks:
     }
 
 
-def run_autoddpm(engine: AutoDDPM, cases: list[LabelledVolume], log) -> tuple[list[np.ndarray], list[np.ndarray], float]:
-    """The map and mask ``autoddpm run`` writes for each case, and seconds per volume."""
-    maps, masks, started = [], [], time.perf_counter()
+def run_autoddpm(engine: AutoDDPM, cases: list[LabelledVolume],
+                 log) -> tuple[list[np.ndarray], list[np.ndarray], float, float]:
+    """The map and mask ``autoddpm run`` writes for each case, seconds per volume, and the threshold the masks
+    were made with (NaN where it differed: skull-stripped inputs among others get the card's own)."""
+    maps, masks, thresholds, started = [], [], set(), time.perf_counter()
     for case in cases:
         result = engine.process_volume(case.image, name=case.name)
         maps.append(AxialStack.from_image(result.anomaly_map).array)
         masks.append(AxialStack.from_image(result.mask).array > 0)
-        log(f"{engine.postprocessing.describe()}: {case.name} done")
-    return maps, masks, (time.perf_counter() - started) / len(cases)
+        thresholds.add(result.threshold)
+        log(f"{result.postprocessing}: {case.name} done")
+    threshold = thresholds.pop() if len(thresholds) == 1 else math.nan
+    return maps, masks, (time.perf_counter() - started) / len(cases), threshold
 
 
 def reconstruction_maps(engine: AutoDDPM, cases: list[LabelledVolume], level: int, steps: int,
@@ -194,10 +199,10 @@ def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_d
     raw_engine = AutoDDPM(model, backend=backend, postprocess="none")
     cases = [LabelledVolume(image, mask, engine.card) for image, mask in pairs]
     rows = []
-    maps, masks, seconds = run_autoddpm(engine, cases, log)
-    rows.append(score("AutoDDPM fast", cases, maps, masks, engine.threshold, seconds))
-    maps, masks, seconds = run_autoddpm(raw_engine, cases, log)
-    rows.append(score("AutoDDPM fast (raw map)", cases, maps, masks, raw_engine.threshold, seconds))
+    maps, masks, seconds, threshold = run_autoddpm(engine, cases, log)
+    rows.append(score("AutoDDPM fast", cases, maps, masks, threshold, seconds))
+    maps, masks, seconds, threshold = run_autoddpm(raw_engine, cases, log)
+    rows.append(score("AutoDDPM fast (raw map)", cases, maps, masks, threshold, seconds))
     for label, method_settings in (("Input intensity", settings), ("Input intensity (raw)", PostProcessing.none())):
         # No model: its seconds are those of the post-processing alone (and of the brain region).
         maps, masks, threshold, seconds = calibrated_method(cases, [case.slices01 for case in cases], method_settings)

@@ -39,6 +39,7 @@ class RunSettings:
     schedule: str
     postprocess: str  # the option: card or none
     postprocessing: dict[str, Any]  # the steps it stands for
+    skull_stripped: bool | None  # whether the inputs are skull-stripped (None: each is looked at)
     threshold: float  # on the output anomaly map, for the mask
     threshold_from: str
     mask_tau: float  # on the likelihood map, for what is re-sampled
@@ -48,9 +49,10 @@ class RunSettings:
 
     @classmethod
     def for_run(cls, model: str | None, schedule: str, postprocess: str, threshold: float | None, seed: int,
-                repeats: int, batch_size: int | None) -> RunSettings:
+                repeats: int, batch_size: int | None, skull_stripped: bool | None = None) -> RunSettings:
         """The settings of ``autoddpm run`` with these options; reads the model card and hashes the weights
-        (tens of milliseconds), without loading the network. Thresholds are chosen as ``AutoDDPM`` chooses them."""
+        (tens of milliseconds), without loading the network. Thresholds are chosen as ``AutoDDPM`` chooses them;
+        ``threshold`` is that of inputs with skull (a skull-stripped input's is in its sidecar's result)."""
         card = read_card(resolve_model(model))
         settings = option_settings(postprocess, card.postprocessing)
         processing = PostProcessing.from_dict(settings)
@@ -73,6 +75,7 @@ class RunSettings:
             schedule=schedule,
             postprocess=postprocess,
             postprocessing=processing.to_dict(),
+            skull_stripped=skull_stripped,
             threshold=card.run_threshold(schedule, settings) if threshold is None else float(threshold),
             threshold_from=threshold_from,
             mask_tau=card.thresholds_for(schedule)[0],
@@ -95,13 +98,15 @@ class RunSettings:
                              else f"{what} {recorded.get(key)!r} (now {value!r})")
         return found
 
-    def nifti_description(self) -> str:
+    def nifti_description(self, threshold: float | None = None) -> str:
         """The key facts for the description field of an output's NIfTI header, e.g.
-        ``AutoDDPM 0.1.0 flair-lgg fast thr=0.00568``: enough to tell outputs apart in any viewer."""
+        ``AutoDDPM 0.1.0 flair-lgg fast thr=0.00568``: enough to tell outputs apart in any viewer
+        (``threshold``: the one the input's mask was made with, where it is not ``self.threshold``)."""
+        threshold = self.threshold if threshold is None else threshold
         extras = [f"seed={self.seed}"] if self.seed else []
         extras += [f"x{self.repeats}"] if self.repeats > 1 else []
         extras += ["raw map"] if self.postprocessing == PostProcessing.none().to_dict() else []
-        text = " ".join([f"AutoDDPM {self.autoddpm_version} {self.model} {self.schedule} thr={self.threshold:.3g}", *extras])
+        text = " ".join([f"AutoDDPM {self.autoddpm_version} {self.model} {self.schedule} thr={threshold:.3g}", *extras])
         return text.encode("ascii", "replace")[:NIFTI_DESCRIPTION_BYTES].decode("ascii")
 
 
@@ -148,7 +153,8 @@ def run_record(run: RunContext, *, input_path: Path, image: Any, engine: Any, re
                 "rank": run.rank, "world_size": run.world_size},
         "input": input_facts(input_path, image),
         "result": {"slices": result.slices, "slices_with_signal": result.slices_with_signal,
-                   "anomalous_voxels": result.anomalous_voxels, "anomalous_volume_ml": result.anomalous_volume_ml},
+                   "anomalous_voxels": result.anomalous_voxels, "anomalous_volume_ml": result.anomalous_volume_ml,
+                   "threshold": result.threshold, "skull_stripped": result.skull_stripped},
         "timings": {"model_load_seconds": round(run.model_load_seconds, 3), "reading_seconds": round(reading_seconds, 3),
                     "processing_seconds": round(result.seconds, 3)},
         "warnings": list(result.warnings),

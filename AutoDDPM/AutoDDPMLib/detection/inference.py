@@ -23,12 +23,12 @@ from ..diffusion.pipeline import AutoDDPMOutput, AutoDDPMPipeline
 from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from ..errors import AutoDDPMError
 from ..models.bundle import read_card, resolve_model
-from ..models.fit_checks import fit_warnings
+from ..models.fit_checks import constant_background_share, fit_warnings, looks_skull_stripped
 from ..models.networks import load_network
 from ..volumes.brain_extraction import deepbet_network_files
 from ..volumes.slices import FOREGROUND_LEVEL, AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
 from .map_filters import anomaly_mask, postprocess_map
-from .postprocessing import PostProcessing, option_settings
+from .postprocessing import PostProcessing, for_skull_stripped_input, option_settings
 
 # Called with (fraction done in [0, 1], stage name).
 VolumeProgress = Callable[[float, str], None]
@@ -59,11 +59,14 @@ class VolumeResult:
     seconds: float
     anomalous_voxels: int
     anomalous_volume_ml: float
+    threshold: float  # on the anomaly map, as the mask was made
     warnings: list[str] = field(default_factory=list)
     spread: sitk.Image | None = None
     repeats: int = 1
     brain_region: sitk.Image | None = None  # where the map was searched (post-processing with a brain region only)
     postprocessing: str = "none (the paper's raw map)"
+    postprocessing_settings: dict = field(default_factory=dict)  # PostProcessing.to_dict() of the above
+    skull_stripped: bool = False  # whether the input was taken for a skull-stripped one (told or seen)
 
 
 class AutoDDPM:
@@ -79,6 +82,14 @@ class AutoDDPM:
     "autoddpm[onnx]"``) or, by default, ``auto``: ONNX Runtime where it can run,
     else torch. ``backend_name`` says which runs and ``backend_note`` why torch
     runs under ``auto`` (None otherwise).
+
+    ``skull_stripped`` says whether inputs are skull-stripped (None: each volume
+    is looked at; see models.fit_checks). A stripped input's map is thresholded
+    with the card's threshold for stripped inputs, calibrated on validation
+    volumes stripped the same way (``autoddpm calibrate --with-stripped``), where
+    the card has one and no ``threshold`` is given; ``threshold`` and
+    ``postprocessing`` are those of inputs with skull, and each VolumeResult
+    says which were used.
     """
 
     def __init__(
@@ -92,10 +103,12 @@ class AutoDDPM:
         mask_threshold: float | None = None,
         backend: str = "auto",
         postprocess: str = "card",
+        skull_stripped: bool | None = None,
     ) -> None:
         self.card = read_card(resolve_model(model))
         settings = option_settings(postprocess, self.card.postprocessing)
         self.postprocessing = PostProcessing.from_dict(settings)
+        self.skull_stripped = skull_stripped
         if self.postprocessing.brain_region == "deepbet":
             deepbet_network_files()  # missing or other networks: say so now, not after the first volume
         self.schedule_name = schedule
@@ -120,6 +133,16 @@ class AutoDDPM:
                 f"`autoddpm calibrate MODEL_DIR --schedule {schedule} --data VOLUMES_WITH_MASKS{with_deepbet}`, give "
                 "--threshold, or run with --postprocess none")
         self.threshold = self.card.run_threshold(schedule, settings) if threshold is None else threshold
+        # (post-processing, threshold) for skull-stripped inputs, or None where they are thresholded as the others.
+        stripped_settings = for_skull_stripped_input(settings)
+        stripped_threshold = self.card.postprocessed_threshold(schedule, stripped_settings) if stripped_settings else None
+        self.stripped_input = (None if threshold is not None or stripped_threshold is None
+                               else (PostProcessing.from_dict(stripped_settings), stripped_threshold))
+        if skull_stripped and threshold is None and self.stripped_input is None:
+            raise AutoDDPMError(
+                f"model {self.card.name} has no threshold calibrated for skull-stripped inputs with --postprocess "
+                f"{postprocess} and the {schedule} schedule; run `autoddpm calibrate MODEL_DIR --schedule {schedule} "
+                "--data VOLUMES_WITH_MASKS --with-stripped`, give --threshold, or leave out --skull-stripped")
         unet, self.backend_name, self.backend_note = load_network(self.card, self.device, backend)
         self.pipeline = AutoDDPMPipeline(
             unet,
@@ -233,14 +256,20 @@ class AutoDDPM:
         if repeats > 1:  # the outputs are the mean over the runs, their spread the standard deviation of the maps
             pseudo_healthy = np.mean([pseudo_healthy] + [pseudo_healthy_of(run) for run in runs[1:]], axis=0)
             raw_map, spread = np.mean(raw_maps, axis=0), np.std(raw_maps, axis=0)
-        anomaly, brain = postprocess_map(raw_map, slices01, stack.spacing, self.postprocessing, stack.array)
-        mask = anomaly_mask(anomaly, self.threshold, stack.spacing, self.postprocessing).astype(np.uint8)
+        # Is the input skull-stripped? Looked at only where it changes the threshold or earns a warning.
+        stripped_share = None
+        if self.skull_stripped is None and (self.stripped_input or self.card.covers.get("skull_stripped") is False):
+            stripped_share = constant_background_share(stack.array[with_signal], slices01[with_signal])
+        stripped = looks_skull_stripped(stripped_share) if self.skull_stripped is None else self.skull_stripped
+        postprocessing, threshold = self.stripped_input if stripped and self.stripped_input else (self.postprocessing, self.threshold)
+        anomaly, brain = postprocess_map(raw_map, slices01, stack.spacing, postprocessing, stack.array)
+        mask = anomaly_mask(anomaly, threshold, stack.spacing, postprocessing).astype(np.uint8)
 
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         flagged = int(mask.sum())
         tissue = slices01 > FOREGROUND_LEVEL
         flagged_tissue = float(mask[tissue].mean()) if tissue.any() else 0.0
-        warnings = fit_warnings(self.card, name, int(with_signal.sum()), stack.array[with_signal], slices01[with_signal])
+        warnings = fit_warnings(self.card, name, int(with_signal.sum()), stripped_share, postprocessing.skull_stripped_input)
         if self.threshold_warning:
             warnings.append(self.threshold_warning)
         if flagged_tissue > SUSPICIOUS_ANOMALY_FRACTION:
@@ -259,11 +288,14 @@ class AutoDDPM:
             seconds=time.perf_counter() - started,
             anomalous_voxels=flagged,
             anomalous_volume_ml=flagged * voxel_ml,
+            threshold=threshold,
             warnings=warnings,
             spread=None if spread is None else stack.to_image(spread.astype(np.float32)),
             repeats=repeats,
             brain_region=None if brain is None else stack.to_image(brain.astype(np.uint8)),
-            postprocessing=self.postprocessing.describe(),
+            postprocessing=postprocessing.describe(),
+            postprocessing_settings=postprocessing.to_dict(),
+            skull_stripped=bool(stripped),
         )
 
     @staticmethod

@@ -28,6 +28,9 @@ class PostProcessing:
     median_mm: Optional[float] = None
     min_component_mm3: float = 0.0
     brain_region: str = "head"
+    # For a skull-stripped input (models.fit_checks tells one): the same steps, but a threshold of its own,
+    # calibrated on validation volumes stripped the same way (a map of a stripped scan is not scaled as one with skull).
+    skull_stripped_input: bool = False
 
     def __post_init__(self) -> None:
         if self.polarity not in POLARITIES:
@@ -35,6 +38,8 @@ class PostProcessing:
         if self.brain_region not in BRAIN_REGIONS:
             raise AutoDDPMError(f"unknown brain region '{self.brain_region}' in the model card: choose one of "
                                 f"{', '.join(BRAIN_REGIONS)}")
+        if not isinstance(self.skull_stripped_input, bool):
+            raise AutoDDPMError(f"post-processing skull_stripped_input must be true or false, not {self.skull_stripped_input!r}")
         for name in ("brain_erosion_mm", "median_mm", "min_component_mm3"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -61,7 +66,10 @@ class PostProcessing:
         return cls.from_dict(option_settings(option, card_settings))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        settings = asdict(self)
+        if not self.skull_stripped_input:  # as cards and run records stated settings before stripped inputs had their own
+            del settings["skull_stripped_input"]
+        return settings
 
     @property
     def is_none(self) -> bool:
@@ -79,6 +87,8 @@ class PostProcessing:
             steps.append(f"3D median {self.median_mm:g} mm")
         if self.min_component_mm3:
             steps.append(f"components >= {self.min_component_mm3:g} mm3")
+        if self.skull_stripped_input:
+            steps.append("threshold for skull-stripped inputs")
         return ", ".join(steps)
 
 
@@ -101,3 +111,10 @@ def option_settings(option: str, card_settings: Optional[dict[str, Any]]) -> dic
                                 "and this model's card has none; use --postprocess card or none")
         settings.update(DEEPBET_REGION)
     return settings
+
+
+def for_skull_stripped_input(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a skull-stripped input is post-processed with instead of ``settings`` (as a card states
+    them): the same, marked for the threshold calibrated on stripped validation volumes. The raw map ({})
+    has no such threshold and stays as it is."""
+    return {**settings, "skull_stripped_input": True} if settings else {}

@@ -63,11 +63,17 @@ def constant_background_share(volume: "np.ndarray", slices01: "np.ndarray") -> f
     return float((volume[shell] == volume.min()).mean()) if shell.any() else 0.0
 
 
+def looks_skull_stripped(background_share: Optional[float]) -> bool:
+    """Whether an input with this ``constant_background_share`` looks skull-stripped (None: not looked at)."""
+    return background_share is not None and background_share > STRIPPED_BACKGROUND_SHARE
+
+
 def fit_warnings(card: ModelCard, input_name: str, slices_with_signal: int,
-                 volume: Optional["np.ndarray"] = None, slices01: Optional["np.ndarray"] = None) -> list[str]:
-    """What is known, before running, to make the model's maps unreliable for this input. With the input's
-    slices with signal (``volume`` as read, ``slices01`` normalised), also whether they look skull-stripped
-    where the card says the model does not cover that."""
+                 background_share: Optional[float] = None, stripped_threshold_used: bool = False) -> list[str]:
+    """What is known, before running, to make the model's maps unreliable for this input. With the
+    ``constant_background_share`` of its slices with signal, also whether it looks skull-stripped where the
+    card says the model does not cover that (``stripped_threshold_used``: and the card's threshold for
+    stripped inputs was used)."""
     warnings = []
     model = f"model {card.name} ({card.data.get('valid_for', card.data['modality'])})"
     announced = modality_from_name(input_name)
@@ -83,12 +89,14 @@ def fit_warnings(card: ModelCard, input_name: str, slices_with_signal: int,
             f"{model} was trained on one mid-axial slice per subject; {slices_with_signal - 1} of the "
             f"{slices_with_signal} slices of this input are at other levels, where it flags anatomy it has never seen"
         )
-    if card.covers.get("skull_stripped") is False and volume is not None and slices01 is not None:
-        share = constant_background_share(volume, slices01)
-        if share > STRIPPED_BACKGROUND_SHARE:
-            warnings.append(
-                f"'{input_name or 'the input'}' looks skull-stripped ({100 * share:.0f}% of the background around "
-                f"the head is exactly one value, as a stripping pipeline leaves it) but {model} does not cover "
-                "skull-stripped scans: expect the brain's edge to be flagged; give the scan with skull if there is one"
-            )
+    if card.covers.get("skull_stripped") is False and looks_skull_stripped(background_share):
+        looks = (f"'{input_name or 'the input'}' looks skull-stripped ({100 * background_share:.0f}% of the background "
+                 f"around the head is exactly one value, as a stripping pipeline leaves it) but {model} does not cover "
+                 "skull-stripped scans")
+        if stripped_threshold_used:
+            warnings.append(f"{looks}: its threshold for skull-stripped inputs was used (calibrated on validation "
+                            "volumes stripped the same way); expect fewer tumours found than on scans with skull, "
+                            "and give the scan with skull if there is one")
+        else:
+            warnings.append(f"{looks}: expect the brain's edge to be flagged; give the scan with skull if there is one")
     return warnings

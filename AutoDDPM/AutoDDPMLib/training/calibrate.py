@@ -24,13 +24,14 @@ import torch
 
 from ..detection.inference import AutoDDPM
 from ..detection.map_filters import postprocess_map
-from ..detection.postprocessing import PostProcessing, option_settings
+from ..detection.postprocessing import PostProcessing, for_skull_stripped_input, option_settings
 from ..diffusion.pipeline import AutoDDPMPipeline
 from ..diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from ..errors import AutoDDPMError
 from ..models.bundle import ModelCard, read_card, write_card
 from ..provenance import command_line
 from ..volumes.brain_extraction import deepbet_network_files
+from ..volumes.head_region import strip_erosion_mm
 from ..volumes.slices import FOREGROUND_LEVEL, AxialStack
 from .training_data import find_training_images, load_healthy_slices
 from .volume_calibration import HEALTHY_MARGIN_MM, LabelledVolume, calibrate_volume_threshold
@@ -114,42 +115,53 @@ def postprocessed_thresholds(
     healthy_fpr: float,
     options: tuple[str, ...] = ("card",),
     progress: Callable[[float, str], None] | None = None,
+    with_stripped: bool = False,
 ) -> list[dict]:
     """The card entries of the thresholds on the maps post-processed as each ``--postprocess`` option of
     ``options`` says, from the whole volumes of ``data``. Each volume's map is made once, as `autoddpm run`
-    makes it before its post-processing, and post-processed for every option as a run does it."""
+    makes it before its post-processing, and post-processed for every option as a run does it.
+    ``with_stripped``: the same again for the volumes skull-stripped (LabelledVolume), the thresholds
+    of skull-stripped inputs (detection.postprocessing ``for_skull_stripped_input``)."""
     pairs = [pair for source in data for pair in find_training_images(source)]
+    kinds = (False, True) if with_stripped else (False,)
     made_with, engine.postprocessing = engine.postprocessing, PostProcessing.none()  # the map before post-processing
-    raw_maps, volumes = [], []
+    raw_maps, volumes = {kind: [] for kind in kinds}, {kind: [] for kind in kinds}
     try:
-        for i, (image_path, mask_path) in enumerate(pairs):
-            volumes.append(LabelledVolume(image_path, mask_path, engine.card))
-            raw_maps.append(AxialStack.from_image(engine.process_volume(volumes[-1].image).anomaly_map).array)
-            if progress is not None:
-                progress((i + 1) / len(pairs), "maps of whole volumes")
+        for kind in kinds:
+            for i, (image_path, mask_path) in enumerate(pairs):
+                volumes[kind].append(LabelledVolume(image_path, mask_path, engine.card, skull_stripped=kind))
+                raw_maps[kind].append(AxialStack.from_image(engine.process_volume(volumes[kind][-1].image).anomaly_map).array)
+                if progress is not None:
+                    progress((kind + (i + 1) / len(pairs)) / len(kinds),
+                             "maps of skull-stripped volumes" if kind else "maps of whole volumes")
     finally:
         engine.postprocessing = made_with
-    healthy, spacings = [volume.healthy for volume in volumes], [volume.spacing for volume in volumes]
     entries = []
-    for option in options:
-        settings = PostProcessing.for_option(option, engine.card.postprocessing)
-        maps = [postprocess_map(raw, volume.slices01, volume.spacing, settings, volume.array)[0]
-                for raw, volume in zip(raw_maps, volumes)]
-        threshold, flagged = calibrate_volume_threshold(maps, healthy, spacings, settings, healthy_fpr)
-        entries.append({
-            "anomaly": threshold,
-            "mask_tau": engine.pipeline.mask_threshold,
+    for kind in kinds:
+        healthy, spacings = [volume.healthy for volume in volumes[kind]], [volume.spacing for volume in volumes[kind]]
+        for option in options:
             # As the card states them (ModelCard.postprocessed_threshold compares the two): a card that leaves a
             # step out would otherwise never match the defaults spelled out.
-            "settings": option_settings(option, engine.card.postprocessing),
-            "calibration": {
-                "volumes": len(pairs),
-                "healthy_voxels": int(sum(int(h.sum()) for h in healthy)),
-                "lesion_margin_mm": HEALTHY_MARGIN_MM,
-                "healthy_fpr": healthy_fpr,
-                "flagged_healthy_voxels": flagged,
-            },
-        })
+            stated = option_settings(option, engine.card.postprocessing)
+            stated = for_skull_stripped_input(stated) if kind else stated
+            settings = PostProcessing.from_dict(stated)
+            maps = [postprocess_map(raw, volume.slices01, volume.spacing, settings, volume.array)[0]
+                    for raw, volume in zip(raw_maps[kind], volumes[kind])]
+            threshold, flagged = calibrate_volume_threshold(maps, healthy, spacings, settings, healthy_fpr)
+            entries.append({
+                "anomaly": threshold,
+                "mask_tau": engine.pipeline.mask_threshold,
+                "settings": stated,
+                "calibration": {
+                    "volumes": len(pairs),
+                    **({"skull_stripped": f"0 outside the head eroded {strip_erosion_mm(engine.card.postprocessing):g} mm"}
+                       if kind else {}),
+                    "healthy_voxels": int(sum(int(h.sum()) for h in healthy)),
+                    "lesion_margin_mm": HEALTHY_MARGIN_MM,
+                    "healthy_fpr": healthy_fpr,
+                    "flagged_healthy_voxels": flagged,
+                },
+            })
     return entries
 
 
@@ -169,6 +181,7 @@ def calibrate(
     resample_start: int | None = None,
     mask_dilation: int | None = None,
     with_deepbet: bool = False,
+    with_stripped: bool = False,
 ) -> dict:
     """Measure tau and the anomaly threshold for ``schedule`` on healthy ``data`` and write them into the card.
 
@@ -181,7 +194,9 @@ def calibrate(
     as not calibrated until they are calibrated again. A card with post-processing also
     gets the threshold on its post-processed map, from the whole volumes of ``data``,
     and ``with_deepbet`` adds the threshold for ``--postprocess deepbet`` (the same
-    maps, post-processed with deepbet's brain region).
+    maps, post-processed with deepbet's brain region). ``with_stripped`` adds the
+    thresholds of skull-stripped inputs: the same volumes stripped to the card's
+    brain region, their maps made and post-processed the same way.
     """
     if not 0 < mask_fraction < 1 or not 0 < healthy_fpr < 1:
         raise AutoDDPMError("--mask-fraction and --healthy-fpr must be between 0 and 1")
@@ -191,6 +206,9 @@ def calibrate(
     if with_deepbet:
         option_settings("deepbet", card.postprocessing)  # refuses a card without post-processing
         deepbet_network_files()  # and a missing deepbet, before minutes of work
+    if with_stripped and PostProcessing.from_dict(card.postprocessing).is_none:
+        raise AutoDDPMError("--with-stripped calibrates thresholds on post-processed maps, and this model's card has no "
+                            "post-processing; calibrate without it")
     run_schedule = card.schedule(schedule)
     if coarse_start is not None:
         if not run_schedule.coarse_steps - 1 <= coarse_start <= card.max_timestep:
@@ -251,7 +269,8 @@ def calibrate(
         # The pipeline now holds the new tau and the schedule being calibrated; the maps are made as `autoddpm run` makes them.
         engine.pipeline.polarity = postprocessing.polarity
         options = ("card", "deepbet") if with_deepbet else ("card",)
-        own, *alternatives = postprocessed_thresholds(engine, list(data), healthy_fpr, options, stage_progress(0.5, 0.5))
+        own, *alternatives = postprocessed_thresholds(engine, list(data), healthy_fpr, options, stage_progress(0.5, 0.5),
+                                                      with_stripped)
         calibrated["postprocessed"] = own
         if alternatives:
             calibrated["postprocessed_alternatives"] = alternatives

@@ -22,6 +22,8 @@ from scipy import ndimage
 from ..detection.map_filters import Spacing, anomaly_mask
 from ..detection.postprocessing import PostProcessing
 from ..errors import AutoDDPMError
+from ..volumes.head_region import skull_stripped as stripped
+from ..volumes.head_region import strip_erosion_mm
 from ..volumes.slices import FOREGROUND_LEVEL, AxialStack, intensity_window, normalize
 
 HEALTHY_MARGIN_MM = 10.0
@@ -38,9 +40,12 @@ def healthy_voxels(truth: np.ndarray, tissue: np.ndarray, spacing: Spacing,
 
 
 class LabelledVolume:
-    """A volume and its lesion mask (None: lesion-free) in canonical slices, with the voxels that count as healthy."""
+    """A volume and its lesion mask (None: lesion-free) in canonical slices, with the voxels that count as healthy;
+    ``skull_stripped``: the volume set to 0 outside the card's brain region first, as a stripping pipeline
+    would deliver it (volumes.head_region)."""
 
-    def __init__(self, image_path: str | os.PathLike, mask_path: Optional[str | os.PathLike], card) -> None:
+    def __init__(self, image_path: str | os.PathLike, mask_path: Optional[str | os.PathLike], card,
+                 skull_stripped: bool = False) -> None:
         # Imported here: SimpleITK is only needed where volumes are read, and the command line builds the
         # benchmark's parser on GPU nodes that lack it.
         from ..volumes.volume_io import read_volume
@@ -51,6 +56,9 @@ class LabelledVolume:
         stack = AxialStack.from_image(self.image)
         self.spacing = stack.spacing
         self.array = stack.array  # the intensities, which deepbet's brain region reads
+        if skull_stripped:
+            self.array = stripped(stack.array, stack.spacing, card.intensity_percentiles, strip_erosion_mm(card.postprocessing))
+            self.image = stack.to_image(self.array)
         self.slices01 = normalize(stack.array, intensity_window(stack.array, card.intensity_percentiles))
         self.truth = (np.zeros(self.slices01.shape, bool) if mask_path is None
                       else AxialStack.from_image(read_volume(mask_path)).array > 0)

@@ -22,6 +22,9 @@ from .slices import FOREGROUND_LEVEL, intensity_window, normalize
 
 Spacing = Sequence[float]  # (slice, row, column) in mm
 
+# Where a model card post-processes without a brain region, volumes are stripped as flair-lgg's region (12 mm).
+DEFAULT_STRIP_EROSION_MM = 12.0
+
 
 def head_region(slices01: np.ndarray) -> np.ndarray:
     """The head in each slice: its largest region of tissue with the holes (ventricles, dark lesions) filled."""
@@ -50,6 +53,13 @@ def erode_in_plane(region: np.ndarray, spacing: Spacing, erosion_mm: float) -> n
             inside = np.pad(region[z], 1)
             eroded[z] = ndimage.distance_transform_edt(inside, sampling=spacing[1:])[1:-1, 1:-1] > erosion_mm
     return eroded
+
+
+def strip_erosion_mm(postprocessing: dict) -> float:
+    """How far the head is eroded where a volume is skull-stripped for a model card with these post-processing
+    settings: the card's brain region, so that what is stripped away is never searched anyway."""
+    erosion = postprocessing.get("brain_erosion_mm")
+    return DEFAULT_STRIP_EROSION_MM if erosion is None else float(erosion)
 
 
 def skull_stripped(array: np.ndarray, spacing: Spacing, percentiles: Sequence[float], erosion_mm: float) -> np.ndarray:
