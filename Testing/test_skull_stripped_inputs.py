@@ -143,3 +143,35 @@ def test_stripping_leaves_only_the_brain_region() -> None:
     assert (stripped == 0).mean() > (stack.array == 0).mean()
     kept = stripped != 0
     assert np.array_equal(stripped[kept], stack.array[kept])
+
+
+def test_the_whole_volume_benchmark_thresholds_stripped_volumes_as_run_does(calibrated_model, tmp_path) -> None:
+    from AutoDDPMLib.benchmark.validation_record import record_volume_validation
+    from AutoDDPMLib.models.validation import validation_headline
+
+    _, stripped = thresholds(calibrated_model)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_stripped_sample(data / "p0_flair.nii.gz")
+    shutil.copy(SAMPLE_MASK, data / "p0_mask.nii.gz")
+    model = tmp_path / "model"
+    shutil.copytree(calibrated_model, model)  # the card gets the record written into it
+    bench = tmp_path / "bench"
+    assert main(["benchmark-volumes", "--model", str(model), "--data", str(data), "--output-dir", str(bench),
+                 "--backend", "torch"]) == 0
+    rows = json.loads((bench / "results.json").read_text())
+    meta = json.loads((bench / "meta.json").read_text())
+    assert rows[0]["threshold"] == stripped and meta["skull_stripped_inputs"] == 1
+    assert "threshold for skull-stripped inputs" in (bench / "results.md").read_text()
+    recorded = record_volume_validation(bench, model)
+    assert recorded.data["validation_volumes_stripped"]["dice"] == rows[0]["dice"]
+    assert "validation_volumes" not in recorded.data
+    assert validation_headline(recorded, "card", skull_stripped=True).startswith("1 whole volumes: Dice")
+    assert validation_headline(recorded, "card") != validation_headline(recorded, "card", skull_stripped=True)
+
+    # Told they are not stripped, the same volumes get the card's threshold: a run of another kind.
+    told = tmp_path / "told"
+    assert main(["benchmark-volumes", "--model", str(model), "--data", str(data), "--output-dir", str(told),
+                 "--backend", "torch", "--skull-stripped", "no"]) == 0
+    assert json.loads((told / "results.json").read_text())[0]["threshold"] == thresholds(model)[0]
+    assert json.loads((told / "meta.json").read_text())["skull_stripped_inputs"] == 0

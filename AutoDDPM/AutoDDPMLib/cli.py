@@ -23,7 +23,7 @@ from .cohort.ranks import Ranks
 from .cohort.run_record import NIFTI_DESCRIPTION_KEY, RunContext, RunSettings, record_bytes, run_record
 from .cohort.summary import SummaryRow, write_summary
 from .cpu_sharing import lower_priority, wait_passively
-from .detection.postprocessing import POSTPROCESS_CHOICES, PostProcessing, for_skull_stripped_input, option_settings
+from .detection.postprocessing import POSTPROCESS_CHOICES, SKULL_STRIPPED_CHOICES, PostProcessing, for_skull_stripped_input, option_settings
 from .diffusion.onnx_backend import BACKENDS
 from .diffusion.sampling_schedules import DEFAULT_SCHEDULE, SCHEDULES
 from .errors import AutoDDPMError
@@ -33,9 +33,6 @@ from .slicer_bridge.licences import is_non_commercial
 
 # What `autoddpm demo` runs, by the model's modality: a real LGG patient for FLAIR; for T1, the paper's
 # setting, one IXI subject's mid-axial slice with a synthetic lesion of each size (tools/make_t1_samples.py).
-# --skull-stripped: the engine's skull_stripped (None: each input is looked at).
-SKULL_STRIPPED = {"auto": None, "yes": True, "no": False}
-
 DEMO_SAMPLES = {
     "FLAIR": ["TCGA_LGG_FLAIR.nii.gz"],
     "T1": [f"IXI_T1_midaxial_{size}.nii.gz" for size in ("small", "medium", "large")],
@@ -44,7 +41,7 @@ DEMO_SAMPLES = {
 
 def _settings(args: argparse.Namespace) -> RunSettings:
     return RunSettings.for_run(args.model, args.schedule, args.postprocess, args.threshold, args.seed,
-                               getattr(args, "repeats", 1), args.batch_size, SKULL_STRIPPED[args.skull_stripped])
+                               getattr(args, "repeats", 1), args.batch_size, SKULL_STRIPPED_CHOICES[args.skull_stripped])
 
 
 def _load_engine(args: argparse.Namespace, settings: RunSettings, reporter: Reporter, ranks: Ranks):
@@ -56,7 +53,7 @@ def _load_engine(args: argparse.Namespace, settings: RunSettings, reporter: Repo
     started = time.perf_counter()
     engine = AutoDDPM(args.model, schedule=args.schedule, device=ranks.device(args.device), seed=args.seed,
                       batch_size=args.batch_size, threshold=args.threshold, backend=args.backend,
-                      postprocess=args.postprocess, skull_stripped=SKULL_STRIPPED[args.skull_stripped])
+                      postprocess=args.postprocess, skull_stripped=SKULL_STRIPPED_CHOICES[args.skull_stripped])
     seconds = time.perf_counter() - started
     licence = str(engine.card.data.get("license", ""))
     if is_non_commercial(licence) and ranks.is_first:
@@ -277,11 +274,12 @@ def _models(args: argparse.Namespace) -> int:
         if deepbet and card.postprocessed_threshold(DEFAULT_SCHEDULE, deepbet) is not None:
             print(f"{'':18s} --postprocess deepbet: threshold {card.run_threshold(DEFAULT_SCHEDULE, deepbet):.3g}, "
                   f"validation: {validation_headline(card, 'deepbet')}")
-        stripped = [f"{option} {threshold:.3g}" for option in ("card", "deepbet") if card.postprocessing
-                    and (threshold := card.postprocessed_threshold(
-                        DEFAULT_SCHEDULE, for_skull_stripped_input(option_settings(option, card.postprocessing)))) is not None]
-        if stripped:
-            print(f"{'':18s} skull-stripped inputs: threshold {', '.join(stripped)}")
+        for option in ("card", "deepbet") if card.postprocessing else ():
+            stripped = for_skull_stripped_input(option_settings(option, card.postprocessing))
+            if card.postprocessed_threshold(DEFAULT_SCHEDULE, stripped) is not None:
+                print(f"{'':18s} skull-stripped inputs, --postprocess {option}: threshold "
+                      f"{card.run_threshold(DEFAULT_SCHEDULE, stripped):.3g}, validation: "
+                      f"{validation_headline(card, option, skull_stripped=True)}")
     return 0
 
 
@@ -339,7 +337,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                              "3D median, small components removed; default); deepbet: the same with deepbet's brain mask as "
                              "the brain region (pip install --no-deps deepbet==1.0.2); none: the paper's raw map |x - x_ph| * M")
     parser.add_argument("--threshold", type=float, default=None, help="threshold on the anomaly map for the mask (default: the model card's calibrated value for the --postprocess chosen)")
-    parser.add_argument("--skull-stripped", default="auto", choices=list(SKULL_STRIPPED),
+    parser.add_argument("--skull-stripped", default="auto", choices=list(SKULL_STRIPPED_CHOICES),
                         help="whether the inputs are skull-stripped: auto (default) looks at each (is the background "
                              "around the brain exactly one value?); a stripped input gets the model card's threshold "
                              "for stripped inputs where it has one (see `autoddpm models`)")

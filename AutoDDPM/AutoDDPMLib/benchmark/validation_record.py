@@ -10,7 +10,9 @@ if it was made with the thresholds the card holds now.
 The card's ``validation_volumes`` field holds what users get from ``autoddpm run``:
 one ``autoddpm benchmark-volumes`` run's pooled Dice, AUPRC, median patient Dice
 and the share of patients whose tumour was found, at the post-processed map's
-calibrated threshold; ``validation_volumes_deepbet`` the same for ``--postprocess deepbet``.
+calibrated threshold; ``validation_volumes_deepbet`` the same for ``--postprocess deepbet``, and
+``validation_volumes_stripped`` / ``validation_volumes_deepbet_stripped`` for skull-stripped validation
+volumes thresholded as `autoddpm run` thresholds stripped inputs.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..detection.postprocessing import PostProcessing, option_settings
+from ..detection.postprocessing import PostProcessing, for_skull_stripped_input, option_settings
 from ..errors import AutoDDPMError
 from ..models.bundle import ModelCard, read_card, write_card
-from ..models.validation import METHOD
+from ..models.validation import METHOD, validation_field
 from .report import read_run
 
 
@@ -98,18 +100,18 @@ def volume_validation_summary(rows: list[dict], meta: dict, source: str) -> dict
 def record_volume_validation(run_dir: str | os.PathLike, model_dir: str | os.PathLike) -> ModelCard:
     """Write the ``autoddpm benchmark-volumes`` run in ``run_dir`` into the card in ``model_dir``: as its
     ``validation_volumes`` when the run used the card's post-processing, as ``validation_volumes_deepbet`` when
-    it used ``--postprocess deepbet``; refused unless the run's post-processing and threshold are the card's now."""
+    it used ``--postprocess deepbet``, with ``_stripped`` added when its volumes were skull-stripped ones
+    thresholded as such; refused unless the run's post-processing and threshold are the card's now."""
     run_dir = Path(run_dir)
     rows, meta, card = _run_of(run_dir, model_dir)
     summary = volume_validation_summary(rows, meta, str(run_dir))
     run_settings = PostProcessing.from_dict(meta.get("postprocessing"))
-    option = next((option for option in ("card", "deepbet")
-                   if run_settings == PostProcessing.for_option(option, card.postprocessing)), None)
-    made_as_now = option is not None and summary["threshold"] == card.run_threshold(
-        meta.get("schedule"), option_settings(option, card.postprocessing))
-    if not made_as_now:
+    stated = {(option, stripped): for_skull_stripped_input(settings) if stripped else settings
+              for option in ("card", "deepbet") for stripped in (False, True)
+              if (settings := option_settings(option, card.postprocessing))}
+    made_as = next((key for key, settings in stated.items() if run_settings == PostProcessing.from_dict(settings)), None)
+    if made_as is None or summary["threshold"] != card.run_threshold(meta.get("schedule"), stated[made_as]):
         raise AutoDDPMError(
             f"{run_dir} was made with other post-processing or thresholds than {card.path} holds now (the model was "
             "calibrated again since): rerun the benchmark before recording it")
-    field = "validation_volumes" if option == "card" else f"validation_volumes_{option}"
-    return write_card(model_dir, dict(card.data, **{field: summary}))
+    return write_card(model_dir, dict(card.data, **{validation_field(*made_as): summary}))

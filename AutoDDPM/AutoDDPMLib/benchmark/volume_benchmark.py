@@ -34,12 +34,12 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from ..detection.map_filters import anomaly_mask, postprocess_map
-from ..detection.postprocessing import PostProcessing
+from ..detection.postprocessing import SKULL_STRIPPED_CHOICES, PostProcessing
 from ..diffusion.onnx_backend import BACKENDS
 from ..errors import AutoDDPMError
 from ..provenance import command_line, git_commit
@@ -82,19 +82,32 @@ def score(name: str, cases: list[LabelledVolume], maps: list[np.ndarray], masks:
     }
 
 
-def run_autoddpm(engine: AutoDDPM, cases: list[LabelledVolume],
-                 log) -> tuple[list[np.ndarray], list[np.ndarray], float, float]:
-    """The map and mask ``autoddpm run`` writes for each case, seconds per volume, and the threshold the masks
-    were made with (NaN where it differed: skull-stripped inputs among others get the card's own)."""
-    maps, masks, thresholds, started = [], [], set(), time.perf_counter()
+class EngineRun(NamedTuple):
+    """What ``autoddpm run`` made of every case, and how."""
+
+    maps: list[np.ndarray]
+    masks: list[np.ndarray]
+    seconds: float  # per volume
+    threshold: float  # the masks' (NaN where it differed: skull-stripped inputs get the card's own)
+    postprocessing: dict  # the masks' settings (PostProcessing.to_dict), or the engine's where they differed
+    skull_stripped: int  # how many cases were taken for skull-stripped inputs
+
+
+def run_autoddpm(engine: AutoDDPM, cases: list[LabelledVolume], log) -> EngineRun:
+    """The map and mask ``autoddpm run`` writes for each case, and how they were made."""
+    maps, masks, thresholds, settings, stripped, started = [], [], set(), [], 0, time.perf_counter()
     for case in cases:
         result = engine.process_volume(case.image, name=case.name)
         maps.append(AxialStack.from_image(result.anomaly_map).array)
         masks.append(AxialStack.from_image(result.mask).array > 0)
         thresholds.add(result.threshold)
+        settings.append(result.postprocessing_settings)
+        stripped += result.skull_stripped
         log(f"{result.postprocessing}: {case.name} done")
-    threshold = thresholds.pop() if len(thresholds) == 1 else math.nan
-    return maps, masks, (time.perf_counter() - started) / len(cases), threshold
+    same = all(s == settings[0] for s in settings)
+    return EngineRun(maps, masks, (time.perf_counter() - started) / len(cases),
+                     thresholds.pop() if len(thresholds) == 1 else math.nan,
+                     settings[0] if same else engine.postprocessing.to_dict(), stripped)
 
 
 def reconstruction_maps(engine: AutoDDPM, cases: list[LabelledVolume], level: int, steps: int,
@@ -178,10 +191,11 @@ def box_plot(rows: list[dict], path: Path) -> Optional[str]:
 
 def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_dir: str | os.PathLike,
                          max_volumes: Optional[int] = None, backend: str = "auto", baselines: Sequence[str] = (),
-                         log=print, postprocess: str = "card") -> list[dict]:
+                         log=print, postprocess: str = "card", skull_stripped: Optional[bool] = None) -> list[dict]:
     """Run and score every method (and the ``baselines``, keys of RECONSTRUCTION_BASELINES) on the volumes with masks
-    in ``data``, every post-processed one as ``--postprocess postprocess`` says (card or deepbet); write
-    results.json, meta.json, results.md."""
+    in ``data``, every post-processed one as ``--postprocess postprocess`` says (card or deepbet), AutoDDPM's
+    skull-stripped inputs as ``autoddpm run --skull-stripped`` says (None: auto); write results.json, meta.json,
+    results.md."""
     from ..detection.inference import AutoDDPM
     from ..training.training_data import find_training_images
 
@@ -192,17 +206,17 @@ def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_d
     pairs = [(image, mask) for image, mask in find_training_images(data) if mask is not None][:max_volumes]
     if not pairs:
         raise AutoDDPMError(f"no volumes with expert masks (*_mask) in {data}")
-    engine = AutoDDPM(model, backend=backend, postprocess=postprocess)
+    engine = AutoDDPM(model, backend=backend, postprocess=postprocess, skull_stripped=skull_stripped)
     settings = engine.postprocessing
     if settings.is_none:
         raise AutoDDPMError(f"model {engine.card.name} has no post-processing in its card; `autoddpm benchmark` scores its raw map")
     raw_engine = AutoDDPM(model, backend=backend, postprocess="none")
     cases = [LabelledVolume(image, mask, engine.card) for image, mask in pairs]
     rows = []
-    maps, masks, seconds, threshold = run_autoddpm(engine, cases, log)
-    rows.append(score("AutoDDPM fast", cases, maps, masks, threshold, seconds))
-    maps, masks, seconds, threshold = run_autoddpm(raw_engine, cases, log)
-    rows.append(score("AutoDDPM fast (raw map)", cases, maps, masks, threshold, seconds))
+    autoddpm = run_autoddpm(engine, cases, log)
+    rows.append(score("AutoDDPM fast", cases, autoddpm.maps, autoddpm.masks, autoddpm.threshold, autoddpm.seconds))
+    raw = run_autoddpm(raw_engine, cases, log)
+    rows.append(score("AutoDDPM fast (raw map)", cases, raw.maps, raw.masks, raw.threshold, raw.seconds))
     for label, method_settings in (("Input intensity", settings), ("Input intensity (raw)", PostProcessing.none())):
         # No model: its seconds are those of the post-processing alone (and of the brain region).
         maps, masks, threshold, seconds = calibrated_method(cases, [case.slices01 for case in cases], method_settings)
@@ -221,7 +235,8 @@ def run_volume_benchmark(model: Optional[str], data: str | os.PathLike, output_d
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     meta = {
-        "model": engine.card.name, "data": str(data), "cases": len(cases), "postprocessing": settings.to_dict(),
+        "model": engine.card.name, "data": str(data), "cases": len(cases), "postprocessing": autoddpm.postprocessing,
+        "skull_stripped_inputs": autoddpm.skull_stripped,
         "schedule": engine.schedule_name, "backend": engine.backend_name, "baselines": list(baselines), "command": command_line("benchmark-volumes"),
         "commit": commit, "date": _dt.date.today().isoformat(), "found_dice": FOUND_DICE,
         "figure": box_plot(rows, output / "patient_dice.png"),
@@ -247,12 +262,16 @@ def add_volume_benchmark_command(subparsers) -> None:
     command.add_argument("--postprocess", default="card", choices=["card", "deepbet"],
                          help="the post-processing of every method but the raw rows: the model card's (default), or the "
                               "same with deepbet's brain mask as the brain region")
+    command.add_argument("--skull-stripped", default="auto", choices=list(SKULL_STRIPPED_CHOICES),
+                         help="AutoDDPM's threshold for skull-stripped inputs, as `autoddpm run --skull-stripped`: auto "
+                              "(default) uses it for the volumes that look stripped")
     command.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     rows = run_volume_benchmark(args.model, args.data, args.output_dir, args.max_volumes, args.backend, args.baselines,
-                                postprocess=args.postprocess)
+                                postprocess=args.postprocess,
+                                skull_stripped=SKULL_STRIPPED_CHOICES[args.skull_stripped])
     for row in rows:
         print(f"{row['method']:26s} Dice {row['dice']:.3f}  AUPRC {row['auprc']:.3f}  "
               f"patients found {row['found']}/{row['patients']}")

@@ -16,6 +16,8 @@ from ..errors import AutoDDPMError
 # What `autoddpm run --postprocess` may be: the model card's post-processing, the same with deepbet's brain
 # mask as the brain region (volumes.brain_extraction), or none (the paper's raw map).
 POSTPROCESS_CHOICES = ("card", "deepbet", "none")
+# What `--skull-stripped` may be, and the engine's ``skull_stripped`` for each (None: each input is looked at).
+SKULL_STRIPPED_CHOICES = {"auto": None, "yes": True, "no": False}
 # Where the map is searched: the head region eroded by brain_erosion_mm (no weights), or deepbet's brain mask.
 BRAIN_REGIONS = ("head", "deepbet")
 
