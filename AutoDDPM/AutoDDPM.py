@@ -28,7 +28,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from AutoDDPMLib.detection.postprocessing import option_settings
+from AutoDDPMLib.detection.postprocessing import for_skull_stripped_input, option_settings
 from AutoDDPMLib.diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.models.bundle import DEFAULT_MODEL, ModelCard, bundled_models_dir, list_bundled_models, read_card, resolve_model
@@ -69,6 +69,7 @@ from AutoDDPMLib.slicer_bridge.thresholding import (
     preview_mask,
     settled_mask,
     slider_settings,
+    threshold_for_run,
 )
 
 SAMPLE_NAME = "TCGA_LGG_FLAIR"
@@ -596,6 +597,8 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setRunning(True)
             self._clock, self._stage = RunClock(time.monotonic()), ""
             try:
+                # A calibrated threshold on the slider is not given to the engine: given, it would be used for every
+                # input, and a skull-stripped one would miss the threshold calibrated for those.
                 self.logic.process(
                     parameters.inputVolume,
                     model=parameters.model or None,
@@ -603,7 +606,8 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     device=parameters.device.value,
                     seed=parameters.seed,
                     repeats=parameters.repeats,
-                    threshold=parameters.threshold,
+                    threshold=self.logic.runThreshold(parameters.model or None, parameters.schedule,
+                                                      parameters.brainRegion, parameters.threshold),
                     postprocess=parameters.brainRegion.value,
                     outputPseudoHealthy=parameters.outputPseudoHealthy,
                     outputAnomalyMap=parameters.outputAnomalyMap,
@@ -770,10 +774,12 @@ class AutoDDPMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             region = BrainRegion(origin.postprocess).label()
         except ValueError:
             region = origin.postprocess  # one this version does not know (a scene saved by a newer one)
-        self.ui.resultInfoLabel.text = _("Made by model {model}, {schedule} schedule, brain region: {region}; calibrated "
-                                         "threshold {calibrated:.3g}. License: {license}.").format(
-            model=origin.model, schedule=origin.schedule, region=region, calibrated=origin.calibrated_threshold,
-            license=origin.license)
+        # A skull-stripped input has a calibrated threshold of its own: said, or it would seem not the model's.
+        calibrated = (_("calibrated threshold for skull-stripped inputs {calibrated:.3g}") if origin.skull_stripped
+                      else _("calibrated threshold {calibrated:.3g}")).format(calibrated=origin.calibrated_threshold)
+        self.ui.resultInfoLabel.text = _("Made by model {model}, {schedule} schedule, brain region: {region}; "
+                                         "{calibrated}. License: {license}.").format(
+            model=origin.model, schedule=origin.schedule, region=region, calibrated=calibrated, license=origin.license)
 
     def addLog(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
@@ -802,7 +808,8 @@ class AutoDDPMResult:
     pseudoHealthyVolume, anomalyMapVolume, segmentation: the output nodes, once "done"; spreadVolume too with repeats,
     brainRegionVolume when the model's post-processing searches a brain region (1 inside, 0 outside).
     threshold and summary: the threshold on the anomaly map and what it segments.
-    engineSummary: the engine's final report (anomalous_voxels, seconds, output files, ...).
+    engineSummary: the engine's final report (anomalous_voxels, seconds, output files, the threshold the mask was made
+    with, whether the input was taken for a skull-stripped one, ...).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -994,18 +1001,40 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def calibratedThreshold(model: Union[str, os.PathLike, None], schedule: Union[str, "Schedule"] = DEFAULT_SCHEDULE,
-                            postprocess: Union[str, "BrainRegion"] = "card") -> float:
+                            postprocess: Union[str, "BrainRegion"] = "card", skullStripped: bool = False) -> float:
         """The model card's anomaly threshold for ``schedule`` (on its map post-processed as ``postprocess`` says,
-        when it post-processes): what a run uses unless given another."""
-        return AutoDDPMLogic.cardThreshold(read_card(AutoDDPMLogic.modelFolder(model)), schedule, postprocess)
+        when it post-processes): what a run uses unless given another. ``skullStripped``: that of a skull-stripped
+        input (see :meth:`cardThreshold`)."""
+        return AutoDDPMLogic.cardThreshold(read_card(AutoDDPMLogic.modelFolder(model)), schedule, postprocess,
+                                           skullStripped)
 
     @staticmethod
     def cardThreshold(card: ModelCard, schedule: Union[str, "Schedule"],
-                      postprocess: Union[str, "BrainRegion"] = "card") -> float:
+                      postprocess: Union[str, "BrainRegion"] = "card", skullStripped: bool = False) -> float:
         """``card``'s threshold for runs with ``schedule`` and ``postprocess``: as the engine picks it, the one
-        calibrated for that post-processing, else the raw map's."""
+        calibrated for that post-processing, else the raw map's.
+
+        skullStripped: for an input the engine takes for a skull-stripped one: the threshold calibrated on validation
+        volumes stripped the same way (``autoddpm calibrate --with-stripped``) where the card has one; else, as the
+        engine does then, the threshold of inputs with skull.
+        """
         schedule = str(getattr(schedule, "value", schedule))
-        return card.run_threshold(schedule, AutoDDPMLogic.postprocessSettings(card, postprocess))
+        settings = AutoDDPMLogic.postprocessSettings(card, postprocess)
+        # As the engine looks it up (detection.inference.AutoDDPM): the raw map has no threshold of its own for them.
+        stripped = for_skull_stripped_input(settings) if skullStripped else {}
+        threshold = card.postprocessed_threshold(schedule, stripped) if stripped else None
+        return card.run_threshold(schedule, settings) if threshold is None else threshold
+
+    @staticmethod
+    def runThreshold(model: Union[str, os.PathLike, None], schedule: Union[str, "Schedule"],
+                     postprocess: Union[str, "BrainRegion"], threshold: float) -> Optional[float]:
+        """The ``threshold`` argument of :meth:`process` for a run the user set up with ``threshold``: None while it
+        is a threshold the model card has for the run (that of inputs with skull, or of skull-stripped ones: the
+        panel shows the one the last run used), so that the engine picks the right one for each input; else the
+        user's ``threshold``, used as given."""
+        card = read_card(AutoDDPMLogic.modelFolder(model))
+        calibrated = [AutoDDPMLogic.cardThreshold(card, schedule, postprocess, stripped) for stripped in (False, True)]
+        return threshold_for_run(threshold, calibrated)
 
     @staticmethod
     def postprocessSettings(card: ModelCard, postprocess: Union[str, "BrainRegion"]) -> dict:
@@ -1041,12 +1070,14 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         progressCallback: Optional[Callable[[dict], None]] = None,
         completedCallback: Optional[Callable[[AutoDDPMResult], None]] = None,
         postprocess: Union[str, BrainRegion] = "card",
+        skullStripped: Optional[bool] = None,
     ) -> AutoDDPMResult:
         """Find anomalies in ``inputVolume``; the input itself is never modified.
 
         model: a bundled model's name or a model bundle folder (None: the default model).
         schedule: "fast" or "reference"; device: "auto", "cpu", "cuda" or "mps"; seed: makes runs repeatable.
-        threshold: on the anomaly map (None: the model's calibrated threshold).
+        threshold: on the anomaly map (None: the model's calibrated threshold, for a skull-stripped input the one
+            calibrated for those where the card has it; a threshold given is used for any input).
         repeats: more than 1 runs AutoDDPM that many times with different seeds (that many times the time): the
             outputs are the mean over the runs, and ``result.spreadVolume`` the per-voxel standard deviation of
             their anomaly maps.
@@ -1058,6 +1089,13 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         postprocess: where the model's post-processing searches the map: "card" (the head region of its card) or
             "deepbet" (deepbet's brain mask; its networks must be installed: :meth:`setupBrainExtraction`); the
             default threshold is the one calibrated for it.
+        skullStripped: whether the input is skull-stripped (0 outside the brain). None: the engine looks at it (is
+            the background around the brain exactly one value?); True or False: it takes the caller's word. A
+            stripped input is thresholded with the model card's threshold for skull-stripped inputs where it has one
+            and no ``threshold`` is given (``result.engineSummary["skull_stripped"]`` says how it was taken); True
+            for a model without one, and no ``threshold``, fails with the engine's reason. Where the card says the
+            model does not cover stripped scans, the engine's warning about one reaches the log and
+            ``result.warnings``.
 
         Invalid inputs raise ValueError before anything starts, and leave the scene untouched.
         """
@@ -1076,6 +1114,9 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Unknown schedule '{schedule}': use 'fast' or 'reference'.").format(schedule=schedule))
         if device not in [d.value for d in Device]:
             raise ValueError(_("Unknown device '{device}': use 'auto', 'cpu', 'cuda' or 'mps'.").format(device=device))
+        if skullStripped not in (None, True, False):
+            raise ValueError(_("skullStripped must be None (the engine looks at the input), True or False, not "
+                               "{value!r}.").format(value=skullStripped))
         if not isinstance(repeats, int) or not 1 <= repeats <= MAX_REPEATS:
             raise ValueError(_("Repeats must be a whole number from 1 to {maximum}, not {repeats}.").format(
                 maximum=MAX_REPEATS, repeats=repeats))
@@ -1093,7 +1134,7 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         tempDir = make_temp_dir(getattr(getattr(slicer, "app", None), "temporaryPath", None))
         run = _ActiveRun(tempDir, tempDir / input_file_name(inputVolume.GetName()), result,
                          dict(model=str(modelFolder), schedule=schedule, seed=seed, threshold=threshold, repeats=repeats,
-                              postprocess=postprocess),
+                              postprocess=postprocess, skull_stripped=skullStripped),
                          dict(pseudoHealthy=outputPseudoHealthy, anomalyMap=outputAnomalyMap, segmentation=outputSegmentation),
                          progressCallback, completedCallback)
         try:
@@ -1278,8 +1319,12 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
             segmentation.SetAttribute(MIN_COMPONENT_ATTRIBUTE, repr(minComponent))
             card = read_card(run.options["model"])
             schedule, postprocess = run.options["schedule"], run.options["postprocess"]
+            # An input the engine took for a skull-stripped one was thresholded with the card's threshold for those:
+            # "Reset to calibrated" returns there, not to that of inputs with skull.
+            stripped = bool(result.engineSummary.get("skull_stripped"))
             ResultOrigin(result.engineStart.get("model") or card.name, schedule, card.data.get("license", "?"),
-                         self.cardThreshold(card, schedule, postprocess), postprocess).store(segmentation)
+                         self.cardThreshold(card, schedule, postprocess, stripped), postprocess,
+                         stripped).store(segmentation)
             place_beside(inputVolume, [pseudoHealthy, anomalyMap, segmentation] + [n for n in (spread, brain) if n is not None])
         except BaseException:
             for node in created:

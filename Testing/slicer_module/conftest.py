@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -70,3 +72,27 @@ def logic():
     logic = AutoDDPMLogic()
     yield logic
     logic.cancel()
+
+
+@pytest.fixture(scope="session")
+def stripped_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with post-processing, calibrated on the sample FLAIR with and without its skull
+    (`autoddpm calibrate --with-stripped`): its card has a threshold for inputs with skull and one for
+    skull-stripped inputs, and says the model does not cover stripped scans (the engine warns of them)."""
+    from AutoDDPMLib.cli import main
+    from AutoDDPMLib.resources import resources_dir
+
+    folder = tmp_path_factory.mktemp("stripped") / "model"
+    shutil.copytree(tiny_model, folder)
+    card = json.loads((folder / "model.json").read_text())
+    # The post-processing of the shipped models (parts under 30 mm^3 dropped).
+    postprocessing = {"polarity": "bright", "brain_erosion_mm": 2.0, "median_mm": 3.0, "min_component_mm3": 30.0}
+    card.update(postprocessing=postprocessing, covers={"skull_stripped": False})
+    (folder / "model.json").write_text(json.dumps(card))
+    data = folder.parent / "data"
+    data.mkdir()
+    samples = resources_dir() / "SampleData"
+    shutil.copy(samples / "TCGA_LGG_FLAIR.nii.gz", data / "p0_flair.nii.gz")
+    shutil.copy(samples / "TCGA_LGG_FLAIR_mask.nii.gz", data / "p0_mask.nii.gz")
+    assert main(["calibrate", str(folder), "--data", str(data), "--max-slices", "4", "--with-stripped"]) == 0
+    return folder

@@ -30,13 +30,32 @@ def new_scene():
 
 def add_head_volume(scene, folder: Path, name: str = "head", **kwargs):
     """A synthetic head read from a NIfTI file the way Slicer loads one, in a patient/study of the subject hierarchy."""
+    return add_image_volume(scene, folder, name, make_head_volume(**kwargs))
+
+
+def stripped_sample():
+    """The sample FLAIR as a skull-stripping pipeline leaves it: 0 outside the head eroded 12 mm (as
+    tools/dev_volumes.py strips the development patients)."""
+    import SimpleITK as sitk
+
+    from AutoDDPMLib.resources import resources_dir
+    from AutoDDPMLib.volumes.head_region import skull_stripped
+    from AutoDDPMLib.volumes.slices import AxialStack
+
+    stack = AxialStack.from_image(sitk.ReadImage(str(resources_dir() / "SampleData" / "TCGA_LGG_FLAIR.nii.gz")))
+    return stack.to_image(skull_stripped(stack.array, stack.spacing, (0.5, 99.5), 12.0))
+
+
+def add_image_volume(scene, folder: Path, name: str, image):
+    """``image`` (SimpleITK) read from a NIfTI file the way Slicer loads one, in a patient/study of the subject
+    hierarchy."""
     import SimpleITK as sitk
     import slicer
 
     from AutoDDPMLib.slicer_bridge.results import read_volume
 
     path = folder / f"{name}.nii.gz"
-    sitk.WriteImage(make_head_volume(**kwargs), str(path))
+    sitk.WriteImage(image, str(path))
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     read_volume(node, path)
     node.CreateDefaultDisplayNodes()

@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import standins
-from scene_helpers import add_head_volume, make_head_volume, new_scene, save_and_reopen, segment_voxels
+from scene_helpers import (
+    add_head_volume,
+    add_image_volume,
+    make_head_volume,
+    new_scene,
+    save_and_reopen,
+    segment_voxels,
+    stripped_sample,
+)
 
 from AutoDDPMLib.volumes.brain_extraction import deepbet_available
 
@@ -562,6 +570,80 @@ def test_a_brain_region_the_model_cannot_search_fails_before_starting(
     with pytest.raises(ValueError, match=message):
         logic.process(volume, model=str(tiny_model), postprocess=postprocess)
     assert node_ids(scene) == before and list(temp_root.iterdir()) == [] and not logic.isRunning
+
+
+def test_a_skull_stripped_input_is_thresholded_and_reset_with_the_models_threshold_for_stripped_inputs(
+        scene, logic, stripped_model, temp_root, tmp_path) -> None:
+    """Given no threshold the engine picks it: for an input it takes for a skull-stripped one, the card's threshold
+    for those, which the result keeps as its calibrated threshold ("Reset to calibrated" returns there); told the
+    input is not stripped, the card's own threshold."""
+    from AutoDDPMLib.models.bundle import read_card
+    from AutoDDPMLib.slicer_bridge.results import ResultOrigin
+
+    model = str(stripped_model)
+    with_skull = logic.calibratedThreshold(model)
+    stripped = logic.calibratedThreshold(model, "fast", "card", skullStripped=True)
+    assert stripped == read_card(model).data["thresholds"]["postprocessed_alternatives"][0]["anomaly"] != with_skull
+    volume = add_image_volume(scene, tmp_path, "stripped", stripped_sample())
+    lines = []
+    logic.logCallback = lines.append
+    # The engine looks at the input (no --skull-stripped: auto) and warns, in the log, that it looks stripped.
+    result = logic.process(volume, model=model, seed=0)
+    (command,) = [line for line in lines if "AutoDDPMLib.cli" in line]
+    assert "--skull-stripped" not in command and "--threshold" not in command
+    assert result.engineSummary["skull_stripped"] and result.engineSummary["postprocessing"]["skull_stripped_input"]
+    assert result.threshold == stripped == float(result.segmentation.GetAttribute("AutoDDPM.Threshold"))
+    assert segment_voxels(result.segmentation) == result.engineSummary["anomalous_voxels"]
+    assert any("its threshold for skull-stripped inputs was used" in line for line in lines)
+    origin = ResultOrigin.read(result.segmentation)
+    assert (origin.calibrated_threshold, origin.skull_stripped, origin.postprocess) == (stripped, True, "card")
+    # Told it is not stripped, the engine believes the caller.
+    lines.clear()
+    result = logic.process(volume, model=model, seed=0, skullStripped=False)
+    assert any("AutoDDPMLib.cli" in line and "--skull-stripped no" in line for line in lines)
+    assert not result.engineSummary["skull_stripped"] and result.threshold == with_skull
+    origin = ResultOrigin.read(result.segmentation)
+    assert (origin.calibrated_threshold, origin.skull_stripped) == (with_skull, False)
+    assert list(temp_root.iterdir()) == []
+
+
+def test_a_skull_stripped_input_the_run_cannot_threshold_fails_clearly(
+        scene, logic, stripped_model, deepbet_model, temp_root, tmp_path) -> None:
+    volume = add_head_volume(scene, tmp_path)
+    before = node_ids(scene)
+    with pytest.raises(ValueError, match="skullStripped must be None"):
+        logic.process(volume, model=str(stripped_model), skullStripped="yes")
+    # Said to be stripped, for a model without a threshold for stripped inputs: the engine's reason, and what to do.
+    with pytest.raises(RuntimeError, match="no threshold calibrated for skull-stripped inputs.*--with-stripped"):
+        logic.process(volume, model=str(deepbet_model), skullStripped=True)
+    assert node_ids(scene) == before and list(temp_root.iterdir()) == [] and not logic.isRunning
+
+
+def test_the_stripped_inputs_threshold_falls_back_to_the_models_own(logic, deepbet_model, tiny_model) -> None:
+    # No threshold calibrated for stripped inputs (or no post-processing at all): the engine thresholds a stripped
+    # input as any other, and so does "Reset to calibrated".
+    assert logic.calibratedThreshold(str(deepbet_model), "fast", "card", skullStripped=True) == 0.002
+    assert logic.calibratedThreshold(str(tiny_model), "fast", "card", skullStripped=True) == 0.05
+
+
+def test_a_run_is_given_the_threshold_only_where_the_user_chose_another(logic, stripped_model) -> None:
+    """What the panel's Apply gives the Logic for the threshold its slider holds: None (the engine picks) for a
+    threshold calibrated for the model, schedule and brain region, the stripped inputs' included (shown after a run
+    on a stripped input); a threshold the user chose, as chosen."""
+    from AutoDDPM import BrainRegion, Schedule
+
+    from AutoDDPMLib.slicer_bridge.thresholding import slider_decimals
+
+    model = str(stripped_model)
+    with_skull = logic.calibratedThreshold(model)
+    stripped = logic.calibratedThreshold(model, "fast", "card", skullStripped=True)
+    # As calibrated, or as the slider shows it (three significant digits) after moving away and back.
+    for calibrated in (with_skull, stripped, float(f"{with_skull:.3g}"), float(f"{stripped:.3g}")):
+        assert logic.runThreshold(model, Schedule.fast, BrainRegion.card, calibrated) is None
+    for chosen in (2 * with_skull, 0.5 * stripped, with_skull + 10.0 ** -slider_decimals(with_skull)):
+        assert logic.runThreshold(model, Schedule.fast, BrainRegion.card, chosen) == chosen
+    with pytest.raises(ValueError, match="unknown model"):
+        logic.runThreshold("no-such-model", "fast", "card", with_skull)
 
 
 def test_results_of_a_transformed_input_overlay_it(scene, logic, tiny_model_with, temp_root, tmp_path) -> None:

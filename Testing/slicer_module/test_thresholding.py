@@ -8,7 +8,13 @@ from scipy import ndimage
 
 from AutoDDPMLib.detection.map_filters import remove_small_components
 from AutoDDPMLib.slicer_bridge.results import summarize
-from AutoDDPMLib.slicer_bridge.thresholding import map_box, preview_mask, settled_mask, slider_settings
+from AutoDDPMLib.slicer_bridge.thresholding import (
+    map_box,
+    preview_mask,
+    settled_mask,
+    slider_settings,
+    threshold_for_run,
+)
 
 
 def head_like_map(seed: int, shape=(12, 40, 36)) -> np.ndarray:
@@ -67,3 +73,22 @@ def test_the_slider_range_holds_the_threshold_it_shows() -> None:
     assert settings.maximum >= 0.9
     without_map = slider_settings(None, 0.005, current=0.005)
     assert without_map.maximum == pytest.approx(0.05 + 1e-5) and without_map.decimals == 5
+
+
+def test_a_run_is_given_no_threshold_while_the_slider_holds_a_calibrated_one() -> None:
+    """None lets the engine pick the card's threshold, or its threshold for a skull-stripped input; a threshold the
+    user chose is given as chosen (the engine then uses it for every input)."""
+    with_skull, stripped = 0.00568123, 0.0071234
+    calibrated = (with_skull, stripped)
+    assert threshold_for_run(with_skull, calibrated) is None
+    assert threshold_for_run(stripped, calibrated) is None  # shown after a run on a stripped input
+    # The slider, moved away and back, holds the calibrated threshold as it shows it.
+    slider = slider_settings(None, with_skull, with_skull)
+    assert threshold_for_run(round(with_skull, slider.decimals), calibrated) is None
+    assert threshold_for_run(round(stripped, slider.decimals), calibrated) is None
+    # One step away is the user's choice.
+    for chosen in (round(with_skull + slider.single_step, slider.decimals), 0.0, 2 * stripped):
+        assert threshold_for_run(chosen, calibrated) == chosen
+    assert threshold_for_run(0.0, (0.0,)) is None  # a card calibrated to 0
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        threshold_for_run(-0.1, calibrated)

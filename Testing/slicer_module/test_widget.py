@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import standins
-from scene_helpers import add_head_volume, segment_voxels
+from scene_helpers import add_head_volume, add_image_volume, segment_voxels, stripped_sample
 
 from AutoDDPMLib.volumes.brain_extraction import deepbet_available
 
@@ -480,4 +480,49 @@ def test_deepbet_is_installed_without_its_dependencies_only_if_the_user_agrees(
     assert len(questions) == 3 and not panel.logic.isRunning and parameters.outputSegmentation is None
     assert parameters.brainRegion == BrainRegion.card and parameters.threshold == 0.002
     assert "Not run" in panel.ui.statusLabel.text and "head region" in panel.ui.statusLabel.text
+    assert list(temp_root.iterdir()) == []
+
+
+def test_apply_lets_the_engine_pick_the_threshold_of_a_skull_stripped_input_unless_the_user_chose_one(
+        panel, scene, stripped_model, temp_root, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import slicer
+
+    from AutoDDPM import AutoDDPMLogic
+
+    monkeypatch.setattr(slicer, "app", standins.Application(str(temp_root)), raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", never_asked)
+    model = str(stripped_model)
+    with_skull = AutoDDPMLogic.calibratedThreshold(model)
+    stripped = AutoDDPMLogic.calibratedThreshold(model, "fast", "card", skullStripped=True)
+    parameters, slider, reset = panel._parameterNode, panel.ui.thresholdSliderWidget, panel.ui.resetThresholdButton
+    choose_model(panel, stripped_model)
+    assert parameters.threshold == with_skull
+    parameters.inputVolume = add_image_volume(scene, tmp_path, "stripped", stripped_sample())
+
+    def apply() -> str:
+        """Apply as the user presses it; returns the engine's command line."""
+        panel.ui.logTextEdit.clear()
+        panel.onApplyButton()
+        while panel.logic.isRunning:
+            standins.process_events()
+        (command,) = [line for line in panel.ui.logTextEdit.lines if "AutoDDPMLib.cli" in line]
+        return command
+
+    # The slider holds the calibrated threshold: the engine is given none, and picks the stripped inputs' own.
+    assert "--threshold" not in apply()
+    segmentation = parameters.outputSegmentation
+    assert float(segmentation.GetAttribute("AutoDDPM.Threshold")) == stripped
+    # The slider shows the threshold the engine used, and returns to it.
+    assert parameters.threshold == stripped and slider.value == round(stripped, slider.decimals)
+    assert f"{stripped:.3g}" in reset.text and "skull-stripped" in panel.ui.resultInfoLabel.text
+    assert any("its threshold for skull-stripped inputs was used" in line for line in panel.ui.logTextEdit.lines)
+    # A threshold the user chose is the run's, for any input.
+    chosen = round(2 * stripped, slider.decimals)
+    slider.value = chosen
+    assert f"--threshold {chosen!r}" in apply()
+    assert float(parameters.outputSegmentation.GetAttribute("AutoDDPM.Threshold")) == chosen == parameters.threshold
+    # Back to calibrated: the engine picks again.
+    reset.emit("clicked(bool)", False)
+    assert parameters.threshold == stripped
+    assert "--threshold" not in apply()
     assert list(temp_root.iterdir()) == []

@@ -49,12 +49,15 @@ def engine_command(
     threshold: Optional[float] = None,
     repeats: int = 1,
     postprocess: str = "card",
+    skull_stripped: Optional[bool] = None,
 ) -> list[str]:
     """The ``autoddpm run`` command line with machine-readable progress.
 
     It runs below normal priority (``--nice``) on all cores: Slicer's views and
     panels get the CPU when they need it, the run takes the rest. ``postprocess``
-    is the engine's ``--postprocess`` (``card``, its default, is left out).
+    is the engine's ``--postprocess`` (``card``, its default, is left out);
+    ``skull_stripped`` its ``--skull-stripped`` (True: yes, False: no; None:
+    auto, its default, left out: the engine looks at the input).
     """
     args = [python_executable(), "-m", "AutoDDPMLib.cli", "--nice", "run", str(input_path),
             "--output-dir", str(output_dir), "--schedule", schedule, "--device", device,
@@ -67,6 +70,8 @@ def engine_command(
         args += ["--repeats", str(int(repeats))]
     if postprocess != "card":
         args += ["--postprocess", str(postprocess)]
+    if skull_stripped is not None:
+        args += ["--skull-stripped", "yes" if skull_stripped else "no"]
     return args
 
 

@@ -31,11 +31,13 @@ THRESHOLD_ATTRIBUTE = "AutoDDPM.Threshold"
 MIN_COMPONENT_ATTRIBUTE = "AutoDDPM.MinComponentMm3"
 # What made the result, kept with it (a change of model in the panel is for the next run, not for this result):
 # the model's name, its licence, the schedule, the post-processing (the engine's --postprocess: which brain region
-# was searched) and the threshold calibrated for them ("Reset to calibrated").
+# was searched), whether the engine took the input for a skull-stripped one (it then has a threshold of its own) and
+# the threshold calibrated for them ("Reset to calibrated").
 MODEL_ATTRIBUTE = "AutoDDPM.Model"
 LICENSE_ATTRIBUTE = "AutoDDPM.License"
 SCHEDULE_ATTRIBUTE = "AutoDDPM.Schedule"
 POSTPROCESS_ATTRIBUTE = "AutoDDPM.PostProcess"
+SKULL_STRIPPED_ATTRIBUTE = "AutoDDPM.SkullStripped"
 CALIBRATED_THRESHOLD_ATTRIBUTE = "AutoDDPM.CalibratedThreshold"
 
 # DICOM terminology of the segment: a morphologically altered structure of
@@ -71,12 +73,14 @@ class ResultOrigin:
     license: str
     calibrated_threshold: float
     postprocess: str = "card"  # results made before the choice existed searched the card's region
+    skull_stripped: bool = False  # results made before the engine said so had the threshold of inputs with skull
 
     def store(self, segmentation: "slicer.vtkMRMLSegmentationNode") -> None:
         segmentation.SetAttribute(MODEL_ATTRIBUTE, self.model)
         segmentation.SetAttribute(SCHEDULE_ATTRIBUTE, self.schedule)
         segmentation.SetAttribute(LICENSE_ATTRIBUTE, self.license)
         segmentation.SetAttribute(POSTPROCESS_ATTRIBUTE, self.postprocess)
+        segmentation.SetAttribute(SKULL_STRIPPED_ATTRIBUTE, "true" if self.skull_stripped else "false")
         segmentation.SetAttribute(CALIBRATED_THRESHOLD_ATTRIBUTE, repr(float(self.calibrated_threshold)))
 
     @staticmethod
@@ -88,7 +92,8 @@ class ResultOrigin:
         return ResultOrigin(segmentation.GetAttribute(MODEL_ATTRIBUTE) or "?",
                             segmentation.GetAttribute(SCHEDULE_ATTRIBUTE) or "?",
                             segmentation.GetAttribute(LICENSE_ATTRIBUTE) or "?", float(calibrated),
-                            segmentation.GetAttribute(POSTPROCESS_ATTRIBUTE) or "card")
+                            segmentation.GetAttribute(POSTPROCESS_ATTRIBUTE) or "card",
+                            segmentation.GetAttribute(SKULL_STRIPPED_ATTRIBUTE) == "true")
 
 
 def summarize(mask: np.ndarray, spacing: Iterable[float], threshold: float) -> AnomalySummary:

@@ -107,6 +107,28 @@ class SliderSettings:
     page_step: float
 
 
+def slider_decimals(reference: float) -> int:
+    """The decimals that show ``reference`` (> 0) with :data:`SIGNIFICANT_DIGITS` significant digits."""
+    return max(0, SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(reference)))
+
+
+def threshold_for_run(chosen: float, calibrated: Iterable[float]) -> Optional[float]:
+    """The threshold a run is given when the slider holds ``chosen``: None, so that the engine picks the model
+    card's own, while ``chosen`` is one of the ``calibrated`` thresholds the engine may pick for the run (that
+    of inputs with skull, that of skull-stripped inputs); else ``chosen``, the user's.
+
+    A threshold given to the engine is used for every input, so passing the calibrated one would keep the engine
+    from picking the stripped inputs' threshold for a stripped input. The slider shows a threshold with
+    :data:`SIGNIFICANT_DIGITS` digits: moved away and back, it holds the calibrated value as shown, which is
+    still the calibrated one.
+    """
+    chosen = check_threshold(chosen)
+    for value in calibrated:
+        if value == chosen or value > 0 and round(chosen, slider_decimals(value)) == round(value, slider_decimals(value)):
+            return None
+    return chosen
+
+
 def slider_settings(region: Optional[MapBox], calibrated: float, current: float) -> SliderSettings:
     """A slider over the map's useful values that shows ``calibrated`` with :data:`SIGNIFICANT_DIGITS` digits.
 
@@ -125,7 +147,6 @@ def slider_settings(region: Optional[MapBox], calibrated: float, current: float)
     top = max(top, calibrated, current)
     if top <= 0:
         top = 1.0
-    reference = calibrated if calibrated > 0 else top
-    decimals = max(0, SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(reference)))
+    decimals = slider_decimals(calibrated if calibrated > 0 else top)
     step = 10.0 ** -decimals
     return SliderSettings(0.0, round(top + step, decimals), decimals, step, max(step, round(top / 20.0, decimals)))
