@@ -175,3 +175,14 @@ def test_the_whole_volume_benchmark_thresholds_stripped_volumes_as_run_does(cali
                  "--backend", "torch", "--skull-stripped", "no"]) == 0
     assert json.loads((told / "results.json").read_text())[0]["threshold"] == thresholds(model)[0]
     assert json.loads((told / "meta.json").read_text())["skull_stripped_inputs"] == 0
+
+
+def test_a_volume_stripped_for_calibration_is_the_stripped_file_read(tiny_model_with, tmp_path) -> None:
+    from AutoDDPMLib.training.volume_calibration import LabelledVolume
+
+    card = read_card(tiny_model_with("twelve", postprocessing={**FLAIR_LIKE, "brain_erosion_mm": 12.0}))
+    in_memory = LabelledVolume(SAMPLE, SAMPLE_MASK, card, skull_stripped=True)
+    from_file = LabelledVolume(write_stripped_sample(tmp_path / "s_flair.nii.gz"), SAMPLE_MASK, card)
+    for name in ("array", "slices01", "healthy", "truth"):
+        assert np.array_equal(getattr(in_memory, name), getattr(from_file, name)), name
+    assert np.array_equal(AxialStack.from_image(in_memory.image).array, from_file.array)

@@ -59,7 +59,7 @@ class LabelledVolume:
         if skull_stripped:
             self.array = stripped(stack.array, stack.spacing, card.intensity_percentiles, strip_erosion_mm(card.postprocessing))
             self.image = stack.to_image(self.array)
-        self.slices01 = normalize(stack.array, intensity_window(stack.array, card.intensity_percentiles))
+        self.slices01 = normalize(self.array, intensity_window(self.array, card.intensity_percentiles))
         self.truth = (np.zeros(self.slices01.shape, bool) if mask_path is None
                       else AxialStack.from_image(read_volume(mask_path)).array > 0)
         if self.truth.shape != self.slices01.shape:
