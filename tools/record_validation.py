@@ -39,9 +39,9 @@ def main() -> int:
     except (AutoDDPMError, OSError, KeyError, json.JSONDecodeError) as exc:
         print(f"record_validation: error: {exc}", file=sys.stderr)
         return 2
-    postprocess = "deepbet" if json.loads((args.run / "meta.json").read_text(encoding="utf-8")).get(
-        "postprocessing", {}).get("brain_region") == "deepbet" else "card"
-    print(f"{card.path}: {validation_headline(card, postprocess)}")
+    settings = meta.get("postprocessing") or {}
+    postprocess = "deepbet" if settings.get("brain_region") == "deepbet" else "card"
+    print(f"{card.path}: {validation_headline(card, postprocess, bool(settings.get('skull_stripped_input')))}")
     return 0
 
 
