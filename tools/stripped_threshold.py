@@ -4,8 +4,9 @@
     python tools/stripped_threshold.py --data ../shared/data --work runs/stripped-threshold
 
 Both the development patients (lgg-dev) and the validation patients are
-stripped as tools/dev_volumes.py strips them (0 outside the head eroded by the
-card's ``brain_erosion_mm``). Each volume's map is made once, as `autoddpm run`
+stripped as tools/dev_volumes.py and `autoddpm calibrate --with-stripped` strip
+them (0 outside the head eroded by the card's ``brain_erosion_mm``;
+LabelledVolume's ``skull_stripped``). Each volume's map is made once, as `autoddpm run`
 makes it (fast schedule, the card's polarity), and post-processed with the
 card's head region and with deepbet's; for each region a threshold is calibrated
 on the stripped validation volumes' healthy voxels (1%, as the card's), and the
@@ -23,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dev_volumes import write_stripped  # noqa: E402
 from postprocess_sweep import patients  # noqa: E402
 
 from AutoDDPMLib.benchmark.volume_benchmark import score  # noqa: E402
@@ -34,18 +34,10 @@ from AutoDDPMLib.training.volume_calibration import LabelledVolume, calibrate_vo
 from AutoDDPMLib.volumes.slices import AxialStack  # noqa: E402
 
 
-def stripped_case(image_path: Path, mask_path: Path, card, work: Path) -> LabelledVolume:
-    """The volume stripped (written once into ``work``) and read back as the benchmark reads volumes."""
-    target = work / image_path.name
-    if not target.exists():
-        write_stripped(image_path, target, card)
-    return LabelledVolume(target, mask_path, card)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--work", type=Path, required=True, help="where the stripped volumes and raw maps are kept")
+    parser.add_argument("--work", type=Path, required=True, help="where the raw maps are kept")
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -53,7 +45,7 @@ def main() -> None:
     card = engine.card
     engine.pipeline.polarity = PostProcessing.from_dict(card.postprocessing).polarity
     split_pairs = patients(args.data)
-    cases = {split: [stripped_case(image, mask, card, args.work) for image, mask in pairs]
+    cases = {split: [LabelledVolume(image, mask, card, skull_stripped=True) for image, mask in pairs]
              for split, pairs in split_pairs.items()}
     raw = {}
     for split, volumes in cases.items():
