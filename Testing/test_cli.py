@@ -567,6 +567,33 @@ def test_train_then_resume(tmp_path):
     assert state["config"]["slice_levels"] == "mid-axial"
 
 
+def test_train_keeps_snapshots_to_choose_a_checkpoint_from(tmp_path, capsys):
+    data = _healthy_cohort(tmp_path / "train")
+    bundle = tmp_path / "bundle"
+    args = ["train", "--data", str(data), "--output", str(bundle), "--image-size", "32", "--channels", "8", "16",
+            "--batch-size", "4", "--checkpoint-minutes", "0"]
+    assert main([*args, "--steps", "5", "--snapshot-steps", "-1"]) == 2
+    assert "--snapshot-steps must be at least 0" in capsys.readouterr().err and not bundle.exists()
+    assert main([*args, "--steps", "5", "--snapshot-steps", "2"]) == 0
+    snapshots = bundle / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step-000002", "step-000004"]
+    # Each is a bundle of its own that the engine loads, its card saying which step it holds.
+    from AutoDDPMLib.models.bundle import load_unet, read_card
+    for step in (2, 4):
+        card = read_card(snapshots / f"step-{step:06d}")
+        assert card.data["training"]["steps"] == step and card.data["training"]["validation_mse_t200"] > 0
+        load_unet(card)
+    # --resume goes on keeping them, where the run left off.
+    assert main(["train", "--output", str(bundle), "--resume", "--steps", "6"]) == 0
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    # The last one holds the EMA weights the checkpoint holds at that step (stored in half precision).
+    from safetensors.torch import load_file
+    ema = {k[4:]: v for k, v in load_file(str(bundle / "checkpoint" / "state.safetensors")).items() if k.startswith("ema.")}
+    kept = load_file(str(snapshots / "step-000006" / "model.safetensors"))
+    assert kept.keys() == ema.keys()
+    assert all(np.allclose(kept[k].float().numpy(), ema[k].numpy(), atol=1e-3) for k in ema)
+
+
 def test_train_with_torchrun_on_two_processes(tmp_path):
     # DistributedDataParallel for real, on the CPU (gloo): the path users take on a multi-GPU node.
     data = tmp_path / "train"

@@ -352,6 +352,8 @@ def _train(args: argparse.Namespace) -> int:
     from .training.acquisition_augmentation import AcquisitionAugmentation
     from .training.train import TrainConfig, Trainer, read_checkpoint_config
 
+    if args.snapshot_steps is not None and args.snapshot_steps < 0:
+        raise AutoDDPMError(f"--snapshot-steps must be at least 0 (got {args.snapshot_steps}); 0 keeps no snapshots")
     if args.resume:
         config = read_checkpoint_config(args.output)
     else:
@@ -388,7 +390,7 @@ def _train(args: argparse.Namespace) -> int:
             augmentation=AcquisitionAugmentation(gamma=args.augment_gamma, contrast=args.augment_contrast,
                                                  bias_field=args.augment_bias_field, skull_strip=args.augment_skull_strip),
         )
-    for key in ("steps", "max_minutes", "checkpoint_minutes", "slice_levels"):
+    for key in ("steps", "max_minutes", "checkpoint_minutes", "snapshot_steps", "slice_levels"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
     if args.covers_skull_stripped is not None:  # what the card says about its inputs, correctable on resume too
@@ -527,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=2e-4)
     train.add_argument("--checkpoint-minutes", type=float, default=None, help="minutes between checkpoints (default 5)")
     train.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this many minutes (resume later)")
+    train.add_argument("--snapshot-steps", type=int, default=None, metavar="N",
+                       help="also keep the EMA weights every N steps as a bundle of their own in OUTPUT/snapshots/step-NNNNNN, "
+                            "to choose the checkpoint on development sets afterwards (default: none)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (under torchrun: one GPU per process)")
     train.add_argument("--seed", type=int, default=0)
     augmentation = train.add_argument_group(

@@ -7,8 +7,10 @@ well on a CPU: AdamW, EMA weights, and only the noise levels the product uses
 (AutoDDPM never goes above 200; the fixed-noise baselines need up to 500).
 On request it also simulates other scanners and skull-stripped inputs
 (``acquisition_augmentation``).
-Checkpoints every few minutes make a run resumable (``--resume``); under
-``torchrun`` it trains with DistributedDataParallel on all GPUs.
+Checkpoints every few minutes make a run resumable (``--resume``); snapshots of the
+EMA weights every so many steps (``--snapshot-steps``) keep the run's checkpoints for
+choosing one on the development sets afterwards; under ``torchrun`` it trains with
+DistributedDataParallel on all GPUs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ from .acquisition_augmentation import AcquisitionAugmentation, augment_acquisiti
 from .slice_file import is_slice_file, read_slice_file
 
 CHECKPOINT_DIR = "checkpoint"
+SNAPSHOT_DIR = "snapshots"
+
+
+def snapshot_folder(output: str | os.PathLike, step: int) -> Path:
+    """Where a run's snapshot of step ``step`` is: a model bundle of its own (``output/snapshots/step-001000``)."""
+    return Path(output) / SNAPSHOT_DIR / f"step-{step:06d}"
 
 
 @dataclass
@@ -59,6 +67,10 @@ class TrainConfig:
     validation_slices: int = 32
     validation_data: list[str] = field(default_factory=list)
     checkpoint_minutes: float = 5.0
+    # 0: none. Else every this many steps the EMA weights are also kept as a bundle of their own: the
+    # validation MSE that picks the run's bundle is a poor guide to detection (RESEARCH_LOG.md), so the
+    # checkpoint to ship is chosen on the development sets among these.
+    snapshot_steps: int = 0
     max_minutes: float = 0.0  # 0: no limit; otherwise checkpoint and stop after this long
     seed: int = 0
     initialised_from: str = ""
@@ -285,10 +297,12 @@ class Trainer:
             x_t = self.scheduler.step(eps, t, x_t, s, generator)
         return float(F.mse_loss(x_t.clamp(0, 1), x))
 
-    def write_bundle(self, validation_mse: float) -> None:
+    def write_bundle(self, validation_mse: float, folder: Optional[Path] = None) -> None:
+        """The EMA weights and their card in ``folder`` (default: the run's output, its best bundle)."""
         c = self.config
-        save_unet(self.ema, self.output)
-        write_card(self.output, new_card(
+        folder = self.output if folder is None else folder
+        save_unet(self.ema, folder)
+        write_card(folder, new_card(
             c.name, c.modality, c.unet, max_timestep=c.max_timestep - 1, percentiles=c.percentiles,
             min_foreground_fraction=c.min_foreground_fraction, license=c.license, description=c.description, valid_for=c.valid_for,
             slice_levels=c.slice_levels, covers=c.covers(),
@@ -310,6 +324,8 @@ class Trainer:
             loss = self.train_step(generator)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+            if c.snapshot_steps and self.step % c.snapshot_steps == 0 and self.rank == 0:
+                self.write_bundle(self.validate(), snapshot_folder(self.output, self.step))
             now = time.monotonic()
             stop = self._all_agree_to_stop(self._stop_requested or (c.max_minutes > 0 and now - started > 60 * c.max_minutes))
             if now - last_checkpoint > 60 * c.checkpoint_minutes or self.step == c.steps or stop:
