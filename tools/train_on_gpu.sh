@@ -7,9 +7,11 @@
 # after MINUTES (default 8) of training:
 #   OUTPUT_DIR/flair-lgg-aug  flair-lgg's shipped weights trained further on its 64 x 64 grid
 #   OUTPUT_DIR/flair-lgg-96   a 96 x 96 network from scratch (the same channels)
-# both with gamma, intensity-scale, bias-field and skull-strip augmentation. The same command again continues
-# both (--resume) for another MINUTES. Afterwards the new cards get flair-lgg's post-processing and sampling
-# settings, and the script prints the commands that calibrate them where the validation data is.
+# both with gamma, intensity-scale, bias-field and skull-strip augmentation, each keeping its EMA weights every
+# 1,500 steps (RUN/snapshots/step-NNNNNN), since the checkpoint to ship is chosen on the development sets, not by
+# the validation MSE. The same command again continues both (--resume) for another MINUTES. Afterwards the new
+# cards get flair-lgg's post-processing and sampling settings, and the script prints the commands that compare
+# the snapshots and calibrate the chosen one where the data is.
 #
 # Needs only this repository, `pip install -e .` and a CUDA build of PyTorch: the training slices travel as
 # files from `autoddpm prepare-slices` (SLICES_64, SLICES_96; default OUTPUT_DIR/flair-train-64.safetensors
@@ -62,7 +64,8 @@ card=(--name flair-lgg --modality FLAIR
       --valid-for "axial FLAIR brain MRI, with skull or skull-stripped, whole brain, all slice levels"
       --license "CC BY-NC-SA 4.0 (follows the training data: TCGA-LGG / Buda et al. 2019; non-commercial)"
       --description "Axial FLAIR, whole brain, all slice levels; trained on the lesion-free slices of 80 lower-grade glioma patients, with scanner and skull-stripping augmentation")
-budget=(--batch-size 64 --device "$device" --max-minutes "$minutes" --checkpoint-minutes 1 --steps 1000000)
+budget=(--batch-size 64 --device "$device" --max-minutes "$minutes" --checkpoint-minutes 1 --steps 1000000
+        --snapshot-steps "${SNAPSHOT_STEPS:-1500}")
 
 # One run: continued from its checkpoint where there is one, else started with the given arguments.
 train() {
@@ -107,14 +110,13 @@ done
 
 cat <<EOF
 
-Where the validation data is (../shared/data), calibrate before benchmarking (the 96 grid's step-1 mask
-dilation is flair-lgg's 9 pixels scaled to 13):
-  autoddpm calibrate $out/flair-lgg-aug --data ../shared/data/lgg_flair/val --max-slices 128
-  autoddpm calibrate $out/flair-lgg-aug --data ../shared/data/lgg_flair/val --max-slices 32 --schedule reference
-  autoddpm calibrate $out/flair-lgg-96 --data ../shared/data/lgg_flair/val --max-slices 128 --mask-dilation 13
-  autoddpm calibrate $out/flair-lgg-96 --data ../shared/data/lgg_flair/val --max-slices 32 --schedule reference
-then compare on the development sets (never the validation patients):
-  autoddpm benchmark --model $out/flair-lgg-aug --quick --datasets lgg-dev,lgg-dev-stripped,lgg-dev-scanner --output-dir $out/flair-lgg-aug-dev
+Where the data is (../shared/data), choose on the 10 lgg-dev patients, with skull and skull-stripped (each
+snapshot is calibrated as flair-lgg was, on the validation patients' healthy slices and volumes, then scored
+on the development patients; about 12 minutes a snapshot on 2 CPU cores):
+  python tools/compare_checkpoints.py flair-lgg $out/flair-lgg-aug/snapshots/step-* $out/flair-lgg-96 --data ../shared/data --work $out/compare
+(it scales the step-1 mask's dilation to the 96 grid: flair-lgg's 9 pixels become 13), then calibrate the
+chosen one (WORK/LABEL/model) for the reference schedule too before shipping it:
+  autoddpm calibrate CHOSEN --data ../shared/data/lgg_flair/val --max-slices 32 --schedule reference
 Continue both runs: $0 $*
 EOF
 exit "$status"
