@@ -28,7 +28,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from AutoDDPMLib.detection.postprocessing import for_skull_stripped_input, option_settings
+from AutoDDPMLib.detection.postprocessing import option_settings, stripped_input_threshold
 from AutoDDPMLib.diffusion.sampling_schedules import DEFAULT_SCHEDULE
 from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.models.bundle import DEFAULT_MODEL, ModelCard, bundled_models_dir, list_bundled_models, read_card, resolve_model
@@ -1020,9 +1020,7 @@ class AutoDDPMLogic(ScriptedLoadableModuleLogic):
         """
         schedule = str(getattr(schedule, "value", schedule))
         settings = AutoDDPMLogic.postprocessSettings(card, postprocess)
-        # As the engine looks it up (detection.inference.AutoDDPM): the raw map has no threshold of its own for them.
-        stripped = for_skull_stripped_input(settings) if skullStripped else {}
-        threshold = card.postprocessed_threshold(schedule, stripped) if stripped else None
+        threshold = stripped_input_threshold(card, schedule, settings) if skullStripped else None
         return card.run_threshold(schedule, settings) if threshold is None else threshold
 
     @staticmethod

@@ -28,7 +28,7 @@ from ..models.networks import load_network
 from ..volumes.brain_extraction import deepbet_network_files
 from ..volumes.slices import FOREGROUND_LEVEL, AxialStack, denormalize, has_signal, intensity_window, normalize, to_model_grid
 from .map_filters import anomaly_mask, postprocess_map
-from .postprocessing import PostProcessing, for_skull_stripped_input, option_settings
+from .postprocessing import PostProcessing, for_skull_stripped_input, option_settings, stripped_input_threshold
 
 # Called with (fraction done in [0, 1], stage name).
 VolumeProgress = Callable[[float, str], None]
@@ -134,10 +134,9 @@ class AutoDDPM:
                 "--threshold, or run with --postprocess none")
         self.threshold = self.card.run_threshold(schedule, settings) if threshold is None else threshold
         # (post-processing, threshold) for skull-stripped inputs, or None where they are thresholded as the others.
-        stripped_settings = for_skull_stripped_input(settings)
-        stripped_threshold = self.card.postprocessed_threshold(schedule, stripped_settings) if stripped_settings else None
+        stripped_threshold = stripped_input_threshold(self.card, schedule, settings)
         self.stripped_input = (None if threshold is not None or stripped_threshold is None
-                               else (PostProcessing.from_dict(stripped_settings), stripped_threshold))
+                               else (PostProcessing.from_dict(for_skull_stripped_input(settings)), stripped_threshold))
         if skull_stripped and threshold is None and self.stripped_input is None:
             raise AutoDDPMError(
                 f"model {self.card.name} has no threshold calibrated for skull-stripped inputs with --postprocess "

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..diffusion.polarity import POLARITIES
 from ..errors import AutoDDPMError
+
+if TYPE_CHECKING:
+    from ..models.bundle import ModelCard
 
 # What `autoddpm run --postprocess` may be: the model card's post-processing, the same with deepbet's brain
 # mask as the brain region (volumes.brain_extraction), or none (the paper's raw map).
@@ -120,3 +123,11 @@ def for_skull_stripped_input(settings: dict[str, Any]) -> dict[str, Any]:
     them): the same, marked for the threshold calibrated on stripped validation volumes. The raw map ({})
     has no such threshold and stays as it is."""
     return {**settings, "skull_stripped_input": True} if settings else {}
+
+
+def stripped_input_threshold(card: "ModelCard", schedule: str, settings: dict[str, Any]) -> Optional[float]:
+    """``card``'s threshold for a skull-stripped input post-processed with ``settings`` (calibrated on validation
+    volumes stripped the same way, ``autoddpm calibrate --with-stripped``), or None where it has none and such an
+    input is thresholded as the others."""
+    stripped = for_skull_stripped_input(settings)
+    return card.postprocessed_threshold(schedule, stripped) if stripped else None
