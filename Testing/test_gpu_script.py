@@ -31,6 +31,12 @@ def test_without_slices_or_data_it_says_how_to_prepare_them(tmp_path):
     assert not any((tmp_path / "out").glob("flair-lgg-*"))
 
 
+def test_an_unknown_run_is_refused_before_anything_is_made(tmp_path):
+    proc = run_script(str(tmp_path / "out"), "1", AUTODDPM_DEVICE="cpu", RUNS="flair-lgg-aug flair-lgg-128")
+    assert proc.returncode == 2 and "unknown run 'flair-lgg-128' in RUNS" in proc.stderr
+    assert not any((tmp_path / "out").iterdir())
+
+
 def test_a_cpu_smoke_run_trains_both_runs_and_keeps_snapshots(tmp_path):
     # The script a GPU session runs, end to end on the CPU with a few synthetic slices: one step of each run
     # (it stops after 0.01 minutes), each keeping that step as a snapshot to choose from on the development sets.

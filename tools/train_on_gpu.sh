@@ -3,8 +3,8 @@
 #
 #   tools/train_on_gpu.sh OUTPUT_DIR [MINUTES] [SLICES_64] [SLICES_96]
 #
-# Two runs share the GPU at the same time, each at batch 64 with a checkpoint every minute, each stopping
-# after MINUTES (default 8) of training:
+# Two runs share the GPU at the same time (RUNS="flair-lgg-aug" for the first alone), each at batch 64 with a
+# checkpoint every minute, each stopping after MINUTES (default 8) of training:
 #   OUTPUT_DIR/flair-lgg-aug  flair-lgg's shipped weights trained further on its 64 x 64 grid
 #   OUTPUT_DIR/flair-lgg-96   a 96 x 96 network from scratch (the same channels)
 # both with gamma, intensity-scale, bias-field and skull-strip augmentation, each keeping its EMA weights every
@@ -44,8 +44,16 @@ if [[ "$device" == cuda ]] && ! "$python" -c "import sys, torch; sys.exit(not to
   exit 2
 fi
 
+# Which runs (RUNS, default both): flair-lgg-aug needs the 64-pixel slices, flair-lgg-96 the 96-pixel ones.
+read -r -a runs <<< "${RUNS:-flair-lgg-aug flair-lgg-96}"
+grid_of() { case "$1" in flair-lgg-aug) echo 64 ;; flair-lgg-96) echo 96 ;; *) return 1 ;; esac; }
+for run in "${runs[@]}"; do
+  grid_of "$run" >/dev/null || { echo "train_on_gpu: unknown run '$run' in RUNS: flair-lgg-aug or flair-lgg-96" >&2; exit 2; }
+done
+
 # The training slices: the healthy slices of the 80 LGG training patients, preprocessed as `train` would.
-for grid in 64 96; do
+for run in "${runs[@]}"; do
+  grid="$(grid_of "$run")"
   file="slices$grid"
   if [[ ! -f "${!file}" ]]; then
     if [[ ! -d "$data/lgg_flair/train" ]]; then
@@ -77,19 +85,22 @@ train() {
   fi
 }
 
-echo "train_on_gpu: two runs of $minutes minutes on $device; logs in $out/*.log"
-train flair-lgg-aug --data "$slices64" --init-from flair-lgg "${budget[@]}" "${card[@]}" "${augmentation[@]}" \
-  > "$out/flair-lgg-aug.log" 2>&1 &
-first=$!
-train flair-lgg-96 --data "$slices96" --image-size 96 "${budget[@]}" "${card[@]}" "${augmentation[@]}" \
-  > "$out/flair-lgg-96.log" 2>&1 &
-second=$!
+echo "train_on_gpu: ${runs[*]} for $minutes minutes on $device; logs in $out/*.log"
+declare -A started
+for run in "${runs[@]}"; do
+  case "$run" in
+    flair-lgg-aug) train "$run" --data "$slices64" --init-from flair-lgg "${budget[@]}" "${card[@]}" "${augmentation[@]}" ;;
+    flair-lgg-96) train "$run" --data "$slices96" --image-size 96 "${budget[@]}" "${card[@]}" "${augmentation[@]}" ;;
+  esac > "$out/$run.log" 2>&1 &
+  started[$run]=$!
+done
 status=0
-wait "$first" || { status=1; echo "train_on_gpu: flair-lgg-aug failed, see $out/flair-lgg-aug.log" >&2; }
-wait "$second" || { status=1; echo "train_on_gpu: flair-lgg-96 failed, see $out/flair-lgg-96.log" >&2; }
+for run in "${runs[@]}"; do
+  wait "${started[$run]}" || { status=1; echo "train_on_gpu: $run failed, see $out/$run.log" >&2; }
+done
 
 # A new card has placeholder thresholds and the paper's settings; flair-lgg's were chosen on lgg-dev.
-for run in flair-lgg-aug flair-lgg-96; do
+for run in "${runs[@]}"; do
   if [[ -f "$out/$run/model.json" ]]; then
     "$python" - "$out/$run" <<'EOF'
 import json, sys
@@ -117,6 +128,6 @@ on the development patients; about 12 minutes a snapshot on 2 CPU cores):
 (it scales the step-1 mask's dilation to the 96 grid: flair-lgg's 9 pixels become 13), then calibrate the
 chosen one (WORK/LABEL/model) for the reference schedule too before shipping it:
   autoddpm calibrate CHOSEN --data ../shared/data/lgg_flair/val --max-slices 32 --schedule reference
-Continue both runs: $0 $*
+Continue: RUNS="${runs[*]}" $0 $*
 EOF
 exit "$status"
