@@ -634,6 +634,30 @@ def test_train_from_a_trained_model(tiny_model, tmp_path):
     assert all(np.allclose(before[k].numpy(), after[k].numpy()) for k in before)
 
 
+@pytest.mark.parametrize("steps_behind", [0, 16000])
+def test_a_continued_run_averages_at_the_full_ema_decay_from_its_first_step(tiny_model, tmp_path, steps_behind):
+    # A fresh run's EMA warms up (decay 0.1 at its first step); one continued from a model trained for 16,000 steps
+    # keeps averaging as that model's EMA did (0.999), instead of replacing the start weights by its first steps.
+    start = tmp_path / "start"
+    shutil.copytree(tiny_model, start)
+    card = json.loads((start / "model.json").read_text())
+    card["training"] = {"steps": steps_behind, "steps_in_all": steps_behind}
+    (start / "model.json").write_text(json.dumps(card))
+    data = tmp_path / "train"
+    data.mkdir()
+    sitk.WriteImage(make_head_volume(lesion=False), str(data / "h_flair.nii.gz"))
+    bundle = tmp_path / "continued"
+    assert main(["train", "--data", str(data), "--output", str(bundle), "--init-from", str(start), "--steps", "1",
+                 "--batch-size", "2", "--learning-rate", "1e-2", "--checkpoint-minutes", "0"]) == 0
+    from safetensors.torch import load_file
+    before = load_file(str(start / "model.safetensors"))
+    state = load_file(str(bundle / "checkpoint" / "state.safetensors"))
+    decay = 0.999 if steps_behind else 0.1
+    for name, weight in before.items():
+        network, ema = state[f"network.{name}"], state[f"ema.{name}"]
+        assert torch.allclose(ema, decay * weight.float() + (1 - decay) * network, atol=1e-6), name
+
+
 def _healthy_cohort(folder: Path) -> Path:
     """Two head volumes, each with one lesion slice that training must leave out."""
     folder.mkdir()

@@ -277,7 +277,11 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        # The EMA's warm-up counts the steps behind the start weights: a run continued from a trained model
+        # averages at the full decay from its first step, as the start model's own EMA did, rather than
+        # following the first few hundred steps of the continuation almost one for one.
+        steps = self.step + steps_in_all(c.earlier_training)
+        decay = min(c.ema_decay, (1 + steps) / (10 + steps))
         with torch.no_grad():
             for ema_p, p in zip(self.ema.parameters(), self.network.parameters()):
                 ema_p.lerp_(p, 1 - decay)
