@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 from AutoDDPMLib.detection.postprocessing import for_skull_stripped_input
+from AutoDDPMLib.errors import AutoDDPMError
 from AutoDDPMLib.models.bundle import ModelCard, read_card, resolve_model
 from AutoDDPMLib.training.train import steps_in_all
 
@@ -96,6 +97,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for calibrated copies, dev volumes and results")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    try:  # every bundle is checked before any is calibrated: a typo in the last costs no hour of work first
+        bundles = [(given, resolve_model(given)) for given in args.bundles]
+    except AutoDDPMError as exc:
+        sys.exit(f"compare_checkpoints: {exc}")
 
     volumes = {}
     for kind, flag in (("with skull", []), ("stripped", ["--stripped"])):
@@ -107,8 +112,7 @@ def main() -> None:
     header = ("| checkpoint | steps in all | validation MSE | with skull: Dice, AUPRC, median, found "
               "| stripped: Dice, AUPRC, median, found | gap | input intensity, stripped |")
     rows = [header, "|---|---|---|---|---|---|---|"]
-    for given in args.bundles:
-        bundle = resolve_model(given)
+    for given, bundle in bundles:
         card = read_card(bundle)
         label = label_of(Path(given)) if Path(given).exists() else given
         folder = args.work / label
