@@ -16,20 +16,15 @@ development patients like any snapshot.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from AutoDDPMLib.errors import AutoDDPMError
-from AutoDDPMLib.models.bundle import WEIGHTS_FILE, halved, read_card, resolve_model, save_tensors, widened, write_card
+from AutoDDPMLib.models.bundle import load_unet, read_card, resolve_model, save_unet, write_card
 
 
 def interpolated(start: dict, tuned: dict, alpha: float) -> dict:
     """``(1 - alpha) * start + alpha * tuned`` for every floating-point tensor; other tensors from ``tuned``."""
-    if start.keys() != tuned.keys():
-        raise AutoDDPMError("the two models have different networks; interpolate only a model and its own continuation")
     return {name: (1 - alpha) * start[name] + alpha * t if t.is_floating_point() else t for name, t in tuned.items()}
 
 
@@ -43,15 +38,17 @@ def main() -> int:
     try:
         if not 0.0 <= args.alpha <= 1.0:
             raise AutoDDPMError(f"alpha {args.alpha} is outside [0, 1]")
-        start, tuned = resolve_model(args.start), resolve_model(args.tuned)
-        if read_card(start).data["unet"] != read_card(tuned).data["unet"]:
-            raise AutoDDPMError(f"{start} and {tuned} have different networks; interpolate only a model and its own continuation")
-        weights = interpolated(widened(load_file(str(start / WEIGHTS_FILE))), widened(load_file(str(tuned / WEIGHTS_FILE))), args.alpha)
+        start, tuned = read_card(resolve_model(args.start)), read_card(resolve_model(args.tuned))
+        if start.data["unet"] != tuned.data["unet"]:
+            raise AutoDDPMError(f"{start.path.parent} and {tuned.path.parent} have different networks; "
+                                "interpolate only a model and its own continuation")
+        start_network, network = load_unet(start), load_unet(tuned)  # each checked against its card, in float32
     except AutoDDPMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    save_tensors(args.output / WEIGHTS_FILE, halved(weights))
-    card = json.loads((tuned / "model.json").read_text())
+    network.load_state_dict(interpolated(start_network.state_dict(), network.state_dict(), args.alpha))
+    save_unet(network, args.output)
+    card = tuned.data
     card["training"]["interpolated"] = {"start": str(args.start), "tuned": str(args.tuned), "alpha": args.alpha,
                                         "command": "python tools/interpolate_weights.py " + " ".join(sys.argv[1:])}
     write_card(args.output, card)
